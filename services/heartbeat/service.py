@@ -1,0 +1,64 @@
+"""`runherd heartbeat`: batches worker heartbeats and writes last-seen times, one statement a
+batch, acking only after the commit. Any number of replicas share the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+from shared import broker as topology
+from shared import metrics
+from shared.broker import Broker, Delivery
+from shared.contract import decode, parse_heartbeat
+from shared.errors import InvalidMessage
+from shared.runtime import Supervisor, retrying
+from shared.store import Store
+from shared.store.store import TransientDbError
+
+log = logging.getLogger("runherd.heartbeat")
+
+BATCH_SIZE = 1000
+BATCH_WAIT_SECONDS = 0.2
+
+
+class HeartbeatService:
+    def __init__(self, store: Store, broker: Broker, *, batch_size: int = BATCH_SIZE,
+                 batch_wait: float = BATCH_WAIT_SECONDS) -> None:
+        self.store = store
+        self.broker = broker
+        self.batch_size = batch_size
+        self.batch_wait = batch_wait
+
+    async def run(self, supervisor: Supervisor) -> None:
+        stop = supervisor.stop
+        supervisor.spawn("heartbeat.ingest", retrying("heartbeat ingest", lambda: self._ingest(stop), stop))
+
+    async def _ingest(self, stop: asyncio.Event) -> None:
+        async for batch in self.broker.batches(topology.HEARTBEATS_QUEUE, max_size=self.batch_size,
+                                               max_wait=self.batch_wait, stop=stop):
+            await self.write(batch)
+
+    async def write(self, batch: list[Delivery]) -> int:
+        beats, good, bad = [], [], []
+        for delivery in batch:
+            try:
+                beat = parse_heartbeat(decode(delivery.body))
+            except InvalidMessage as exc:
+                bad.append((delivery, str(exc)))
+                continue
+            beats.append((beat.run_id, beat.attempt, beat.ts))
+            good.append(delivery)
+        try:
+            touched = await self.store.record_heartbeats(beats)
+        except TransientDbError:
+            await self.broker.requeue(good)
+            raise
+        await self.broker.ack(good)
+        now = datetime.now(UTC)
+        for _, _, ts in beats:
+            metrics.HEARTBEAT_LAG.observe(max(0.0, (now - ts).total_seconds()))
+        for delivery, reason in bad:
+            metrics.DEAD_LETTERS.labels(topology.HEARTBEATS_QUEUE).inc()
+            await self.broker.dead_letter(delivery, reason)
+        return touched

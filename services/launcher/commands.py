@@ -1,0 +1,88 @@
+"""The launcher's commands: launch, terminate, reexecute. Each is validated, then applied."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared import contract
+from shared.contract import Launch, RetryStrategy, RunStatus, Step
+from shared.errors import InvalidMessage
+from shared.store import RunRef, Store
+
+log = logging.getLogger("runherd.launcher.commands")
+
+
+@dataclass
+class Outcome:
+    """What a command left to do once its transaction committed."""
+
+    terminate: list[RunRef] = field(default_factory=list)
+
+
+async def insert_launch(store: Store, launch: Launch, *, parent_run_id: str | None = None,
+                        root_run_id: str | None = None, retry_number: int = 0, delay_seconds: float = 0,
+                        reused_steps: dict[str, Any] | None = None) -> bool:
+    max_runtime = contract.tag(launch.tags, "max_runtime")
+    inserted = await store.insert_run(
+        launch, max_runtime_seconds=float(max_runtime) if max_runtime is not None else None,
+        priority=contract.priority(launch.tags), parent_run_id=parent_run_id, root_run_id=root_run_id,
+        retry_number=retry_number, delay_seconds=delay_seconds, reused_steps=reused_steps)
+    log.info("%s run_id=%s job=%s", "queued" if inserted else "duplicate launch ignored", launch.run_id,
+             launch.job)
+    return inserted
+
+
+async def apply(store: Store, key: str, data: dict[str, Any]) -> Outcome:
+    if key == "launch":
+        await insert_launch(store, contract.parse_launch(data))
+        return Outcome()
+    if key == "terminate":
+        return await cancel(store, contract.parse_terminate(data))
+    if key == "reexecute":
+        await reexecute(store, contract.parse_reexecute(data))
+        return Outcome()
+    raise InvalidMessage(f"unknown command {key!r} (expected launch, terminate or reexecute)")
+
+
+async def cancel(store: Store, run_id: str) -> Outcome:
+    """QUEUED -> CANCELED at once; STARTING/STARTED -> CANCELING and the worker gets SIGTERM."""
+    async with store.tx() as tx:
+        run = await tx.run_for_update(run_id)
+        if run is None:
+            raise InvalidMessage(f"terminate: no run {run_id}")
+        status = RunStatus(run["status"])
+        if status is RunStatus.QUEUED:
+            await tx.transition([run_id], RunStatus.CANCELED, "canceled while queued", source="launcher")
+            return Outcome()
+        if status not in (RunStatus.STARTING, RunStatus.STARTED):
+            log.info("terminate ignored run_id=%s status=%s", run_id, status.value)
+            return Outcome()
+        await tx.transition([run_id], RunStatus.CANCELING, "cancel requested", source="launcher")
+        handles = [h for h in await tx.handles([run_id]) if h.attempt == run["attempt"]]
+    return Outcome(terminate=handles)
+
+
+async def reexecute(store: Store, request: contract.Reexecute) -> None:
+    """A new run linked to its origin; under FROM_FAILURE the origin's successful steps are reused."""
+    origin = await store.get_run(request.run_id)
+    if origin is None:
+        raise InvalidMessage(f"reexecute: no run {request.run_id}")
+    if not RunStatus(origin["status"]).terminal:
+        raise InvalidMessage(f"reexecute: run {request.run_id} is {origin['status']}, not finished")
+    reused = {}
+    if request.strategy is RetryStrategy.FROM_FAILURE:
+        reused = {s["step_key"]: s["output"] for s in origin["steps_status"] if s["status"] == "SUCCESS"}
+    tags = {k: v for k, v in origin["tags"].items() if k not in ("runherd/retry_number", "dagster/retry_number")}
+    tags.update(request.tags)
+    tags["runherd/parent_run_id"] = request.run_id
+    launch = Launch(run_id=request.new_run_id, job=origin["job"],
+                    steps=tuple(contract.parse_step(s, i) for i, s in enumerate(origin["steps"])),
+                    tags=tags, launcher=origin["launcher"], env=origin["env"])
+    await insert_launch(store, launch, parent_run_id=request.run_id,
+                        root_run_id=str(origin["root_run_id"] or request.run_id), reused_steps=reused)
+
+
+def steps_of(raw: list[dict[str, Any]]) -> tuple[Step, ...]:
+    return tuple(contract.parse_step(s, i) for i, s in enumerate(raw))

@@ -1,0 +1,112 @@
+"""Event ingestion: appends lifecycle events to the log idempotently and applies transitions.
+
+A batch of deliveries is applied in one transaction, each event in its own savepoint; acks go out
+after the commit, side effects (fencing a zombie worker) after that.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from shared import metrics
+from shared.config import Config
+from shared.contract import Event, EventType, RunStatus, StepStatus
+from shared.errors import InvalidMessage
+from shared.rules.events import Action, Decision, on_worker_event, on_worker_exit
+from shared.store import RunRef, Tx
+
+log = logging.getLogger("runherd.monitor.ingest")
+
+_STEP_STATUS = {EventType.STEP_SUCCESS: StepStatus.SUCCESS, EventType.STEP_FAILURE: StepStatus.FAILURE,
+                EventType.STEP_SKIPPED: StepStatus.SKIPPED}
+
+
+@dataclass
+class Effects:
+    fence: list[tuple[str, int]] = field(default_factory=list)  # (run_id, attempt) to terminate
+    terminate_current: list[str] = field(default_factory=list)  # runs whose current worker must stop
+    exits: list[tuple[str, datetime]] = field(default_factory=list)
+
+
+async def apply_event(tx: Tx, event: Event, config: Config, effects: Effects) -> None:
+    run = await tx.run_for_update(event.run_id)
+    if run is None:
+        raise InvalidMessage(f"event for unknown run {event.run_id}")
+    status, attempt = RunStatus(run["status"]), run["attempt"]
+    if event.type is EventType.WORKER_EXITED:
+        decision = on_worker_exit(status, attempt, event.attempt)
+    else:
+        decision = on_worker_event(status, attempt, event)
+    inserted = await tx.insert_event(run_id=event.run_id, attempt=event.attempt, source=event.source,
+                                     seq=event.seq, type_=event.type.value, step_key=event.step_key,
+                                     message=event.message, data=event.data, refused=decision.refused,
+                                     ts=datetime.fromisoformat(event.ts))
+    if not inserted:
+        log.debug("duplicate event ignored run_id=%s attempt=%s seq=%s", event.run_id, event.attempt, event.seq)
+        return
+    if event.type is EventType.WORKER_EXITED:
+        await tx.record_exit(event.run_id, event.attempt, event.data.get("exit_code"), event.data.get("reason"))
+        effects.exits.append((event.run_id, datetime.fromisoformat(event.ts)))
+    if decision.refused:
+        metrics.EVENTS_REFUSED.inc()
+        log.warning("refused %s run_id=%s attempt=%s: %s", event.type.value, event.run_id, event.attempt,
+                    decision.refused)
+        effects.fence.append((event.run_id, event.attempt))
+        return
+    metrics.EVENTS_APPLIED.labels(event.type.value).inc()
+    for action in decision.actions:
+        await _act(tx, action, event, run["resumes"], config, effects)
+
+
+async def _act(tx: Tx, action: Action, event: Event, resumes: int, config: Config, effects: Effects) -> None:
+    run_id, attempt = event.run_id, event.attempt
+    if action is Action.MARK_STARTED:
+        await tx.transition([run_id], RunStatus.STARTED, None, attempt=attempt, source="worker")
+    elif action is Action.STEP_START:
+        await tx.step_start(run_id, event.step_key or "", attempt, datetime.fromisoformat(event.ts))
+    elif action is Action.STEP_END:
+        await tx.step_end(run_id, event.step_key or "", _STEP_STATUS[event.type].value, attempt,
+                          event.data.get("output"), event.message, datetime.fromisoformat(event.ts))
+    elif action is Action.SUCCEED:
+        await tx.transition([run_id], RunStatus.SUCCESS, None, attempt=attempt, source="worker")
+    elif action is Action.FAIL:
+        await tx.transition([run_id], RunStatus.FAILURE, event.message, attempt=attempt, failure_kind="step",
+                            source="worker")
+    elif action is Action.CANCELED:
+        reason = "canceled" if event.type is EventType.RUN_CANCELED else f"canceled; worker {event.message}"
+        await tx.transition([run_id], RunStatus.CANCELED, reason, attempt=attempt, source="worker")
+    elif action is Action.FAIL_BEFORE_START:
+        await tx.transition([run_id], RunStatus.FAILURE, f"worker exited before it started: {event.message}",
+                            attempt=attempt, failure_kind="infrastructure", source="monitor")
+    elif action is Action.CRASHED:
+        await crash(tx, [(run_id, attempt, f"worker crashed: {event.message}")], resumes_of={run_id: resumes},
+                    max_resumes=config.run_monitoring.max_resume_run_attempts)
+
+
+async def crash(tx: Tx, crashed: list[tuple[str, int, str]], resumes_of: dict[str, int],
+                max_resumes: int) -> list[RunRef]:
+    """Resume each crashed attempt while resumes are left (one CAS), fail the others."""
+    resumed = await tx.resume(crashed, max_resumes)
+    done = {r.run_id for r in resumed}
+    for run_id, attempt, why in crashed:
+        if run_id in done:
+            metrics.MONITOR_ACTIONS.labels("resume").inc()
+            log.info("resuming run_id=%s attempt=%s: %s", run_id, attempt + 1, why)
+            continue
+        crashes = resumes_of.get(run_id, max_resumes) + 1
+        reason = f"worker crashed {crashes} times ({why}); no resumes left of max_resume_run_attempts={max_resumes}" \
+            if max_resumes > 0 else f"{why}; resume is off (max_resume_run_attempts=0)"
+        moved = await tx.transition([run_id], RunStatus.FAILURE, reason, attempt=attempt,
+                                    from_=[RunStatus.STARTED], failure_kind="infrastructure", source="monitor")
+        if moved:
+            metrics.MONITOR_ACTIONS.labels("fail_crashed").inc()
+    return resumed
+
+
+def decision_of(status: RunStatus, attempt: int, event: Event) -> Decision:
+    """For tests and tools: what ingest would decide for this event."""
+    if event.type is EventType.WORKER_EXITED:
+        return on_worker_exit(status, attempt, event.attempt)
+    return on_worker_event(status, attempt, event)

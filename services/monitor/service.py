@@ -1,0 +1,88 @@
+"""`runherd monitor`: ingests lifecycle events and sweeps for violators. Any number of replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+from services.monitor.actions import Actions
+from services.monitor.ingest import Effects, apply_event
+from services.monitor.sweeper import Sweeper
+from shared import broker as topology
+from shared import metrics, outbox
+from shared.broker import Broker, Delivery
+from shared.config import Config
+from shared.contract import decode, parse_event
+from shared.errors import InvalidMessage
+from shared.launchers import RunLauncher
+from shared.runtime import Supervisor, retrying, sleep_or_stop
+from shared.store import Store
+from shared.store.store import TransientDbError
+
+log = logging.getLogger("runherd.monitor")
+
+
+class MonitorService:
+    def __init__(self, config: Config, store: Store, broker: Broker, launcher: RunLauncher) -> None:
+        self.config = config
+        self.store = store
+        self.broker = broker
+        self.launcher = launcher
+        self.actions = Actions(store, launcher)
+        self.sweeper = Sweeper(config, store, launcher, self.actions)
+        self.sweep_now = asyncio.Event()
+
+    async def run(self, supervisor: Supervisor, *, relay: bool = True) -> None:
+        stop = supervisor.stop
+        supervisor.spawn("monitor.ingest", retrying("event ingest", lambda: self._ingest(stop), stop))
+        if self.config.run_monitoring.enabled:
+            supervisor.spawn("monitor.sweep", self._sweep_loop(stop))
+        if relay:
+            supervisor.spawn("monitor.outbox", outbox.relay(self.store, self.broker, stop))
+
+    async def _sweep_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.sweeper.sweep()
+            except TransientDbError as exc:
+                log.warning("sweep failed: %r", exc)
+            await sleep_or_stop(stop, self.config.run_monitoring.poll_interval_seconds, self.sweep_now)
+
+    async def _ingest(self, stop: asyncio.Event) -> None:
+        async for batch in self.broker.batches(topology.EVENTS_QUEUE, max_size=200, max_wait=0.01, stop=stop):
+            await self.apply_batch(batch)
+
+    async def apply_batch(self, batch: list[Delivery]) -> None:
+        effects = Effects()
+        applied: list[Delivery] = []
+        rejected: list[tuple[Delivery, str]] = []
+        try:
+            async with self.store.tx() as tx:
+                for delivery in batch:
+                    try:
+                        event = parse_event(decode(delivery.body))
+                        async with tx.conn.transaction():  # a savepoint per event
+                            await apply_event(tx, event, self.config, effects)
+                        applied.append(delivery)
+                    except InvalidMessage as exc:
+                        rejected.append((delivery, str(exc)))
+        except TransientDbError:
+            await self.broker.requeue(batch)
+            raise
+        for delivery, reason in rejected:
+            metrics.DEAD_LETTERS.labels(topology.EVENTS_QUEUE).inc()
+            await self.broker.dead_letter(delivery, reason)
+        await self.broker.ack(applied)
+        await self._after(effects)
+
+    async def _after(self, effects: Effects) -> None:
+        now = datetime.now(UTC)
+        for _, exited_at in effects.exits:
+            metrics.DETECTION_LATENCY.labels("exit").observe(max(0.0, (now - exited_at).total_seconds()))
+        if effects.fence:
+            async with self.store.tx() as tx:
+                refs = await tx.handles([run_id for run_id, _ in effects.fence])
+            wanted = set(effects.fence)
+            await self.actions.terminate([r for r in refs if (r.run_id, r.attempt) in wanted],
+                                         "fenced: its events are refused")

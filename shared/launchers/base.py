@@ -1,0 +1,106 @@
+"""The run launcher interface of DESIGN.md: how runherd starts, stops and watches workers.
+
+A launcher is a class built from the ``run_launcher.config`` mapping. It must be safe to use from
+several processes at once (the launcher service launches and watches; the monitor terminates and
+checks health), so everything it needs to find a worker again is in the JSON ``handle`` that
+``launch`` returns: runherd stores it in PostgreSQL and passes it back later, possibly to another
+process or after a restart.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+Handle = dict[str, Any]
+"""JSON-serialisable description of one worker (pid, container id, Job name...)."""
+
+
+class HealthStatus(enum.StrEnum):
+    RUNNING = "RUNNING"
+    SUCCESS = "SUCCESS"
+    FAILED = "FAILED"
+    UNKNOWN = "UNKNOWN"  # the backend could not say (API error): never treated as a crash
+    NOT_FOUND = "NOT_FOUND"  # the worker is confirmed gone and its exit status is lost
+
+
+@dataclass(frozen=True)
+class Health:
+    status: HealthStatus
+    exit_code: int | None = None
+    reason: str | None = None  # short machine-ish cause: "OOMKilled", "SIGKILL", "ImagePullBackOff"
+    message: str | None = None  # a sentence for the event log
+
+    @property
+    def exited(self) -> bool:
+        """True when the worker is confirmed to be no longer running."""
+        return self.status in (HealthStatus.SUCCESS, HealthStatus.FAILED, HealthStatus.NOT_FOUND)
+
+
+@dataclass(frozen=True)
+class WorkerRun:
+    """What a launcher needs to start one attempt of a run."""
+
+    run_id: str
+    attempt: int
+    job: str
+    env: Mapping[str, str]  # the worker's whole contract: RUNHERD_PLAN, RUNHERD_AMQP_URL, user env
+    tags: Mapping[str, Any] = field(default_factory=dict)
+    command: list[str] | None = None  # None: the launcher's configured worker command
+    max_runtime_seconds: int | None = None
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """A worker exit seen by ``watch()``."""
+
+    run_id: str
+    attempt: int
+    exit_code: int | None
+    signal: int | None = None
+    reason: str | None = None
+    message: str | None = None
+
+
+class RunLauncher(ABC):
+    """Base class of every run launcher; subclasses set ``name`` and implement the methods."""
+
+    name: str = ""
+
+    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
+        self.config: Mapping[str, Any] = dict(config or {})
+
+    @abstractmethod
+    async def launch(self, run: WorkerRun) -> Handle:
+        """Start the worker and return at once with its handle. Raises LaunchError."""
+
+    @abstractmethod
+    async def terminate(self, handle: Handle, *, grace_seconds: float | None = None) -> bool:
+        """Stop the worker: polite signal, then force after ``grace_seconds`` (None: the
+        launcher's configured grace; 0: force at once). True if a worker was found to stop."""
+
+    @abstractmethod
+    async def check_health(self, handle: Handle) -> Health:
+        """Ask the backend how the worker is. API failures give UNKNOWN, never FAILED."""
+
+    @abstractmethod
+    async def debug_info(self, handle: Handle) -> str:
+        """A few lines a person can read when the worker failed (its log's tail...)."""
+
+    def watch(self) -> AsyncIterator[WorkerExit] | None:
+        """Optional: an endless async iterator of worker exits, so a crash is seen at once.
+
+        It reports exits of workers launched by this instance and of those passed to
+        ``adopt``. An exit may be reported more than once (after a reconnect): runherd dedupes.
+        Launchers without it return None and rely on check_health and heartbeats.
+        """
+        return None
+
+    async def adopt(self, handles: list[Handle]) -> None:  # noqa: B027 - optional hook
+        """Start watching workers launched by an earlier instance (after a launcher restart)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; called once at shutdown."""

@@ -1,0 +1,322 @@
+-- Named queries of the store. Each block starts with "-- name: NAME"; shared/store/queries.py
+-- loads them. Every status change goes through `transition`: a compare-and-set that also writes
+-- the event log and the status outbox in the same statement.
+
+-- name: transition
+-- $1 run ids, $2 allowed from-statuses, $3 target status, $4 reason, $5 failure kind,
+-- $6 attempt guard (NULL: any attempt), $7 source of the change
+WITH target AS (
+    SELECT run_id, status AS previous_status
+    FROM runs
+    WHERE run_id = ANY($1::uuid[]) AND status = ANY($2::text[])
+      AND ($6::integer IS NULL OR attempt = $6::integer)
+    ORDER BY run_id
+    FOR UPDATE
+), moved AS (
+    UPDATE runs r
+    SET status = $3::text,
+        reason = $4::text,
+        failure_kind = CASE WHEN $3::text = 'FAILURE' THEN $5::text ELSE r.failure_kind END,
+        status_changed_at = clock_timestamp(),
+        started_at = CASE WHEN $3::text = 'STARTED' THEN clock_timestamp() ELSE r.started_at END,
+        ended_at = CASE WHEN $3::text IN ('SUCCESS', 'FAILURE', 'CANCELED')
+                        THEN clock_timestamp() ELSE r.ended_at END
+    FROM target t
+    WHERE r.run_id = t.run_id
+    RETURNING r.run_id, r.job, r.status, t.previous_status, r.attempt, r.tags, r.parent_run_id,
+              r.status_changed_at
+), logged AS (
+    INSERT INTO events (run_id, attempt, source, type, message, data, ts)
+    SELECT run_id, attempt, $7::text, 'RUN_STATUS', $4::text,
+           jsonb_build_object('from', previous_status, 'to', status), status_changed_at
+    FROM moved
+), published AS (
+    INSERT INTO status_outbox (run_id, routing_key, body)
+    SELECT run_id, status || '.' || replace(job, '.', '_'),
+           jsonb_build_object(
+               'v', 1, 'run_id', run_id, 'job', job, 'status', status,
+               'previous_status', previous_status, 'attempt', attempt, 'reason', $4::text,
+               'ts', to_char(status_changed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+               'tags', tags, 'parent_run_id', parent_run_id)
+    FROM moved
+    ORDER BY run_id
+)
+SELECT run_id, job, status, previous_status, attempt FROM moved;
+
+-- name: insert_run
+-- The same run_id twice makes one run: the second insert does nothing.
+WITH inserted AS (
+    INSERT INTO runs (run_id, job, status, priority, tags, steps, env, launcher,
+                      max_runtime_seconds, parent_run_id, root_run_id, retry_number, not_before)
+    VALUES ($1::uuid, $2, 'QUEUED', $3, $4, $5, $6, $7, $8, $9::uuid, coalesce($10::uuid, $1::uuid), $11,
+            clock_timestamp() + make_interval(secs => $12))
+    ON CONFLICT (run_id) DO NOTHING
+    RETURNING run_id, job, attempt, tags, parent_run_id, created_at
+), logged AS (
+    INSERT INTO events (run_id, attempt, source, type, message, data)
+    SELECT run_id, 0, 'runherd', 'RUN_STATUS', 'queued', jsonb_build_object('from', NULL, 'to', 'QUEUED')
+    FROM inserted
+), published AS (
+    INSERT INTO status_outbox (run_id, routing_key, body)
+    SELECT run_id, 'QUEUED.' || replace(job, '.', '_'),
+           jsonb_build_object(
+               'v', 1, 'run_id', run_id, 'job', job, 'status', 'QUEUED', 'previous_status', NULL,
+               'attempt', attempt, 'reason', NULL,
+               'ts', to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+               'tags', tags, 'parent_run_id', parent_run_id)
+    FROM inserted
+)
+SELECT run_id FROM inserted;
+
+-- name: dequeue
+-- Picks the next queued runs that fit every limit, in priority order (FIFO within), as one
+-- statement. $1 global limit (-1: none), $2 tag limits as JSON, $3 how many at most,
+-- $4 candidate window. Runs in a limit group that is already full are left out before ranking,
+-- so a blocked run never holds back the ones behind it; callers repeat until nothing fits.
+WITH lim AS (
+    SELECT ord::integer AS i, l->>'key' AS key, l->>'value' AS value,
+           (l->>'per_unique_value')::boolean AS per_unique, (l->>'limit')::integer AS cap
+    FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS x(l, ord)
+), flight AS (
+    SELECT lim.i, CASE WHEN lim.per_unique THEN r.tags->>lim.key ELSE '' END AS grp, count(*) AS n
+    FROM runs r
+    JOIN lim ON r.tags ? lim.key AND (lim.value IS NULL OR r.tags->>lim.key = lim.value)
+    WHERE r.status IN ('STARTING', 'STARTED', 'CANCELING')
+    GROUP BY 1, 2
+), cand AS (
+    SELECT run_id, priority, created_at, tags
+    FROM runs
+    WHERE status = 'QUEUED' AND (not_before IS NULL OR not_before <= clock_timestamp())
+    ORDER BY priority DESC, created_at, run_id
+    LIMIT $4
+), memb AS (
+    SELECT c.run_id, c.priority, c.created_at, lim.i, lim.cap,
+           CASE WHEN lim.per_unique THEN c.tags->>lim.key ELSE '' END AS grp
+    FROM cand c
+    JOIN lim ON c.tags ? lim.key AND (lim.value IS NULL OR c.tags->>lim.key = lim.value)
+), blocked AS (
+    SELECT DISTINCT m.run_id
+    FROM memb m LEFT JOIN flight f ON f.i = m.i AND f.grp = m.grp
+    WHERE coalesce(f.n, 0) >= m.cap
+), ranked AS (
+    SELECT m.run_id, m.cap,
+           coalesce(f.n, 0) + row_number() OVER (
+               PARTITION BY m.i, m.grp ORDER BY m.priority DESC, m.created_at, m.run_id) AS would_be
+    FROM memb m LEFT JOIN flight f ON f.i = m.i AND f.grp = m.grp
+    WHERE m.run_id NOT IN (SELECT run_id FROM blocked)
+), fits AS (
+    SELECT c.run_id, row_number() OVER (ORDER BY c.priority DESC, c.created_at, c.run_id) AS rn
+    FROM cand c
+    WHERE c.run_id NOT IN (SELECT run_id FROM blocked)
+      AND NOT EXISTS (SELECT 1 FROM ranked k WHERE k.run_id = c.run_id AND k.would_be > k.cap)
+)
+SELECT run_id FROM fits
+WHERE $1::integer < 0
+   OR rn <= $1::integer - (SELECT count(*) FROM runs WHERE status IN ('STARTING', 'STARTED', 'CANCELING'))
+ORDER BY rn
+LIMIT $3;
+
+-- name: in_flight_by_limit
+-- What each limit group holds now: for `runherd runs --status QUEUED` to say why a run waits.
+SELECT r.status, r.tags FROM runs r WHERE r.status IN ('STARTING', 'STARTED', 'CANCELING');
+
+-- name: new_attempts
+-- The first attempt of runs just dequeued (STARTING), waiting for a launcher.
+INSERT INTO attempts (run_id, attempt, launcher)
+SELECT run_id, 1, NULL FROM unnest($1::uuid[]) AS u(run_id)
+ON CONFLICT DO NOTHING;
+
+-- name: bump_first_attempt
+UPDATE runs SET attempt = 1 WHERE run_id = ANY($1::uuid[]) AND attempt = 0;
+
+-- name: claim_launches
+-- Attempts with no worker yet; a claim older than $2 seconds is a launcher that died mid-launch.
+WITH claimed AS (
+    SELECT a.run_id, a.attempt
+    FROM attempts a
+    WHERE a.handle IS NULL AND a.exited_at IS NULL
+      AND (a.launch_claimed_at IS NULL OR a.launch_claimed_at < clock_timestamp() - make_interval(secs => $2))
+    ORDER BY a.created_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE attempts a SET launch_claimed_at = clock_timestamp()
+FROM claimed c, runs r
+WHERE a.run_id = c.run_id AND a.attempt = c.attempt AND r.run_id = a.run_id
+RETURNING a.run_id, a.attempt, r.job, r.status, r.attempt AS current_attempt, r.tags, r.steps, r.env,
+          r.launcher, r.max_runtime_seconds;
+
+-- name: completed_steps
+SELECT run_id, step_key, output FROM steps WHERE run_id = ANY($1::uuid[]) AND status = 'SUCCESS';
+
+-- name: record_launch
+UPDATE attempts SET handle = $3, launcher = $4, launched_at = clock_timestamp()
+WHERE run_id = $1 AND attempt = $2;
+
+-- name: record_exit
+-- The first report of an exit wins; later duplicates change nothing.
+UPDATE attempts
+SET exited_at = coalesce(exited_at, clock_timestamp()),
+    exit_code = coalesce(exit_code, $3), exit_reason = coalesce(exit_reason, $4)
+WHERE run_id = $1 AND attempt = $2
+RETURNING handle;
+
+-- name: record_heartbeats
+-- One statement per batch. Heartbeats of an attempt that is no longer current match no row.
+UPDATE attempts a
+SET last_heartbeat_at = greatest(a.last_heartbeat_at, u.ts)
+FROM (SELECT run_id, attempt, max(ts) AS ts
+      FROM unnest($1::uuid[], $2::integer[], $3::timestamptz[]) AS x(run_id, attempt, ts)
+      GROUP BY run_id, attempt) u, runs r
+WHERE a.run_id = u.run_id AND a.attempt = u.attempt
+  AND r.run_id = u.run_id AND r.attempt = u.attempt
+  AND r.status IN ('STARTING', 'STARTED', 'CANCELING');
+
+-- name: insert_event
+INSERT INTO events (run_id, attempt, source, seq, type, step_key, message, data, refused, ts)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (run_id, attempt, source, seq) WHERE seq IS NOT NULL DO NOTHING
+RETURNING id;
+
+-- name: log_event
+INSERT INTO events (run_id, attempt, source, type, step_key, message, data)
+SELECT u.run_id, u.attempt, $4, $5, NULL, u.message, coalesce(u.data, '{}')
+FROM unnest($1::uuid[], $2::integer[], $3::text[], $6::jsonb[]) AS u(run_id, attempt, message, data);
+
+-- name: run_for_update
+SELECT run_id, job, status, attempt, resumes, tags FROM runs WHERE run_id = $1 FOR UPDATE;
+
+-- name: step_start
+INSERT INTO steps (run_id, step_key, status, attempt, started_at)
+VALUES ($1, $2, 'RUNNING', $3, $4)
+ON CONFLICT (run_id, step_key) DO UPDATE
+SET status = 'RUNNING', attempt = excluded.attempt, started_at = excluded.started_at, error = NULL
+WHERE steps.status <> 'SUCCESS';
+
+-- name: step_end
+INSERT INTO steps (run_id, step_key, status, attempt, output, error, ended_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (run_id, step_key) DO UPDATE
+SET status = excluded.status, attempt = excluded.attempt, output = excluded.output,
+    error = excluded.error, ended_at = excluded.ended_at
+WHERE steps.status <> 'SUCCESS';
+
+-- name: resume
+-- Crash resume as one compare-and-set: only the current attempt of a STARTED run with resumes
+-- left moves on. $1 run ids, $2 their crashed attempts, $3 max resumes, $4 why (per run).
+WITH crashed AS (
+    SELECT r.run_id, r.attempt, u.why
+    FROM runs r
+    JOIN unnest($1::uuid[], $2::integer[], $4::text[]) AS u(run_id, attempt, why)
+      ON r.run_id = u.run_id AND r.attempt = u.attempt
+    WHERE r.status = 'STARTED' AND r.resumes < $3
+    ORDER BY r.run_id
+    FOR UPDATE OF r
+), resumed AS (
+    UPDATE runs r SET attempt = r.attempt + 1, resumes = r.resumes + 1
+    FROM crashed c WHERE r.run_id = c.run_id
+    RETURNING r.run_id, r.attempt, r.resumes, c.why
+), new_attempt AS (
+    INSERT INTO attempts (run_id, attempt) SELECT run_id, attempt FROM resumed
+), logged AS (
+    INSERT INTO events (run_id, attempt, source, type, message, data)
+    SELECT run_id, attempt - 1, 'monitor', 'RUN_RESUMED',
+           why || '; resume attempt ' || resumes || ' of ' || $3,
+           jsonb_build_object('resume', resumes, 'max_resumes', $3, 'new_attempt', attempt)
+    FROM resumed
+)
+SELECT run_id, attempt, resumes FROM resumed;
+
+-- name: stuck_starting
+SELECT run_id, attempt FROM runs
+WHERE status = 'STARTING' AND status_changed_at < clock_timestamp() - make_interval(secs => $1)
+ORDER BY status_changed_at
+LIMIT $2
+FOR UPDATE SKIP LOCKED;
+
+-- name: stuck_canceling
+SELECT run_id, attempt FROM runs
+WHERE status = 'CANCELING' AND status_changed_at < clock_timestamp() - make_interval(secs => $1)
+ORDER BY status_changed_at
+LIMIT $2
+FOR UPDATE SKIP LOCKED;
+
+-- name: over_max_runtime
+-- $1 the config's max runtime (0: none) for runs without the tag.
+SELECT run_id, attempt, coalesce(max_runtime_seconds, $1) AS limit_seconds FROM runs
+WHERE status = 'STARTED'
+  AND coalesce(max_runtime_seconds, $1) > 0
+  AND started_at < clock_timestamp() - make_interval(secs => coalesce(max_runtime_seconds, $1))
+ORDER BY started_at
+LIMIT $2
+FOR UPDATE SKIP LOCKED;
+
+-- name: silent_workers
+-- STARTED runs whose current attempt has not heartbeated for $1 seconds. A worker that never
+-- sent one is measured from its launch (NULL is stale, not fresh).
+SELECT r.run_id, r.attempt,
+       extract(epoch FROM clock_timestamp() - coalesce(a.last_heartbeat_at, a.launched_at, a.created_at))
+           AS silent_seconds,
+       a.last_heartbeat_at IS NULL AS never_heartbeated
+FROM runs r
+JOIN attempts a ON a.run_id = r.run_id AND a.attempt = r.attempt
+WHERE r.status = 'STARTED'
+  AND coalesce(a.last_heartbeat_at, a.launched_at, a.created_at)
+      < clock_timestamp() - make_interval(secs => $1)
+ORDER BY r.run_id
+LIMIT $2
+FOR UPDATE OF r SKIP LOCKED;
+
+-- name: claim_reaps
+-- Workers that must not be running: attempts superseded by a resume (at once), and workers of
+-- finished runs still alive $1 seconds after the end. A claim lasts $2 seconds, so a monitor that
+-- dies mid-way leaves its work to the others.
+WITH due AS (
+    SELECT a.run_id, a.attempt
+    FROM attempts a JOIN runs r ON r.run_id = a.run_id
+    WHERE a.exited_at IS NULL AND a.handle IS NOT NULL
+      AND (a.attempt < r.attempt
+           OR (r.status IN ('SUCCESS', 'FAILURE', 'CANCELED')
+               AND r.ended_at < clock_timestamp() - make_interval(secs => $1)))
+      AND (a.reap_claimed_at IS NULL OR a.reap_claimed_at < clock_timestamp() - make_interval(secs => $2))
+    LIMIT $3
+    FOR UPDATE OF a SKIP LOCKED
+)
+UPDATE attempts a SET reap_claimed_at = clock_timestamp()
+FROM due WHERE a.run_id = due.run_id AND a.attempt = due.attempt
+RETURNING a.run_id, a.attempt, a.handle;
+
+-- name: attempt_handles
+SELECT run_id, attempt, handle FROM attempts
+WHERE run_id = ANY($1::uuid[]) AND handle IS NOT NULL AND exited_at IS NULL;
+
+-- name: live_handles
+SELECT run_id, attempt, handle FROM attempts WHERE exited_at IS NULL AND handle IS NOT NULL;
+
+-- name: outbox_batch
+SELECT id, routing_key, body::text AS body FROM status_outbox ORDER BY id LIMIT $1;
+
+-- name: outbox_delete
+DELETE FROM status_outbox WHERE id = ANY($1::bigint[]);
+
+-- name: get_run
+SELECT r.*, (SELECT handle FROM attempts a WHERE a.run_id = r.run_id AND a.attempt = r.attempt) AS handle
+FROM runs r WHERE r.run_id = $1;
+
+-- name: get_steps
+SELECT step_key, status, attempt, output, error, reused, started_at, ended_at
+FROM steps WHERE run_id = $1;
+
+-- name: list_runs
+SELECT run_id, job, status, attempt, tags, reason, created_at, parent_run_id, root_run_id, retry_number
+FROM runs
+WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR job = $2)
+ORDER BY created_at DESC
+LIMIT $3;
+
+-- name: list_events
+SELECT id, run_id, attempt, source, seq, type, step_key, message, data, refused, ts
+FROM events WHERE run_id = $1 AND id > $2 ORDER BY id;
+
+-- name: count_attempts
+SELECT run_id, count(*) AS n FROM attempts WHERE run_id = ANY($1::uuid[]) GROUP BY run_id;
