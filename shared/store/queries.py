@@ -9,9 +9,17 @@ _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 
 def _load() -> dict[str, str]:
-    text = resources.files("shared.store").joinpath("queries.sql").read_text()
-    parts = _NAME.split(text)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    """queries.sql, then every queries_<topic>.sql beside it."""
+    folder = resources.files("shared.store")
+    files = sorted(f.name for f in folder.iterdir() if f.name.startswith("queries") and f.name.endswith(".sql"))
+    found: dict[str, str] = {}
+    for name in files:
+        parts = _NAME.split(folder.joinpath(name).read_text())
+        for query, body in zip(parts[1::2], parts[2::2], strict=True):
+            if query in found:
+                raise ValueError(f"query {query!r} is defined twice ({name})")
+            found[query] = body.strip()
+    return found
 
 
 QUERIES = _load()

@@ -255,7 +255,7 @@ FOR UPDATE SKIP LOCKED;
 -- STARTED runs whose current attempt has not heartbeated for $1 seconds. A worker that never
 -- sent one is measured from its launch (NULL is stale, not fresh).
 SELECT r.run_id, r.attempt,
-       extract(epoch FROM clock_timestamp() - coalesce(a.last_heartbeat_at, a.launched_at, a.created_at))
+       extract(epoch FROM clock_timestamp() - coalesce(a.last_heartbeat_at, a.launched_at, a.created_at))::float8
            AS silent_seconds,
        a.last_heartbeat_at IS NULL AS never_heartbeated
 FROM runs r

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+
+import pytest
+
+from shared.broker import Broker
+from shared.store import Store
+from tests import harness
+
+_VHOSTS: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def _template() -> AsyncIterator[None]:
+    await harness.make_template()
+    yield
+    await harness.drop_template()
+    harness.delete_vhosts(_VHOSTS)
+
+
+@pytest.fixture
+async def env(tmp_path) -> AsyncIterator[harness.Env]:  # type: ignore[no-untyped-def]
+    """A fresh database (from a migrated template) and a fresh RabbitMQ vhost for one test."""
+    db = await harness.new_database()
+    vhost = await harness.new_vhost()
+    _VHOSTS.append(vhost)
+    db_url = f"{harness.PG}/{db}"
+    amqp_url = f"{harness.AMQP}/{vhost}"
+    store = await Store.connect(db_url)
+    broker = await Broker.connect(amqp_url)
+    e = harness.Env(db_url=db_url, amqp_url=amqp_url, tmp=tmp_path, store=store, broker=broker,
+                    cfg=harness.fast_config(db_url, amqp_url, tmp_path / "logs"))
+    try:
+        yield e
+    finally:
+        await e.stop_all()
+        await broker.close()
+        await store.close()
+        await harness.drop_database(db)
+        shutil.rmtree(tmp_path, ignore_errors=True)

@@ -1,0 +1,131 @@
+"""Issue 2: bad launch messages are dead-lettered with their reason; nothing is written; the
+service keeps consuming. Duplicates change nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import aio_pika
+import orjson
+import pytest
+
+from shared.broker import ERROR_HEADER
+from shared.contract import Event, EventType, now_iso
+from tests.harness import Env, eventually
+
+STEP = {"key": "a", "command": ["true"]}
+
+BAD = [
+    ("not json", b"{not json", "not valid JSON"),
+    ("not an object", b"[1, 2, 3]", "must be a JSON object"),
+    ("missing job", orjson.dumps({"v": 1, "steps": [STEP]}), "job: missing"),
+    ("duplicate step keys", orjson.dumps({"v": 1, "job": "j", "steps": [STEP, STEP]}), "duplicate step key 'a'"),
+    ("unknown dep", orjson.dumps({"v": 1, "job": "j", "steps": [{**STEP, "deps": ["nope"]}]}),
+     "depends on unknown step 'nope'"),
+    ("cycle", orjson.dumps({"v": 1, "job": "j", "steps": [
+        {"key": "a", "command": ["true"], "deps": ["b"]}, {"key": "b", "command": ["true"], "deps": ["a"]}]}),
+     "cycle"),
+    ("both command and call", orjson.dumps({"v": 1, "job": "j", "steps": [
+        {"key": "a", "command": ["true"], "call": "m:f"}]}), "exactly one of command or call"),
+    ("neither command nor call", orjson.dumps({"v": 1, "job": "j", "steps": [{"key": "a"}]}),
+     "exactly one of command or call"),
+    ("wrong type: steps", orjson.dumps({"v": 1, "job": "j", "steps": "a"}), "steps: expected a list"),
+    ("wrong type: job", orjson.dumps({"v": 1, "job": 5, "steps": [STEP]}), "job: expected a job name"),
+    ("wrong type: priority tag", orjson.dumps({"v": 1, "job": "j", "steps": [STEP],
+                                               "tags": {"runherd/priority": "high"}}), "runherd/priority"),
+    ("wrong version", orjson.dumps({"v": 2, "job": "j", "steps": [STEP]}), "v: expected 1"),
+    ("bad run_id", orjson.dumps({"v": 1, "run_id": "x", "job": "j", "steps": [STEP]}), "run_id: expected a UUID"),
+    ("unknown step field", orjson.dumps({"v": 1, "job": "j", "steps": [{**STEP, "retries": 3}]}), "retries"),
+]
+
+
+async def _dead_letters(amqp_url: str, count: int, timeout: float = 15) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    connection = await aio_pika.connect_robust(amqp_url)
+    got: list[aio_pika.abc.AbstractIncomingMessage] = []
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue("runherd.dead-letters")
+
+        async def enough() -> bool:
+            message = await queue.get(fail=False)
+            if message is not None:
+                await message.ack()
+                got.append(message)
+            return len(got) >= count
+        await eventually(enough, timeout, what=f"{count} dead letters")
+    return got
+
+
+async def test_each_kind_of_bad_launch_is_dead_lettered_with_its_reason(env: Env) -> None:
+    await env.start({"launcher": 1})
+    for _, body, _ in BAD:
+        await env.broker.publish("runherd.commands", "launch", body)
+    dead = await _dead_letters(env.amqp_url, len(BAD))
+    reasons = {m.body: m.headers[ERROR_HEADER] for m in dead}
+    for name, body, expected in BAD:
+        assert expected in reasons[body], (name, reasons[body])
+    assert (await env.store.fetch("SELECT count(*) AS n FROM runs"))[0]["n"] == 0
+    # ... and the launcher still consumes.
+    run_id = await env.submit([STEP])
+    await env.wait_status(run_id, "QUEUED", "STARTING", "STARTED", "SUCCESS")
+
+
+@pytest.mark.parametrize("command", ["terminate", "reexecute"])
+async def test_commands_for_unknown_runs_are_dead_lettered(env: Env, command: str) -> None:
+    await env.start({"launcher": 1})
+    body = orjson.dumps({"v": 1, "run_id": str(uuid.uuid4())})
+    await env.broker.publish("runherd.commands", command, body)
+    [dead] = await _dead_letters(env.amqp_url, 1)
+    assert "no run" in dead.headers[ERROR_HEADER]
+
+
+async def test_bad_events_and_heartbeats_are_dead_lettered_and_services_survive(env: Env) -> None:
+    await env.start()
+    await env.broker.publish("runherd.events", "run.x", b"garbage")
+    await env.broker.publish("runherd.events", f"run.{uuid.uuid4()}", Event(
+        run_id=str(uuid.uuid4()), attempt=1, seq=1, type=EventType.RUN_START, ts=now_iso()).body())
+    await env.broker.publish("runherd.heartbeats", "hb", b'{"v": 1, "run_id": "nope", "attempt": 1}',
+                             persistent=False)
+    dead = await _dead_letters(env.amqp_url, 3)
+    reasons = sorted(m.headers[ERROR_HEADER] for m in dead)
+    assert any("not valid JSON" in r for r in reasons)
+    assert any("unknown run" in r for r in reasons)
+    assert any("run_id: expected a UUID" in r for r in reasons)
+    run_id = await env.submit([STEP])
+    await env.wait_status(run_id, "SUCCESS")
+
+
+async def test_same_run_id_twice_makes_one_run(env: Env) -> None:
+    await env.start()
+    run_id = str(uuid.uuid4())
+    await env.submit([STEP], run_id=run_id)
+    await env.submit([{"key": "other", "command": ["false"]}], run_id=run_id)
+    await env.wait_status(run_id, "SUCCESS")
+    # Both commands consumed: the queue is empty and still one run, with its first plan.
+    await eventually(lambda: _queue_empty(env, "runherd.launcher.commands"), what="commands consumed")
+    rows = await env.store.fetch("SELECT steps FROM runs")
+    assert len(rows) == 1 and rows[0]["steps"][0]["key"] == "a"
+
+
+async def _queue_empty(env: Env, name: str) -> bool:
+    return (await env.broker.queue_depths()).get(name, 1) == 0
+
+
+async def test_redelivered_event_adds_no_row(env: Env) -> None:
+    await env.start()
+    run_id = await env.submit([STEP])
+    await env.wait_status(run_id, "SUCCESS")
+    before = await env.events(run_id)
+    step_success = next(e for e in before if e["type"] == "STEP_SUCCESS")
+    replay = Event(run_id=run_id, attempt=step_success["attempt"], seq=step_success["seq"],
+                   type=EventType.STEP_SUCCESS, step_key="a", data={"output": None}, ts=now_iso())
+    for _ in range(3):
+        await env.broker.publish_event(run_id, replay.body())
+    marker = Event(run_id=str(uuid.uuid4()), attempt=1, seq=1, type=EventType.RUN_START, ts=now_iso())
+    await env.broker.publish_event(marker.run_id, marker.body())  # dead-lettered once applied: a fence
+    await eventually(lambda: _queue_empty(env, "runherd.monitor.events"), what="events consumed")
+    await asyncio.sleep(0)  # let the last batch's commit land before we count
+    after = await env.events(run_id)
+    assert len(after) == len(before)
+    assert (await env.status(run_id)) == "SUCCESS"

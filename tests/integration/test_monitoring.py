@@ -1,0 +1,157 @@
+"""Issue 3: run monitoring on real processes, RabbitMQ and PostgreSQL, with second-scale timeouts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from tests.harness import ROOT, Env, eventually, group_members, pids_alive
+
+# A step that blocks forever on the first attempt only: a resumed attempt gets through.
+HANG_ON_FIRST = ["sh", "-c", 'if [ "$RUNHERD_ATTEMPT" = 1 ]; then sleep 600; fi']
+
+
+def count_step(path: str, key: str) -> list[str]:
+    """A step whose side effect (one line appended per execution) we can count."""
+    return ["sh", "-c", f"echo {key} >> {path}"]
+
+
+def lines(path: os.PathLike[str] | str) -> list[str]:
+    try:
+        with open(path) as f:
+            return f.read().split()
+    except FileNotFoundError:
+        return []
+
+
+async def test_sigkill_worker_during_step_2_resumes_without_rerunning_step_1(env: Env) -> None:
+    await env.start()
+    effects = env.tmp / "effects"
+    started = env.tmp / "step2-started"
+    run_id = await env.submit([
+        {"key": "one", "command": count_step(str(effects), "one")},
+        {"key": "two", "command": ["sh", "-c", f'echo two >> {effects}; if [ "$RUNHERD_ATTEMPT" = 1 ]; '
+                                   f'then touch {started}; sleep 600; fi'], "deps": ["one"]},
+        {"key": "three", "command": count_step(str(effects), "three"), "deps": ["two"]},
+    ])
+    await eventually(started.exists, what="step two to start")
+    handle = await env.handle(run_id, attempt=1)
+    os.kill(handle["pid"], signal.SIGKILL)
+    run = await env.wait_status(run_id, "SUCCESS", "FAILURE")
+    assert run["status"] == "SUCCESS" and run["attempt"] == 2
+    assert lines(effects).count("one") == 1, lines(effects)  # step one ran exactly once
+    assert lines(effects).count("two") == 2 and lines(effects).count("three") == 1
+    events = await env.events(run_id)
+    exited = [e for e in events if e["type"] == "WORKER_EXITED" and e["attempt"] == 1]
+    assert exited and "SIGKILL" in exited[0]["message"]
+    resumed = [e for e in events if e["type"] == "RUN_RESUMED"]
+    assert len(resumed) == 1 and "resume attempt 1 of 3" in resumed[0]["message"]
+    steps = {s["step_key"]: s for s in run["steps_status"]}
+    assert steps["one"]["attempt"] == 1 and steps["two"]["attempt"] == 2
+
+
+async def test_sigkill_every_attempt_fails_after_max_resumes(env: Env) -> None:
+    env.configure(run_monitoring={"max_resume_run_attempts": 2})
+    await env.start()
+    run_id = await env.submit([{"key": "hang", "command": ["sleep", "600"]}])
+    for attempt in (1, 2, 3):
+        handle = await env.handle(run_id, attempt=attempt)
+        await eventually(lambda: _step_running(env, run_id, attempt), what=f"attempt {attempt} running")
+        os.kill(handle["pid"], signal.SIGKILL)
+    run = await env.wait_status(run_id, "FAILURE")
+    assert "crashed 3 times" in run["reason"] and run["attempt"] == 3
+    events = await env.events(run_id)
+    resumes = [e["message"] for e in events if e["type"] == "RUN_RESUMED"]
+    assert len(resumes) == 2
+    assert "resume attempt 1 of 2" in resumes[0] and "resume attempt 2 of 2" in resumes[1]
+    assert (await env.store.count_attempts([run_id]))[run_id] == 3
+
+
+async def _step_running(env: Env, run_id: str, attempt: int) -> bool:
+    events = await env.events(run_id)
+    return any(e["type"] == "STEP_START" and e["attempt"] == attempt for e in events)
+
+
+async def test_resume_off_makes_a_crash_a_failure(env: Env) -> None:
+    env.configure(run_monitoring={"max_resume_run_attempts": 0})
+    await env.start()
+    run_id = await env.submit([{"key": "hang", "command": ["sleep", "600"]}])
+    handle = await env.handle(run_id)
+    await eventually(lambda: _step_running(env, run_id, 1), what="step running")
+    os.kill(handle["pid"], signal.SIGKILL)
+    run = await env.wait_status(run_id, "FAILURE")
+    assert "resume is off" in run["reason"] and run["attempt"] == 1
+    assert (await env.store.count_attempts([run_id]))[run_id] == 1
+
+
+async def test_stuck_starting_worker_that_never_reports_fails_and_is_gone(env: Env) -> None:
+    env.configure(run_monitoring={"start_timeout_seconds": 2},
+                  run_launcher={"name": "process", "config": {
+                      "log_dir": str(env.tmp / "logs"), "worker_command": ["sleep", "600"],
+                      "terminate_grace_seconds": 1}})
+    await env.start()
+    run_id = await env.submit([{"key": "a", "command": ["true"]}])
+    handle = await env.handle(run_id)
+    run = await env.wait_status(run_id, "FAILURE")
+    assert "did not start within 2 s" in run["reason"]
+    await eventually(lambda: not pids_alive([handle["pid"]]), what="worker process gone")
+
+    async def terminated() -> bool:
+        return any(e["type"] == "WORKER_TERMINATED" for e in await env.events(run_id))
+    await eventually(terminated, what="the termination in the event log")
+
+
+STUBBORN = [sys.executable, str(ROOT / "tests" / "fixtures" / "stubborn_worker.py")]
+
+
+async def test_stuck_canceling_worker_ignoring_sigterm_is_killed_and_canceled(env: Env) -> None:
+    env.configure(run_monitoring={"cancel_timeout_seconds": 2},
+                  run_launcher={"name": "process", "config": {
+                      "log_dir": str(env.tmp / "logs"), "worker_command": STUBBORN,
+                      "terminate_grace_seconds": 60}})
+    await env.start()
+    run_id = await env.submit([{"key": "a", "command": ["sleep", "600"]}])
+    await env.wait_status(run_id, "STARTED")
+    handle = await env.handle(run_id)
+    import orjson
+    await env.broker.publish_command("terminate", orjson.dumps({"v": 1, "run_id": run_id}))
+    await env.wait_status(run_id, "CANCELING")
+    assert pids_alive([handle["pid"]])  # it ignored SIGTERM
+    run = await env.wait_status(run_id, "CANCELED")
+    assert "force-killed" in run["reason"]
+    assert not group_members(handle["pid"])
+
+
+async def test_max_runtime_tag_fails_run_and_stops_worker(env: Env) -> None:
+    await env.start()
+    run_id = await env.submit([{"key": "a", "command": ["sleep", "600"]}], tags={"runherd/max_runtime": 2})
+    handle = await env.handle(run_id)
+    run = await env.wait_status(run_id, "FAILURE")
+    assert run["reason"] == "exceeded max runtime of 2 s"
+    await eventually(lambda: not group_members(handle["pid"]), what="worker gone")
+
+
+async def test_global_max_runtime_and_dagster_tag(env: Env) -> None:
+    env.configure(run_monitoring={"max_runtime_seconds": 2})
+    await env.start()
+    plain = await env.submit([{"key": "a", "command": ["sleep", "600"]}])
+    tagged = await env.submit([{"key": "a", "command": ["sleep", "600"]}], tags={"dagster/max_runtime": 1})
+    assert (await env.wait_status(plain, "FAILURE"))["reason"] == "exceeded max runtime of 2 s"
+    assert (await env.wait_status(tagged, "FAILURE"))["reason"] == "exceeded max runtime of 1 s"
+    handle = await env.handle(plain)
+    await eventually(lambda: not group_members(handle["pid"]), what="worker gone")
+
+
+async def test_sigstop_hung_worker_detected_terminated_resumed(env: Env) -> None:
+    await env.start()
+    run_id = await env.submit([{"key": "a", "command": HANG_ON_FIRST}])
+    await eventually(lambda: _step_running(env, run_id, 1), what="step running")
+    old = await env.handle(run_id, attempt=1)
+    os.kill(old["pid"], signal.SIGSTOP)
+    run = await env.wait_status(run_id, "SUCCESS", timeout=30)
+    assert run["attempt"] == 2
+    events = await env.events(run_id)
+    resumed = [e for e in events if e["type"] == "RUN_RESUMED"]
+    assert resumed and "no heartbeat" in resumed[0]["message"] and "hung" in resumed[0]["message"]
+    await eventually(lambda: not pids_alive([old["pid"]]), what="hung worker terminated")
