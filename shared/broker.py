@@ -198,8 +198,9 @@ class Broker:
         depths = {}
         for name in _QUEUES:
             with contextlib.suppress(Exception):
-                declared = await self.channel.declare_queue(name, passive=True)
-                depths[name] = declared.declaration_result.message_count or 0
+                queue = await self.channel.get_queue(name, ensure=False)
+                result = await queue.declare()  # a fresh passive-style declare: current counts
+                depths[name] = result.message_count or 0
         return depths
 
 

@@ -109,10 +109,17 @@ class LauncherService:
         if stream is None:
             await stop.wait()
             return
-        async for exit_ in stream:
-            await self.report_exit(exit_)
-            if stop.is_set():
-                return
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while True:
+                next_exit = asyncio.ensure_future(anext(stream))
+                await asyncio.wait({next_exit, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if not next_exit.done():
+                    next_exit.cancel()
+                    return
+                await self.report_exit(next_exit.result())
+        finally:
+            stopped.cancel()
 
     async def report_exit(self, exit_: WorkerExit) -> None:
         handle = self.handles.pop((exit_.run_id, exit_.attempt), None)

@@ -44,7 +44,7 @@ async def _ensure_database(url: str) -> None:
         try:
             await admin.execute(f'CREATE DATABASE "{name}"')
             log.info("created database %s", name)
-        except asyncpg.DuplicateDatabaseError:
+        except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):  # another migrate won the race
             pass
         finally:
             await admin.close()
