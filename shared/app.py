@@ -28,9 +28,9 @@ class Running:
     launchers: list[RunLauncher] = field(default_factory=list)
     services: dict[str, list[object]] = field(default_factory=dict)
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 10.0) -> None:
         self.supervisor.stop.set()
-        await self.supervisor.wait()
+        await self.supervisor.wait(grace)
         for launcher in self.launchers:
             await launcher.close()
         for broker in self.brokers:

@@ -106,6 +106,10 @@ def delete_vhosts(names: list[str]) -> None:
 
 def fast_config(db_url: str, amqp_url: str, log_dir: Path, **overrides: Any) -> config.Config:
     """Second-scale timeouts, the process launcher writing logs under the test's tmp dir."""
+    return config.from_mapping(fast_raw(db_url, amqp_url, log_dir, **overrides))
+
+
+def fast_raw(db_url: str, amqp_url: str, log_dir: Path, **overrides: Any) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "amqp_url": amqp_url, "database_url": db_url,
         "run_monitoring": {"start_timeout_seconds": 10, "cancel_timeout_seconds": 10,
@@ -119,7 +123,7 @@ def fast_config(db_url: str, amqp_url: str, log_dir: Path, **overrides: Any) -> 
             raw[key] = _merge(raw[key], value)
         else:
             raw[key] = value
-    return config.from_mapping(raw)
+    return raw
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -138,10 +142,28 @@ class Env:
     broker: Broker
     cfg: config.Config
     running: list[app.Running] = field(default_factory=list)
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def configure(self, **overrides: Any) -> config.Config:
-        self.cfg = fast_config(self.db_url, self.amqp_url, self.tmp / "logs", **overrides)
+        self.raw = fast_raw(self.db_url, self.amqp_url, self.tmp / "logs", **overrides)
+        self.cfg = config.from_mapping(self.raw)
         return self.cfg
+
+    def config_file(self) -> Path:
+        """The current config as a runherd.yaml, for services run as subprocesses."""
+        import yaml
+        path = self.tmp / "runherd.yaml"
+        path.write_text(yaml.safe_dump(getattr(self, "raw", None) or fast_raw(
+            self.db_url, self.amqp_url, self.tmp / "logs")))
+        return path
+
+    def spawn(self, *verb: str) -> subprocess.Popen[bytes]:
+        """A runherd service as a real process (so a test can SIGKILL it)."""
+        log = open(self.tmp / f"{verb[0]}-{uuid.uuid4().hex[:6]}.log", "wb")
+        proc = subprocess.Popen([PYTHON, "-m", "shared.cli", "--config", str(self.config_file()), *verb],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.processes.append(proc)
+        return proc
 
     async def start(self, services: dict[str, int] | None = None, cfg: config.Config | None = None,
                     **kwargs: Any) -> app.Running:
@@ -151,8 +173,11 @@ class Env:
         return running
 
     async def stop_all(self) -> None:
+        for proc in self.processes:
+            proc.kill()
+            proc.wait(timeout=10)
         while self.running:
-            await self.running.pop().close()
+            await self.running.pop().close(grace=2)
         # No worker outlives its test.
         for row in await self.store.fetch("SELECT handle FROM attempts WHERE handle ? 'pid'"):
             with contextlib.suppress(ProcessLookupError, PermissionError):
