@@ -155,3 +155,58 @@ async def test_sigstop_hung_worker_detected_terminated_resumed(env: Env) -> None
     resumed = [e for e in events if e["type"] == "RUN_RESUMED"]
     assert resumed and "no heartbeat" in resumed[0]["message"] and "hung" in resumed[0]["message"]
     await eventually(lambda: not pids_alive([old["pid"]]), what="hung worker terminated")
+
+
+async def test_zombie_worker_events_refused_and_terminated(env: Env) -> None:
+    env.configure(run_launcher={"name": "process", "config": {"log_dir": str(env.tmp / "logs"),
+                                                              "terminate_grace_seconds": 60}})
+    await env.start()
+    run_id = await env.submit([{"key": "a", "command": HANG_ON_FIRST}])
+    await eventually(lambda: _step_running(env, run_id, 1), what="step running")
+    old = await env.handle(run_id, attempt=1)
+    os.kill(old["pid"], signal.SIGSTOP)
+    await env.handle(run_id, attempt=2, timeout=30)  # resumed while the old worker is frozen
+    os.kill(old["pid"], signal.SIGCONT)  # the zombie wakes up, still believing it owns the run
+
+    async def refused() -> list[dict[str, object]]:
+        return [e for e in await env.events(run_id) if e["attempt"] == 1 and e["refused"]]
+    rows = await eventually(refused, what="the zombie's events refused")
+    assert "attempt 1 is not the current attempt (2)" in str(rows[0]["refused"])
+    await eventually(lambda: not pids_alive([old["pid"]]), what="the zombie terminated")
+    run = await env.wait_status(run_id, "SUCCESS", "FAILURE", "CANCELED")
+    assert run["status"] == "SUCCESS" and run["attempt"] == 2
+    assert all(s["attempt"] == 2 for s in run["steps_status"])
+
+
+async def test_step_timeout_kills_the_step(env: Env) -> None:
+    await env.start()
+    run_id = await env.submit([{"key": "slow", "command": ["sleep", "600"], "timeout_seconds": 1}])
+    run = await env.wait_status(run_id, "FAILURE")
+    failure = [e for e in await env.events(run_id) if e["type"] == "STEP_FAILURE"]
+    assert failure[0]["message"] == "timed out after 1 s"
+    assert "slow" in run["reason"]
+
+
+async def test_monitoring_disabled_turns_the_sweeps_off(env: Env) -> None:
+    env.configure(run_monitoring={"enabled": False})
+    await env.start()
+    run_id = await env.submit([{"key": "a", "command": ["sleep", "3"]}], tags={"runherd/max_runtime": 1})
+    run = await env.wait_status(run_id, "SUCCESS", "FAILURE")
+    assert run["status"] == "SUCCESS"  # no sweep enforced the 1 s max runtime
+
+
+async def test_max_concurrent_runs_is_never_exceeded(env: Env) -> None:
+    env.configure(run_coordinator={"max_concurrent_runs": 2, "dequeue_interval_seconds": 0.2})
+    await env.start()
+    run_ids = [await env.submit([{"key": "a", "command": ["sleep", "0.5"]}]) for _ in range(10)]
+    peak = 0
+
+    async def done() -> bool:
+        nonlocal peak
+        rows = await env.store.fetch("SELECT status, count(*) AS n FROM runs GROUP BY status")
+        counts = {r["status"]: r["n"] for r in rows}
+        peak = max(peak, counts.get("STARTING", 0) + counts.get("STARTED", 0) + counts.get("CANCELING", 0))
+        return counts.get("SUCCESS") == 10
+    await eventually(done, timeout=60, interval=0.02, what="all ten runs SUCCESS")
+    assert peak == 2, peak  # sampled: never more than 2, and the limit was actually reached
+    assert len(run_ids) == 10
