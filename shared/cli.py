@@ -6,22 +6,16 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
 
 from shared import config as config_mod
 from shared import contract
-from shared.errors import ConfigError, InvalidMessage, NotMigrated, RunherdError
+from shared.errors import ConfigError, InvalidMessage, NotMigrated, RunherdError, UsageError
 
 VERBS = ("migrate", "up", "launcher", "heartbeat", "monitor", "worker", "submit", "runs", "show", "events",
          "cancel", "reexecute", "watch")
-
-
-class UsageError(RunherdError):
-    pass
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -126,23 +120,6 @@ async def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         return await app.serve(cfg, {verb: 1})
     from shared import views
     return await views.run(args, cfg)
-
-
-def load_launch_file(path: str, tags: list[str]) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: not valid YAML or JSON: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a launch message (an object with job and steps)")
-    data.setdefault("v", contract.VERSION)
-    data["tags"] = {**(data.get("tags") or {}), **contract.parse_tag_args(tags)}
-    contract.parse_launch(data)
-    return data
 
 
 def dumps(value: Any) -> str:

@@ -33,3 +33,7 @@ class LaunchError(RunherdError):
 
 class NotFound(RunherdError):
     """A run (or other object) the caller named does not exist."""
+
+
+class UsageError(RunherdError):
+    """Bad input on the command line (exit code 2)."""

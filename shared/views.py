@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 from typing import Any
 
 import orjson
+import yaml
 
 from shared import client, contract
 from shared.broker import STATUS, Broker
 from shared.config import Config
 from shared.contract import RunStatus
+from shared.errors import UsageError
 from shared.store import Store
 
 
@@ -33,7 +36,6 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
 
 
 async def submit(args: argparse.Namespace, cfg: Config) -> int:
-    from shared.cli import load_launch_file
     data = load_launch_file(args.file, args.tag)
     broker = await Broker.connect(cfg.amqp_url)
     try:
@@ -52,6 +54,23 @@ async def submit(args: argparse.Namespace, cfg: Config) -> int:
     return 0 if status is RunStatus.SUCCESS else 1
 
 
+def load_launch_file(path: str, tags: list[str]) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML or JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a launch message (an object with job and steps)")
+    data.setdefault("v", contract.VERSION)
+    data["tags"] = {**(data.get("tags") or {}), **contract.parse_tag_args(tags)}
+    contract.parse_launch(data)
+    return data
+
+
 async def runs(args: argparse.Namespace, cfg: Config) -> int:
     store = await Store.connect(cfg.database_url)
     try:
@@ -59,26 +78,40 @@ async def runs(args: argparse.Namespace, cfg: Config) -> int:
         waiting = {}
         if args.status == "QUEUED" and rows:
             from shared.rules.coordinator import why_waiting
-            waiting = why_waiting(rows, await store.in_flight(), cfg.run_coordinator)
+            from shared.store import retries as retry_store
+            details = await retry_store.queued_details(store, [r["run_id"] for r in rows])
+            queued = [{**r, **details.get(str(r["run_id"]), {})} for r in rows]
+            waiting = why_waiting(queued, await store.in_flight(), cfg.run_coordinator)
     finally:
         await store.close()
     if args.json:
         _json([{**r, "waiting_for": waiting.get(str(r["run_id"]))} if waiting else r for r in rows])
         return 0
-    header = ["RUN_ID", "JOB", "STATUS", "ATTEMPT", "CREATED", "REASON"]
+    header = ["RUN_ID", "JOB", "STATUS", "ATTEMPT", "CREATED", "WAITING FOR" if waiting else "REASON"]
+    width = 90 if waiting else 60
     _table([[str(r["run_id"]), r["job"], r["status"], str(r["attempt"]), r["created_at"].strftime("%H:%M:%S"),
-             (waiting.get(str(r["run_id"])) or r["reason"] or "")[:60]] for r in rows], header)
+             (waiting.get(str(r["run_id"])) or r["reason"] or "")[:width]] for r in rows], header)
     return 0
 
 
-def _show_json(run: dict[str, Any]) -> dict[str, Any]:
+def _show_json(run: dict[str, Any], lineage: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    run_id = str(run["run_id"])
+    steps = sorted(run["steps_status"], key=lambda s: s["step_key"])
     return {
-        "run_id": str(run["run_id"]), "job": run["job"], "status": run["status"], "attempt": run["attempt"],
+        "run_id": run_id, "job": run["job"], "status": run["status"], "attempt": run["attempt"],
         "tags": run["tags"], "parent_run_id": _s(run["parent_run_id"]), "root_run_id": _s(run["root_run_id"]),
         "retry_number": run["retry_number"], "resumes": run["resumes"], "reason": run["reason"],
+        "failure_kind": run["failure_kind"],
         "steps": [{"key": s["step_key"], "status": s["status"], "attempt": s["attempt"], "reused": s["reused"],
-                   "error": s["error"]} for s in sorted(run["steps_status"], key=lambda s: s["step_key"])],
+                   "error": s["error"]} for s in steps],
+        "reused_steps": [s["step_key"] for s in steps if s["reused"]],
         "worker": run["handle"],
+        # Every run with the same root: the original, its retries and re-executions, oldest first.
+        "lineage": [{"run_id": str(r["run_id"]), "status": r["status"], "retry_number": r["retry_number"],
+                     "parent_run_id": _s(r["parent_run_id"]), "failure_kind": r["failure_kind"],
+                     "reused_steps": r["reused_steps"], "created_at": r["created_at"]}
+                    for r in lineage or []],
+        "children": [str(r["run_id"]) for r in lineage or [] if _s(r["parent_run_id"]) == run_id],
     }
 
 
@@ -86,16 +119,35 @@ def _s(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def _lineage_lines(view: dict[str, Any]) -> list[str]:
+    """One line per run of the lineage, marking this run, the root and how each came to be."""
+    lines = []
+    for r in view["lineage"]:
+        if r["parent_run_id"] is None:
+            how = "root"
+        elif r["retry_number"]:
+            how = f"retry {r['retry_number']} of {r['parent_run_id']}"
+        else:
+            how = f"re-execution of {r['parent_run_id']}"
+        reused = f", {r['reused_steps']} steps reused" if r["reused_steps"] else ""
+        mark = "  <- this run" if r["run_id"] == view["run_id"] else ""
+        lines.append(f"  {r['run_id']}  {r['status']:<9} {how}{reused}{mark}")
+    return lines
+
+
 async def show(args: argparse.Namespace, cfg: Config) -> int:
+    from shared.store import retries as retry_store
+
     store = await Store.connect(cfg.database_url)
     try:
         run = await store.get_run(args.run_id)
+        lineage = await retry_store.lineage(store, str(run["root_run_id"] or run["run_id"])) if run else []
     finally:
         await store.close()
     if run is None:
         print(f"runherd: no run {args.run_id}", file=sys.stderr)
         return 2
-    view = _show_json(run)
+    view = _show_json(run, lineage)
     if args.json:
         _json(view)
         return 0
@@ -103,7 +155,11 @@ async def show(args: argparse.Namespace, cfg: Config) -> int:
           f"{'  (' + view['reason'] + ')' if view['reason'] else ''}\nattempt  {view['attempt']} "
           f"(resumes {view['resumes']})")
     print(f"lineage  root {view['root_run_id']}  parent {view['parent_run_id'] or '-'}  "
-          f"retry {view['retry_number']}")
+          f"retry {view['retry_number']}  retried as {', '.join(view['children']) or '-'}")
+    if len(view["lineage"]) > 1:
+        print("\n".join(_lineage_lines(view)))
+    if view["reused_steps"]:
+        print(f"reused   {', '.join(view['reused_steps'])} (outputs from run {view['parent_run_id']}, not executed)")
     print(f"tags     {orjson.dumps(view['tags']).decode()}\nworker   {orjson.dumps(view['worker']).decode()}")
     _table([[s["key"], s["status"], str(s["attempt"]), "reused" if s["reused"] else "", s["error"] or ""]
             for s in view["steps"]], ["STEP", "STATUS", "ATTEMPT", "", "ERROR"])

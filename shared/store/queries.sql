@@ -71,12 +71,18 @@ SELECT run_id FROM inserted;
 -- name: dequeue
 -- Picks the next queued runs that fit every limit, in priority order (FIFO within), as one
 -- statement. $1 global limit (-1: none), $2 tag limits as JSON, $3 how many at most,
--- $4 candidate window. Runs in a limit group that is already full are left out before ranking,
--- so a blocked run never holds back the ones behind it; callers repeat until nothing fits.
+-- $4 candidate window. Runs in a limit group that is already full are left out before the window
+-- is cut, so a blocked run never holds back the ones behind it, however many blocked runs queue
+-- ahead; runs whose retry backoff (not_before) has not passed are left out too. Within the window,
+-- a run fits when every group it belongs to has room for it and for the runs ranked ahead of it
+-- there; this can leave room unused when a run ahead is refused by another limit, so callers
+-- repeat until nothing fits (the first candidate always fits, so each round makes progress).
 WITH lim AS (
     SELECT ord::integer AS i, l->>'key' AS key, l->>'value' AS value,
-           (l->>'per_unique_value')::boolean AS per_unique, (l->>'limit')::integer AS cap
+           coalesce((l->>'per_unique_value')::boolean, false) AS per_unique, (l->>'limit')::integer AS cap
     FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS x(l, ord)
+), busy AS (
+    SELECT count(*) AS n FROM runs WHERE status IN ('STARTING', 'STARTED', 'CANCELING')
 ), flight AS (
     SELECT lim.i, CASE WHEN lim.per_unique THEN r.tags->>lim.key ELSE '' END AS grp, count(*) AS n
     FROM runs r
@@ -84,35 +90,38 @@ WITH lim AS (
     WHERE r.status IN ('STARTING', 'STARTED', 'CANCELING')
     GROUP BY 1, 2
 ), cand AS (
-    SELECT run_id, priority, created_at, tags
-    FROM runs
-    WHERE status = 'QUEUED' AND (not_before IS NULL OR not_before <= clock_timestamp())
-    ORDER BY priority DESC, created_at, run_id
+    SELECT r.run_id, r.priority, r.created_at, r.tags
+    FROM runs r
+    WHERE r.status = 'QUEUED' AND (r.not_before IS NULL OR r.not_before <= clock_timestamp())
+      AND ($1::integer < 0 OR (SELECT n FROM busy) < $1::integer)
+      AND NOT EXISTS (
+          SELECT 1
+          FROM lim
+          JOIN flight f ON f.i = lim.i
+                       AND f.grp = CASE WHEN lim.per_unique THEN r.tags->>lim.key ELSE '' END
+          WHERE r.tags ? lim.key AND (lim.value IS NULL OR r.tags->>lim.key = lim.value)
+            AND f.n >= lim.cap)
+      AND NOT EXISTS (SELECT 1 FROM lim WHERE lim.cap <= 0 AND r.tags ? lim.key
+                                            AND (lim.value IS NULL OR r.tags->>lim.key = lim.value))
+    ORDER BY r.priority DESC, r.created_at, r.run_id
     LIMIT $4
 ), memb AS (
     SELECT c.run_id, c.priority, c.created_at, lim.i, lim.cap,
            CASE WHEN lim.per_unique THEN c.tags->>lim.key ELSE '' END AS grp
     FROM cand c
     JOIN lim ON c.tags ? lim.key AND (lim.value IS NULL OR c.tags->>lim.key = lim.value)
-), blocked AS (
-    SELECT DISTINCT m.run_id
-    FROM memb m LEFT JOIN flight f ON f.i = m.i AND f.grp = m.grp
-    WHERE coalesce(f.n, 0) >= m.cap
 ), ranked AS (
     SELECT m.run_id, m.cap,
            coalesce(f.n, 0) + row_number() OVER (
                PARTITION BY m.i, m.grp ORDER BY m.priority DESC, m.created_at, m.run_id) AS would_be
     FROM memb m LEFT JOIN flight f ON f.i = m.i AND f.grp = m.grp
-    WHERE m.run_id NOT IN (SELECT run_id FROM blocked)
 ), fits AS (
     SELECT c.run_id, row_number() OVER (ORDER BY c.priority DESC, c.created_at, c.run_id) AS rn
     FROM cand c
-    WHERE c.run_id NOT IN (SELECT run_id FROM blocked)
-      AND NOT EXISTS (SELECT 1 FROM ranked k WHERE k.run_id = c.run_id AND k.would_be > k.cap)
+    WHERE NOT EXISTS (SELECT 1 FROM ranked k WHERE k.run_id = c.run_id AND k.would_be > k.cap)
 )
 SELECT run_id FROM fits
-WHERE $1::integer < 0
-   OR rn <= $1::integer - (SELECT count(*) FROM runs WHERE status IN ('STARTING', 'STARTED', 'CANCELING'))
+WHERE $1::integer < 0 OR rn <= $1::integer - (SELECT n FROM busy)
 ORDER BY rn
 LIMIT $3;
 
