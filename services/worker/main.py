@@ -120,7 +120,10 @@ async def run(plan: Plan, amqp_url: str, *, handle_sigterm: bool = True) -> int:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, canceled.set)
     beats = asyncio.ensure_future(reporter.heartbeats())
     try:
-        await reporter.emit(EventType.RUN_START, data={"pid": os.getpid(), "reused": sorted(plan.completed)})
+        reused = sorted(plan.completed)
+        await reporter.emit(EventType.RUN_START, message=f"worker pid {os.getpid()}"
+                            + (f"; reusing completed steps: {', '.join(reused)}" if reused else ""),
+                            data={"pid": os.getpid(), "reused": reused})
         work = asyncio.ensure_future(executor.run())
         stopper = asyncio.ensure_future(canceled.wait())
         await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)

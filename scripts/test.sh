@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs the whole test suite against the real PostgreSQL, RabbitMQ and (if it can run) Docker.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+bash scripts/services.sh
+bash scripts/ci/dockerd.sh || echo "test.sh: no Docker engine; the Docker tests will say they are skipped"
+exec .venv/bin/python -m pytest -q "$@"
