@@ -347,20 +347,40 @@ class Event:
         })
 
 
+_INT32 = 2**31 - 1
+
+
+def _counter(data: dict[str, Any], key: str, low: int) -> int:
+    value = _require(data, key, int, "an integer")
+    if not low <= value <= _INT32:
+        raise InvalidMessage(f"{key}: expected an integer from {low} to {_INT32}, got {value}")
+    return value
+
+
+def _timestamp(raw: str | None) -> datetime:
+    if not raw:
+        return datetime.now(UTC)
+    try:
+        ts = datetime.fromisoformat(raw)
+    except ValueError:
+        raise InvalidMessage(f"ts: expected an RFC 3339 timestamp, got {raw!r}") from None
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
 def parse_event(data: dict[str, Any]) -> Event:
     kind = _require(data, "type", str, "an event type")
     if kind not in EventType.__members__:
         raise InvalidMessage(f"type: unknown event type {kind!r}")
     return Event(
         run_id=parse_run_id(data.get("run_id")),
-        attempt=_require(data, "attempt", int, "an integer"),
-        seq=_require(data, "seq", int, "an integer"),
+        attempt=_counter(data, "attempt", 0),
+        seq=_counter(data, "seq", 0),
         type=EventType(kind),
         source=_optional(data, "source", str, "a string") or "worker",
         step_key=_optional(data, "step_key", str, "a step key"),
         message=_optional(data, "message", str, "a string"),
         data=_optional(data, "data", dict, "an object") or {},
-        ts=_optional(data, "ts", str, "a timestamp") or now_iso(),
+        ts=iso(_timestamp(_optional(data, "ts", str, "a timestamp"))),
     )
 
 
@@ -376,15 +396,8 @@ def heartbeat_body(run_id: str, attempt: int) -> bytes:
 
 
 def parse_heartbeat(data: dict[str, Any]) -> Heartbeat:
-    ts_raw = _optional(data, "ts", str, "a timestamp")
-    try:
-        ts = datetime.fromisoformat(ts_raw) if ts_raw else datetime.now(UTC)
-    except ValueError:
-        raise InvalidMessage(f"ts: expected an RFC 3339 timestamp, got {ts_raw!r}") from None
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=UTC)
-    return Heartbeat(run_id=parse_run_id(data.get("run_id")),
-                     attempt=_require(data, "attempt", int, "an integer"), ts=ts)
+    ts = _timestamp(_optional(data, "ts", str, "a timestamp"))
+    return Heartbeat(run_id=parse_run_id(data.get("run_id")), attempt=_counter(data, "attempt", 1), ts=ts)
 
 
 # --- status messages -----------------------------------------------------------------------------

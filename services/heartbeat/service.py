@@ -54,6 +54,12 @@ class HeartbeatService:
         except TransientDbError:
             await self.broker.requeue(good)
             raise
+        except Exception:
+            log.exception("heartbeat batch failed; writing its heartbeats one by one")
+            touched, failed = await self._one_by_one(beats, good)
+            bad.extend(failed)
+            failed_ids = {id(f[0]) for f in failed}
+            good = [d for d in good if id(d) not in failed_ids]
         await self.broker.ack(good)
         now = datetime.now(UTC)
         for _, _, ts in beats:
@@ -62,3 +68,16 @@ class HeartbeatService:
             metrics.DEAD_LETTERS.labels(topology.HEARTBEATS_QUEUE).inc()
             await self.broker.dead_letter(delivery, reason)
         return touched
+
+    async def _one_by_one(self, beats: list[tuple[str, int, datetime]],
+                          deliveries: list[Delivery]) -> tuple[int, list[tuple[Delivery, str]]]:
+        """Isolates the heartbeat that broke a batch: it is dead-lettered, the others written."""
+        touched, failed = 0, []
+        for beat, delivery in zip(beats, deliveries, strict=True):
+            try:
+                touched += await self.store.record_heartbeats([beat])
+            except TransientDbError:
+                raise
+            except Exception as exc:
+                failed.append((delivery, f"heartbeat could not be written: {exc!r}"))
+        return touched, failed

@@ -57,6 +57,7 @@ class MonitorService:
         effects = Effects()
         applied: list[Delivery] = []
         rejected: list[tuple[Delivery, str]] = []
+        retry: list[Delivery] = []
         try:
             async with self.store.tx() as tx:
                 for delivery in batch:
@@ -67,12 +68,23 @@ class MonitorService:
                         applied.append(delivery)
                     except InvalidMessage as exc:
                         rejected.append((delivery, str(exc)))
+                    except TransientDbError:
+                        raise
+                    except Exception as exc:
+                        # One poison event must not hold back the batch: it alone is retried, then
+                        # dead-lettered with the error.
+                        log.exception("event could not be applied (delivery %d)", delivery.deliveries)
+                        if delivery.deliveries >= topology.MAX_DELIVERIES - 1:
+                            rejected.append((delivery, f"event could not be applied: {exc!r}"))
+                        else:
+                            retry.append(delivery)
         except TransientDbError:
             await self.broker.requeue(batch)
             raise
         for delivery, reason in rejected:
             metrics.DEAD_LETTERS.labels(topology.EVENTS_QUEUE).inc()
             await self.broker.dead_letter(delivery, reason)
+        await self.broker.requeue(retry)
         await self.broker.ack(applied)
         await self._after(effects)
 

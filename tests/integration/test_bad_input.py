@@ -129,3 +129,16 @@ async def test_redelivered_event_adds_no_row(env: Env) -> None:
     after = await env.events(run_id)
     assert len(after) == len(before)
     assert (await env.status(run_id)) == "SUCCESS"
+
+
+async def test_poison_event_is_retried_then_dead_lettered_without_holding_back_others(env: Env) -> None:
+    await env.start()
+    first = await env.submit([STEP])
+    await env.wait_status(first, "SUCCESS")
+    # Valid by the contract, refused by PostgreSQL (a NUL in text): the database error is not transient.
+    poison = Event(run_id=first, attempt=1, seq=5000, type=EventType.STEP_START, step_key="a\x00b", ts=now_iso())
+    await env.broker.publish_event(first, poison.body())
+    second = await env.submit([STEP])
+    await env.wait_status(second, "SUCCESS")
+    [dead] = await _dead_letters(env.amqp_url, 1, timeout=30)
+    assert "event could not be applied" in dead.headers[ERROR_HEADER]

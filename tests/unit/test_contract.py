@@ -99,3 +99,16 @@ def test_parse_tag_args() -> None:
     assert contract.parse_tag_args(["a=1", "b=x=y"]) == {"a": "1", "b": "x=y"}
     with pytest.raises(InvalidMessage, match="key=value"):
         contract.parse_tag_args(["novalue"])
+
+
+def test_events_and_heartbeats_refuse_out_of_range_numbers_and_bad_timestamps() -> None:
+    base = {"v": 1, "run_id": "6f1c1b3e-0000-4000-8000-000000000000", "attempt": 1, "seq": 1, "type": "RUN_START"}
+    assert contract.parse_event(base).attempt == 1
+    with pytest.raises(InvalidMessage, match="attempt: expected an integer from 0"):
+        contract.parse_event({**base, "attempt": 2**40})
+    with pytest.raises(InvalidMessage, match="ts: expected an RFC 3339"):
+        contract.parse_event({**base, "ts": "yesterday"})
+    with pytest.raises(InvalidMessage, match="type: unknown event type"):
+        contract.parse_event({**base, "type": "RUN_EXPLODED"})
+    with pytest.raises(InvalidMessage, match="attempt: expected an integer from 1"):
+        contract.parse_heartbeat({"v": 1, "run_id": base["run_id"], "attempt": 0})
