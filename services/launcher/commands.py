@@ -9,6 +9,7 @@ from typing import Any
 from shared import contract
 from shared.contract import Launch, RetryStrategy, RunStatus, Step
 from shared.errors import InvalidMessage
+from shared.rules.retries import retry_tags
 from shared.store import RunRef, Store
 
 log = logging.getLogger("runherd.launcher.commands")
@@ -65,23 +66,24 @@ async def cancel(store: Store, run_id: str) -> Outcome:
 
 
 async def reexecute(store: Store, request: contract.Reexecute) -> None:
-    """A new run linked to its origin; under FROM_FAILURE the origin's successful steps are reused."""
+    """A new run linked to its origin; under FROM_FAILURE the origin's successful steps (its own and
+    those it reused) are copied to the new run as reused: the worker gets their outputs and never
+    executes them again. ALL_STEPS runs every step. Not a retry: the new run's retry number is 0."""
     origin = await store.get_run(request.run_id)
     if origin is None:
         raise InvalidMessage(f"reexecute: no run {request.run_id}")
     if not RunStatus(origin["status"]).terminal:
-        raise InvalidMessage(f"reexecute: run {request.run_id} is {origin['status']}, not finished")
+        raise InvalidMessage(f"reexecute: run {request.run_id} is {origin['status']}, not finished "
+                             "(only a SUCCESS, FAILURE or CANCELED run can be re-executed)")
     reused = {}
     if request.strategy is RetryStrategy.FROM_FAILURE:
         reused = {s["step_key"]: s["output"] for s in origin["steps_status"] if s["status"] == "SUCCESS"}
-    tags = {k: v for k, v in origin["tags"].items() if k not in ("runherd/retry_number", "dagster/retry_number")}
-    tags.update(request.tags)
-    tags["runherd/parent_run_id"] = request.run_id
-    launch = Launch(run_id=request.new_run_id, job=origin["job"],
-                    steps=tuple(contract.parse_step(s, i) for i, s in enumerate(origin["steps"])),
+    root = str(origin["root_run_id"] or request.run_id)
+    tags = retry_tags({**origin["tags"], **request.tags}, retry_number=0, parent_run_id=request.run_id,
+                      root_run_id=root)
+    launch = Launch(run_id=request.new_run_id, job=origin["job"], steps=steps_of(origin["steps"]),
                     tags=tags, launcher=origin["launcher"], env=origin["env"])
-    await insert_launch(store, launch, parent_run_id=request.run_id,
-                        root_run_id=str(origin["root_run_id"] or request.run_id), reused_steps=reused)
+    await insert_launch(store, launch, parent_run_id=request.run_id, root_run_id=root, reused_steps=reused)
 
 
 def steps_of(raw: list[dict[str, Any]]) -> tuple[Step, ...]:

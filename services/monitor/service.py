@@ -45,9 +45,17 @@ class MonitorService:
         while not stop.is_set():
             try:
                 await self.sweeper.sweep()
+                await self.refresh_gauges()
             except TransientDbError as exc:
                 log.warning("sweep failed: %r", exc)
             await sleep_or_stop(stop, self.config.run_monitoring.poll_interval_seconds, self.sweep_now)
+
+    async def refresh_gauges(self) -> None:
+        counts = await self.store.count_active()
+        for status in ("QUEUED", "STARTING", "STARTED", "CANCELING"):
+            metrics.RUNS_BY_STATUS.labels(status).set(counts.get(status, 0))
+        for queue, depth in (await self.broker.queue_depths()).items():
+            metrics.QUEUE_DEPTH.labels(queue).set(depth)
 
     async def _ingest(self, stop: asyncio.Event) -> None:
         async for batch in self.broker.batches(topology.EVENTS_QUEUE, max_size=200, max_wait=0.01, stop=stop):

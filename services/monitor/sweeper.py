@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from services.monitor.actions import Actions
 from services.monitor.ingest import crash
+from services.monitor.retries import retry_failed_runs
 from shared import metrics
 from shared.config import Config
 from shared.contract import RunStatus
@@ -35,7 +36,7 @@ class Sweeper:
         rules: dict[str, Callable[[], Awaitable[int]]] = {
             "start_timeout": self.start_timeout, "cancel_timeout": self.cancel_timeout,
             "max_runtime": self.max_runtime, "heartbeat_timeout": self.heartbeat_timeout,
-            "reap": self.reap,
+            "reap": self.reap, "retries": self.retries,
         }
         counts = {}
         for name, rule in rules.items():
@@ -125,6 +126,12 @@ class Sweeper:
             return f"health unknown ({exc!r})"
         return {"RUNNING": "still running (hung)", "NOT_FOUND": "is gone"}.get(
             health.status.value, f"health {health.status.value}" + (f": {health.message}" if health.message else ""))
+
+    async def retries(self) -> int:
+        """Failed runs with retries left become new runs (services/monitor/retries.py)."""
+        if not self.config.run_retries.enabled:
+            return 0
+        return await retry_failed_runs(self.store, self.config.run_retries, BATCH)
 
     async def reap(self) -> int:
         """Workers that must not run any more (superseded attempts, finished runs) are stopped."""

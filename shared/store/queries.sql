@@ -329,3 +329,9 @@ FROM events WHERE run_id = $1 AND id > $2 ORDER BY id;
 
 -- name: count_attempts
 SELECT run_id, count(*) AS n FROM attempts WHERE run_id = ANY($1::uuid[]) GROUP BY run_id;
+
+-- name: count_active
+-- Queued and in-flight runs by status (partial indexes); for the runs-by-status gauge.
+SELECT status, count(*) AS n FROM runs
+WHERE status IN ('QUEUED', 'STARTING', 'STARTED', 'CANCELING')
+GROUP BY status;

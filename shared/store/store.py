@@ -321,6 +321,9 @@ class Store:
         rows = await self.pool.fetch(q("count_attempts"), _ids(run_ids))
         return {str(r["run_id"]): r["n"] for r in rows}
 
+    async def count_active(self) -> dict[str, int]:
+        return {r["status"]: r["n"] for r in await self.pool.fetch(q("count_active"))}
+
     async def in_flight(self) -> list[dict[str, Any]]:
         return [dict(r) for r in await self.pool.fetch(q("in_flight_by_limit"))]
 

@@ -96,3 +96,17 @@ async def test_cancel_queued_run(env: Env) -> None:
     await env.broker.publish_command("terminate", orjson.dumps({"v": 1, "run_id": run_id}))
     run = await env.wait_status(run_id, "CANCELED")
     assert run["attempt"] == 0
+
+
+async def test_independent_steps_run_concurrently(env: Env) -> None:
+    await env.start()
+    flag = env.tmp / "left-started"
+    # `right` only finishes if `left` is running at the same time.
+    run_id = await env.submit([
+        {"key": "left", "command": ["sh", "-c", f"touch {flag}; sleep 2"]},
+        {"key": "right", "command": ["sh", "-c", f"for i in $(seq 50); do [ -e {flag} ] && exit 0; sleep 0.1; done;"
+                                                 " exit 1"]},
+        {"key": "join", "command": ["true"], "deps": ["left", "right"]},
+    ])
+    run = await env.wait_status(run_id, "SUCCESS", "FAILURE")
+    assert run["status"] == "SUCCESS", run["reason"]
