@@ -100,12 +100,14 @@ async def test_cancel_queued_run(env: Env) -> None:
 
 async def test_independent_steps_run_concurrently(env: Env) -> None:
     await env.start()
-    flag = env.tmp / "left-started"
-    # `right` only finishes if `left` is running at the same time.
+
+    def rendezvous(mine: str, theirs: str) -> list[str]:
+        """Succeeds only if the other step is running at the same time (each waits for the other)."""
+        return ["sh", "-c", f"touch {env.tmp / mine}; for i in $(seq 50); do [ -e {env.tmp / theirs} ] && exit 0;"
+                            " sleep 0.1; done; exit 1"]
     run_id = await env.submit([
-        {"key": "left", "command": ["sh", "-c", f"touch {flag}; sleep 2"]},
-        {"key": "right", "command": ["sh", "-c", f"for i in $(seq 50); do [ -e {flag} ] && exit 0; sleep 0.1; done;"
-                                                 " exit 1"]},
+        {"key": "left", "command": rendezvous("left", "right")},
+        {"key": "right", "command": rendezvous("right", "left")},
         {"key": "join", "command": ["true"], "deps": ["left", "right"]},
     ])
     run = await env.wait_status(run_id, "SUCCESS", "FAILURE")
