@@ -75,7 +75,7 @@ class Launching:
         async with self._slots:
             if claim.attempt != claim.current_attempt or claim.status not in (RunStatus.STARTING,
                                                                                 RunStatus.STARTED):
-                await self.store.mark_exited(claim.run_id, claim.attempt, None, "never launched: run moved on")
+                await self._never_launched(claim)
                 return
             try:
                 handle = await launch_with_retries(self.launcher, worker_run(claim, self.config))
@@ -87,6 +87,14 @@ class Launching:
             metrics.LAUNCHES.labels(self.launcher.name, "ok").inc()
             log.info("launched run_id=%s attempt=%s handle=%s", claim.run_id, claim.attempt, handle)
             await self._cancel_if_canceled(claim, handle)
+
+    async def _never_launched(self, claim: LaunchClaim) -> None:
+        """The run moved on before its worker started (canceled, or failed by a timeout)."""
+        async with self.store.tx() as tx:
+            await tx.record_exit(claim.run_id, claim.attempt, None, "never launched")
+            if claim.status is RunStatus.CANCELING:
+                await tx.transition([claim.run_id], RunStatus.CANCELED, "canceled before its worker started",
+                                    attempt=claim.attempt, source="launcher")
 
     async def _failed(self, claim: LaunchClaim, exc: Exception) -> None:
         reason = f"launch failed: {exc}"

@@ -5,6 +5,7 @@ over_max_runtime, silent_workers, claim_reaps."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,7 @@ class Sweeper:
         self.store = store
         self.launcher = launcher
         self.actions = actions
+        self._health_slots = asyncio.Semaphore(16)
 
     async def sweep(self) -> dict[str, int]:
         """Every rule once; returns how many runs each acted on."""
@@ -102,10 +104,10 @@ class Sweeper:
             if not rows:
                 return 0
             handles = {h.run_id: h for h in await tx.handles([str(r["run_id"]) for r in rows])}
+            healths = await asyncio.gather(*(self._health(handles.get(str(r["run_id"]))) for r in rows))
             crashed = []
-            for row in rows:
+            for row, health in zip(rows, healths, strict=True):
                 run_id = str(row["run_id"])
-                health = await self._health(handles.get(run_id))
                 never = " (it never sent one)" if row["never_heartbeated"] else ""
                 crashed.append((run_id, row["attempt"],
                                 f"no heartbeat for {row['silent_seconds']:.0f} s{never}, worker {health}"))
@@ -121,7 +123,8 @@ class Sweeper:
         if ref is None or ref.handle is None:
             return "has no handle"
         try:
-            health = await self.launcher.check_health(ref.handle)
+            async with self._health_slots:
+                health = await self.launcher.check_health(ref.handle)
         except Exception as exc:
             return f"health unknown ({exc!r})"
         return {"RUNNING": "still running (hung)", "NOT_FOUND": "is gone"}.get(

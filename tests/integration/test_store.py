@@ -8,12 +8,10 @@ import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
 
-
 from shared.broker import HEARTBEATS_QUEUE
 from shared.contract import RunStatus, heartbeat_body, parse_launch
 from shared.outbox import relay
 from shared.store import Store, migrate
-from shared.store.migrate import SCHEMA_VERSION
 from tests import harness
 from tests.harness import Env, eventually, status_log
 
