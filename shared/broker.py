@@ -41,6 +41,9 @@ DEAD_QUEUE = "runherd.dead-letters"
 ERROR_HEADER = "x-runherd-error"
 
 HEARTBEAT_QUEUE_MAX = 100_000
+RECONNECT_SECONDS = 1.0
+# Events are published until confirmed, through a broker outage of up to this long.
+PUBLISH_PATIENCE_SECONDS = 120.0
 # A message whose handler keeps failing unexpectedly is dead-lettered after this many deliveries.
 MAX_DELIVERIES = 5
 
@@ -91,7 +94,7 @@ class Broker:
     @classmethod
     async def connect(cls, url: str, *, declare: bool = True, timeout: float = 10) -> Broker:
         try:
-            connection = await aio_pika.connect_robust(url, timeout=timeout)
+            connection = await aio_pika.connect_robust(url, timeout=timeout, reconnect_interval=RECONNECT_SECONDS)
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
             raise BrokerError(f"cannot connect to RabbitMQ at {_safe(url)}: {exc!r}") from exc
         channel = await connection.channel(publisher_confirms=True)
@@ -125,8 +128,25 @@ class Broker:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT)
         await self._exchanges[exchange].publish(message, routing_key=routing_key)
 
-    async def publish_event(self, run_id: str, body: bytes) -> None:
-        await self.publish(EVENTS, f"run.{run_id}", body)
+    async def publish_event(self, run_id: str, body: bytes, *, patience: float = PUBLISH_PATIENCE_SECONDS) -> None:
+        """Lifecycle events must arrive: retried through a reconnect (consumers dedupe by seq)."""
+        await self.publish_until_confirmed(EVENTS, f"run.{run_id}", body, patience=patience)
+
+    async def publish_until_confirmed(self, exchange: str, routing_key: str, body: bytes, *,
+                                      patience: float = PUBLISH_PATIENCE_SECONDS) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        delay = 0.1
+        while True:
+            try:
+                await self.publish(exchange, routing_key, body)
+                return
+            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, asyncio.TimeoutError) as exc:
+                if loop.time() + delay > deadline:
+                    raise BrokerError(f"could not publish to {exchange} for {patience:g} s: {exc!r}") from exc
+                log.warning("publish to %s failed (%r); retrying in %.1f s", exchange, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def publish_heartbeat(self, body: bytes) -> None:
         await self.publish(HEARTBEATS, "hb", body, persistent=False)
@@ -156,11 +176,18 @@ class Broker:
         await channel.set_qos(prefetch_count=prefetch or max_size * 2)
         queue: AbstractQueue = await channel.get_queue(queue_name, ensure=False)
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        # A lost channel is not left to aio-pika's restore (which can silently fail): we raise, and
+        # the caller's retry loop consumes again on a fresh channel once the connection is back.
+        # Unacked deliveries of the lost channel are redelivered by RabbitMQ; handlers are idempotent.
+        lost = asyncio.Event()
+        channel.close_callbacks.add(lambda *_: lost.set())
         tag = await queue.consume(inbox.put)
         stop = stop or asyncio.Event()
         try:
             while not stop.is_set():
-                batch = await _gather(inbox, max_size, max_wait, stop)
+                batch = await _gather(inbox, max_size, max_wait, stop, lost)
+                if lost.is_set():
+                    raise BrokerError(f"consumer channel of {queue_name} closed")
                 if batch:
                     yield [Delivery(m.body, m.routing_key or "", dict(m.headers or {}), m) for m in batch]
         finally:
@@ -205,13 +232,15 @@ class Broker:
 
 
 async def _gather(inbox: asyncio.Queue[AbstractIncomingMessage], max_size: int, max_wait: float,
-                  stop: asyncio.Event) -> list[AbstractIncomingMessage]:
+                  stop: asyncio.Event, lost: asyncio.Event) -> list[AbstractIncomingMessage]:
     stopper = asyncio.ensure_future(stop.wait())
+    loser = asyncio.ensure_future(lost.wait())
     getter = asyncio.ensure_future(inbox.get())
     try:
-        await asyncio.wait({stopper, getter}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({stopper, getter, loser}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopper.cancel()
+        loser.cancel()
     if not getter.done():
         getter.cancel()
         return []

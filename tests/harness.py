@@ -10,7 +10,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +153,7 @@ class Env:
         """The current config as a runherd.yaml, for services run as subprocesses."""
         import yaml
         path = self.tmp / "runherd.yaml"
-        path.write_text(yaml.safe_dump(getattr(self, "raw", None) or fast_raw(
-            self.db_url, self.amqp_url, self.tmp / "logs")))
+        path.write_text(yaml.safe_dump(self.raw_config()))
         return path
 
     def spawn(self, *verb: str) -> subprocess.Popen[bytes]:
@@ -217,8 +216,8 @@ class Env:
             return None
         return await eventually(check, timeout, what=f"worker handle of {run_id} attempt {attempt}")
 
-    def with_config(self, **overrides: Any) -> config.Config:
-        return replace(fast_config(self.db_url, self.amqp_url, self.tmp / "logs", **overrides))
+    def raw_config(self) -> dict[str, Any]:
+        return dict(getattr(self, "raw", None) or fast_raw(self.db_url, self.amqp_url, self.tmp / "logs"))
 
 
 class StatusLog:
