@@ -141,7 +141,7 @@ class Broker:
             try:
                 await self.publish(exchange, routing_key, body)
                 return
-            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
                 if loop.time() + delay > deadline:
                     raise BrokerError(f"could not publish to {exchange} for {patience:g} s: {exc!r}") from exc
                 log.warning("publish to %s failed (%r); retrying in %.1f s", exchange, exc, delay)
