@@ -129,7 +129,8 @@ def _lineage_lines(view: dict[str, Any]) -> list[str]:
             how = f"retry {r['retry_number']} of {r['parent_run_id']}"
         else:
             how = f"re-execution of {r['parent_run_id']}"
-        reused = f", {r['reused_steps']} steps reused" if r["reused_steps"] else ""
+        n = r["reused_steps"]
+        reused = f", {n} step{'s' if n != 1 else ''} reused" if n else ""
         mark = "  <- this run" if r["run_id"] == view["run_id"] else ""
         lines.append(f"  {r['run_id']}  {r['status']:<9} {how}{reused}{mark}")
     return lines
@@ -155,7 +156,7 @@ async def show(args: argparse.Namespace, cfg: Config) -> int:
           f"{'  (' + view['reason'] + ')' if view['reason'] else ''}\nattempt  {view['attempt']} "
           f"(resumes {view['resumes']})")
     print(f"lineage  root {view['root_run_id']}  parent {view['parent_run_id'] or '-'}  "
-          f"retry {view['retry_number']}  retried as {', '.join(view['children']) or '-'}")
+          f"retry {view['retry_number']}  re-run as {', '.join(view['children']) or '-'}")
     if len(view["lineage"]) > 1:
         print("\n".join(_lineage_lines(view)))
     if view["reused_steps"]:

@@ -1,0 +1,218 @@
+"""Issue 5: the run queue. The dequeue statement itself against real PostgreSQL (no services), then
+two launcher replicas sharing the limits, priority order end to end, and `runherd runs --status QUEUED`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from typing import Any
+
+import orjson
+import yaml
+
+from services.launcher import commands
+from shared.config import Config, TagConcurrencyLimit
+from shared.contract import Launch, Step
+from tests.harness import PYTHON, ROOT, Env, eventually
+
+IN_FLIGHT = "('STARTING', 'STARTED', 'CANCELING')"
+
+
+async def queue(env: Env, tags: dict[str, Any] | None = None, *, delay: float = 0,
+                steps: tuple[Step, ...] = (Step(key="a", command=["true"]),)) -> str:
+    """Insert a QUEUED run straight into the store, as the launcher does for a launch message."""
+    launch = Launch(run_id=str(uuid.uuid4()), job="queue-test", steps=steps, tags=tags or {})
+    assert await commands.insert_launch(env.store, launch, delay_seconds=delay)
+    return launch.run_id
+
+
+async def cli(*args: str) -> tuple[int, str, str]:
+    """`runherd ARGS...` as a subprocess: exit code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(PYTHON, "-m", "shared.cli", *args, cwd=ROOT,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def limits_of(cfg: Config) -> list[dict[str, Any]]:
+    """The limits as services/launcher/launching.py hands them to Store.dequeue."""
+    return [{"key": lim.key, "value": lim.value, "per_unique_value": lim.per_unique_value, "limit": lim.limit}
+            for lim in cfg.run_coordinator.tag_concurrency_limits]
+
+
+def limit(key: str, cap: int, value: str | None = None, per_unique: bool = False) -> dict[str, Any]:
+    return {"key": key, "value": value, "per_unique_value": per_unique, "limit": cap}
+
+
+async def finish(env: Env, *run_ids: str) -> None:
+    await env.store.fetch("UPDATE runs SET status = 'SUCCESS' WHERE run_id = ANY($1::uuid[])",
+                          [uuid.UUID(r) for r in run_ids])
+
+
+async def test_tag_limits_by_key_by_key_and_value_and_per_unique_value(env: Env) -> None:
+    limits = [limit("team", 2, "data"), limit("pool", 1), limit("database", 1, per_unique=True)]
+    data = [await queue(env, {"team": "data"}) for _ in range(3)]
+    ml = [await queue(env, {"team": "ml"}) for _ in range(2)]  # no limit on team=ml
+    pool = [await queue(env, {"pool": v}) for v in ("x", "y")]  # one limit across every value
+    db_a = [await queue(env, {"database": "a"}) for _ in range(2)]
+    db_b = [await queue(env, {"database": "b"}) for _ in range(2)]
+    moved = set(await env.store.dequeue(-1, limits))
+    assert moved == {data[0], data[1], *ml, pool[0], db_a[0], db_b[0]}
+    assert await env.store.dequeue(-1, limits) == []  # every remaining run is held by its limit
+    await finish(env, data[0], pool[0], db_a[0])
+    assert set(await env.store.dequeue(-1, limits)) == {data[2], pool[1], db_a[1]}
+    assert await env.store.dequeue(-1, limits) == []
+    assert await env.store.dequeue(-1, limits) == []
+    await finish(env, db_b[0])
+    assert await env.store.dequeue(-1, limits) == [db_b[1]]
+
+
+async def test_global_limit_and_a_run_held_by_two_limits(env: Env) -> None:
+    limits = [limit("team", 1, "data"), limit("database", 1, per_unique=True)]
+    both = await queue(env, {"team": "data", "database": "a"})
+    same_db = await queue(env, {"database": "a"})
+    same_team = await queue(env, {"team": "data", "database": "b"})
+    free = [await queue(env) for _ in range(3)]
+    moved = await env.store.dequeue(3, limits)
+    assert set(moved) == {both, free[0], free[1]}  # FIFO, both held runs skipped, global limit 3
+    assert await env.store.dequeue(3, limits) == []
+    await finish(env, free[0], free[1])
+    # `same_db` and `same_team` are still held (database=a and team=data are taken): the free run goes.
+    assert await env.store.dequeue(3, limits) == [free[2]]
+    await finish(env, both)
+    assert set(await env.store.dequeue(3, limits)) == {same_db, same_team}
+    in_flight = await env.store.fetch(f"SELECT count(*) AS n FROM runs WHERE status IN {IN_FLIGHT}")
+    assert in_flight[0]["n"] == 3
+
+
+async def test_blocked_runs_never_hold_back_the_runs_behind_them_even_past_the_window(env: Env) -> None:
+    limits = [limit("team", 1, "data"), limit("banned", 0)]
+    first = await queue(env, {"team": "data"})
+    assert await env.store.dequeue(-1, limits) == [first]
+    blocked = [await queue(env, {"team": "data"}) for _ in range(6)]
+    banned = [await queue(env, {"banned": "yes"}, steps=(Step(key="b", command=["true"]),)) for _ in range(6)]
+    free = await queue(env)
+    # 12 blocked runs queue ahead of `free`; the candidate window is 5.
+    assert await env.store.dequeue(-1, limits, window=5) == [free]
+    assert await env.store.dequeue(-1, limits, window=5) == []
+    assert blocked and banned
+
+
+async def test_priority_then_fifo_and_both_tag_spellings(env: Env) -> None:
+    names = {}
+    for name, tags in [("low", {"runherd/priority": -1}), ("plain1", {}), ("dagster5", {"dagster/priority": "5"}),
+                       ("plain2", {}), ("top", {"runherd/priority": 10}), ("runherd5", {"runherd/priority": 5})]:
+        names[await queue(env, tags)] = name
+    order = []
+    for _ in names:
+        [moved] = await env.store.dequeue(1, [])
+        order.append(names[moved])
+        await finish(env, moved)
+    assert order == ["top", "dagster5", "runherd5", "plain1", "plain2", "low"]
+
+
+async def test_backoff_delays_the_dequeue(env: Env) -> None:
+    began = time.monotonic()
+    delayed = await queue(env, delay=1.0)
+    now = await queue(env)
+    assert await env.store.dequeue(-1, []) == [now]
+
+    async def dequeued() -> list[str]:
+        return await env.store.dequeue(-1, [])
+    assert await eventually(dequeued, timeout=5, what="the delayed run") == [delayed]
+    assert time.monotonic() - began >= 1.0
+
+
+async def test_a_queued_run_held_by_a_limit_can_be_canceled(env: Env) -> None:
+    limits = [limit("team", 1, "data")]
+    running = await queue(env, {"team": "data"})
+    held = await queue(env, {"team": "data"})
+    assert await env.store.dequeue(-1, limits) == [running]
+    await commands.cancel(env.store, held)
+    assert await env.status(held) == "CANCELED"
+    await finish(env, running)
+    assert await env.store.dequeue(-1, limits) == []
+
+
+async def test_two_launcher_replicas_never_exceed_a_tag_limit_of_2_and_a_global_limit_of_3(env: Env) -> None:
+    env.configure(run_coordinator={"max_concurrent_runs": 3,
+                                   "tag_concurrency_limits": [{"key": "team", "value": "data", "limit": 2}]},
+                  run_monitoring={"heartbeat_interval_seconds": 0.5})
+    await env.start({"launcher": 2, "heartbeat": 1, "monitor": 1})
+    step = [{"key": "work", "command": ["sleep", "0.6"]}]
+    run_ids = [await env.submit(step, tags={"team": "data"} if i % 3 else {"team": "ml"}) for i in range(10)]
+    samples: list[tuple[int, int]] = []
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        while not done.is_set():
+            [row] = await env.store.fetch(
+                f"SELECT count(*) AS total, count(*) FILTER (WHERE tags->>'team' = 'data') AS data "
+                f"FROM runs WHERE status IN {IN_FLIGHT}")
+            samples.append((row["total"], row["data"]))
+            await asyncio.sleep(0.01)
+
+    sampler = asyncio.ensure_future(sample())
+    try:
+        for run_id in run_ids:
+            await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=60)
+    finally:
+        done.set()
+        await sampler
+    statuses = [await env.status(r) for r in run_ids]
+    assert statuses == ["SUCCESS"] * 10
+    assert max(t for t, _ in samples) == 3 and max(d for _, d in samples) == 2, samples  # reached, never more
+    print(f"samples={len(samples)} max_total={max(t for t, _ in samples)} max_data={max(d for _, d in samples)}")
+
+
+async def test_priority_order_end_to_end(env: Env) -> None:
+    env.configure(run_coordinator={"max_concurrent_runs": 1})
+    ids = {}
+    for name, prio in [("p0", 0), ("p3", 3), ("p0b", 0), ("p9", 9), ("pm1", -1)]:
+        ids[await queue(env, {"runherd/priority": prio})] = name
+    await env.start()
+    for run_id in ids:
+        await env.wait_status(run_id, "SUCCESS", timeout=30)
+    rows = await env.store.fetch("SELECT run_id FROM events WHERE type = 'RUN_STATUS' AND data->>'to' = 'STARTING' "
+                                 "ORDER BY id")
+    assert [ids[str(r["run_id"])] for r in rows] == ["p9", "p3", "p0", "p0b", "pm1"]
+
+
+def test_limits_of_matches_config_shape() -> None:
+    from shared.config import from_mapping
+    cfg = from_mapping({"run_coordinator": {"tag_concurrency_limits": [
+        {"key": "database", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}]}})
+    assert cfg.run_coordinator.tag_concurrency_limits == (TagConcurrencyLimit("database", 1, None, True),)
+    assert limits_of(cfg) == [limit("database", 1, per_unique=True)]
+
+
+async def test_runs_status_queued_says_why_each_waits(env: Env) -> None:
+    cfg = {"database_url": env.db_url, "amqp_url": env.amqp_url,
+           "run_coordinator": {"max_concurrent_runs": 3, "tag_concurrency_limits": [
+               {"key": "team", "value": "data", "limit": 1},
+               {"key": "database", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}]}}
+    path = env.tmp / "runherd.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    from shared.config import load
+    limits = limits_of(load(path, environ={}))
+    running = [await queue(env, {"team": "data"}), await queue(env, {"database": "a"})]
+    assert set(await env.store.dequeue(3, limits)) == set(running)
+    team = await queue(env, {"team": "data"})
+    db = await queue(env, {"database": "a"})
+    nxt = await queue(env, {"database": "b"})
+    after = await queue(env)
+    backoff = await queue(env, delay=600)
+    code, out, err = await cli("--config", str(path), "runs", "--status", "QUEUED", "--json")
+    assert code == 0, err
+    why = {r["run_id"]: r["waiting_for"] for r in orjson.loads(out)}
+    assert why[team] == "tag limit team=data: 1/1 in flight"
+    assert why[db] == "tag limit database=a: 1/1 in flight"
+    assert why[nxt] == "next in line: fits every limit"
+    assert why[after] == "max_concurrent_runs: 3/3 in flight"  # `nxt` takes the last slot
+    assert why[backoff].startswith("retry backoff: not before")
+    code, table, _ = await cli("--config", str(path), "runs", "--status", "QUEUED")
+    assert code == 0 and "WAITING FOR" in table and "tag limit team=data: 1/1 in flight" in table
