@@ -198,6 +198,16 @@ class Broker:
                 await channel.close()
 
     async def ack(self, deliveries: list[Delivery]) -> None:
+        """Ack a batch with one frame when it can: deliveries of one consumer channel, settled in
+        order, so everything up to the newest tag is this batch (dead-lettered and requeued ones
+        were settled before, one by one)."""
+        if not deliveries:
+            return
+        channels = {id(d.message.channel) for d in deliveries}
+        if len(channels) == 1 and len(deliveries) > 1:
+            newest = max(deliveries, key=lambda d: d.message.delivery_tag or 0)
+            await newest.message.ack(multiple=True)
+            return
         for delivery in deliveries:
             await delivery.message.ack()
 

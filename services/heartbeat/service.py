@@ -60,13 +60,13 @@ class HeartbeatService:
             bad.extend(failed)
             failed_ids = {id(f[0]) for f in failed}
             good = [d for d in good if id(d) not in failed_ids]
-        await self.broker.ack(good)
-        now = datetime.now(UTC)
-        for _, _, ts in beats:
-            metrics.HEARTBEAT_LAG.observe(max(0.0, (now - ts).total_seconds()))
         for delivery, reason in bad:
             metrics.DEAD_LETTERS.labels(topology.HEARTBEATS_QUEUE).inc()
             await self.broker.dead_letter(delivery, reason)
+        await self.broker.ack(good)
+        if beats:  # once a batch, for the oldest heartbeat in it: the lag that matters
+            oldest = min(ts for _, _, ts in beats)
+            metrics.HEARTBEAT_LAG.observe(max(0.0, (datetime.now(UTC) - oldest).total_seconds()))
         return touched
 
     async def _one_by_one(self, beats: list[tuple[str, int, datetime]],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from services.worker.plan import PLAN_ENV, Plan
@@ -31,16 +32,20 @@ def worker_run(claim: LaunchClaim, config: Config) -> WorkerRun:
                      max_runtime_seconds=int(max_runtime) if max_runtime > 0 else None)
 
 
-async def launch_with_retries(launcher: RunLauncher, run: WorkerRun, backoff: float = 0.5) -> Handle:
+async def launch_with_retries(launcher: RunLauncher, run: WorkerRun, backoff: float = 0.5,
+                              on_retry: Callable[[int, float, LaunchError], Awaitable[None]] | None = None) -> Handle:
     for attempt in range(1, LAUNCH_ATTEMPTS + 1):
         try:
             return await launcher.launch(run)
         except LaunchError as exc:
             if not exc.transient or attempt == LAUNCH_ATTEMPTS:
                 raise
+            delay = backoff * 2 ** (attempt - 1)
             log.warning("transient launch error run_id=%s attempt=%s try=%s: %s", run.run_id, run.attempt,
                         attempt, exc)
-            await asyncio.sleep(backoff * 2 ** (attempt - 1))
+            if on_retry is not None:
+                await on_retry(attempt, delay, exc)
+            await asyncio.sleep(delay)
     raise AssertionError("unreachable")
 
 
@@ -77,8 +82,13 @@ class Launching:
                                                                                 RunStatus.STARTED):
                 await self._never_launched(claim)
                 return
+            async def note_retry(try_: int, delay: float, exc: LaunchError) -> None:
+                # While a launch is retried the run is STARTING: its event log says why.
+                async with self.store.tx() as tx:
+                    await tx.log([(claim.run_id, claim.attempt, f"launch try {try_} of {LAUNCH_ATTEMPTS} failed: "
+                                   f"{exc}; retrying in {delay:g} s")], type_="LAUNCH_RETRY", source="launcher")
             try:
-                handle = await launch_with_retries(self.launcher, worker_run(claim, self.config))
+                handle = await launch_with_retries(self.launcher, worker_run(claim, self.config), on_retry=note_retry)
             except Exception as exc:
                 await self._failed(claim, exc)
                 return

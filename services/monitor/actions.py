@@ -17,6 +17,27 @@ class Actions:
         self.store = store
         self.launcher = launcher
         self._slots = asyncio.Semaphore(concurrency)
+        self._background: set[asyncio.Task[None]] = set()
+
+    def terminate_soon(self, refs: list[RunRef], why: str, *, grace: float | None = None) -> None:
+        """Terminate in the background: a worker that ignores SIGTERM holds its grace period, and
+        that must not hold up the sweeps or the event ingest. If this process dies first, the reap
+        rule finds the worker again (its run is finished or its attempt superseded)."""
+        if not [r for r in refs if r.handle]:
+            return
+        task = asyncio.ensure_future(self.terminate(refs, why, grace=grace))
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background terminate failed: %r", task.exception())
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     async def terminate(self, refs: list[RunRef], why: str, *, grace: float | None = None) -> None:
         """Terminate each worker (bounded concurrency) and log it in its run's event log."""

@@ -40,6 +40,11 @@ class MonitorService:
             supervisor.spawn("monitor.sweep", self._sweep_loop(stop))
         if relay:
             supervisor.spawn("monitor.outbox", outbox.relay(self.store, self.broker, stop))
+        supervisor.spawn("monitor.actions", self._close_on_stop(stop))
+
+    async def _close_on_stop(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        await self.actions.close()
 
     async def _sweep_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -104,5 +109,5 @@ class MonitorService:
             async with self.store.tx() as tx:
                 refs = await tx.handles([run_id for run_id, _ in effects.fence])
             wanted = set(effects.fence)
-            await self.actions.terminate([r for r in refs if (r.run_id, r.attempt) in wanted],
-                                         "fenced: its events are refused")
+            self.actions.terminate_soon([r for r in refs if (r.run_id, r.attempt) in wanted],
+                                        "fenced: its events are refused")

@@ -59,7 +59,7 @@ class Sweeper:
                                         from_=[RunStatus.STARTING], failure_kind="infrastructure", source="monitor")
             handles = await tx.handles([m.run_id for m in moved])
         metrics.MONITOR_ACTIONS.labels("start_timeout").inc(len(moved))
-        await self.actions.terminate(handles, "start timeout")
+        self.actions.terminate_soon(handles, "start timeout")
         return len(moved)
 
     async def cancel_timeout(self) -> int:
@@ -92,7 +92,7 @@ class Sweeper:
                                              source="monitor")
             handles = await tx.handles([m.run_id for m in moved])
         metrics.MONITOR_ACTIONS.labels("max_runtime").inc(len(moved))
-        await self.actions.terminate(handles, "exceeded max runtime")
+        self.actions.terminate_soon(handles, "exceeded max runtime")
         return len(moved)
 
     async def heartbeat_timeout(self) -> int:
@@ -100,7 +100,9 @@ class Sweeper:
         The deadline alone makes it a crash (an UNKNOWN health never does)."""
         limit = self.mon.heartbeat_timeout_seconds
         async with self.store.tx() as tx:
-            rows = await tx.violators("silent_workers", float(limit), BATCH)
+            # An attempt that has not heartbeated yet is still booting: it gets the start timeout.
+            start_grace = max(float(limit), float(self.mon.start_timeout_seconds))
+            rows = await tx.violators("silent_workers", float(limit), BATCH, start_grace)
             if not rows:
                 return 0
             handles = {h.run_id: h for h in await tx.handles([str(r["run_id"]) for r in rows])}
@@ -116,7 +118,7 @@ class Sweeper:
                 "SELECT run_id, resumes FROM runs WHERE run_id = ANY($1::uuid[])", [r["run_id"] for r in rows])}
             await crash(tx, crashed, resumes, self.mon.max_resume_run_attempts)
         # The superseded (or failed) attempts' workers are stopped at once; reap is the safety net.
-        await self.actions.terminate(list(handles.values()), "no heartbeat (hung or dead)")
+        self.actions.terminate_soon(list(handles.values()), "no heartbeat (hung or dead)")
         return len(crashed)
 
     async def _health(self, ref: RunRef | None) -> str:
@@ -140,6 +142,5 @@ class Sweeper:
         """Workers that must not run any more (superseded attempts, finished runs) are stopped."""
         lease = max(2 * self.mon.poll_interval_seconds, 5.0)
         refs = await self.store.claim_reaps(self.mon.heartbeat_timeout_seconds, lease, BATCH)
-        if refs:
-            await self.actions.terminate(refs, "its attempt is superseded or its run finished")
+        self.actions.terminate_soon(refs, "its attempt is superseded or its run finished")
         return len(refs)

@@ -339,6 +339,8 @@ def launch_error(exc: BaseException, what: str) -> LaunchError:
         transient = status in (CONNECT_ERROR_STATUS, 409) or (
             status >= 500 and not any(m in message.lower() for m in _PERMANENT_5XX)
         )
+        if status == CONNECT_ERROR_STATUS:  # not an HTTP answer: nothing answered at all
+            return LaunchError(f"{what}: docker engine unreachable: {message}", transient=True)
         return LaunchError(f"{what}: docker engine answered {status}: {message}", transient=transient)
     return LaunchError(f"{what}: docker engine unreachable: {exc!r}", transient=True)
 
@@ -548,6 +550,10 @@ class DockerLauncher(RunLauncher):
         container = self._client().containers.container(self._ref(handle))
         ids = f"run_id={handle.get('run_id')} attempt={handle.get('attempt')}"
         try:
+            state = (await container.show())["State"]
+            if not state.get("Running") and state.get("Status") not in ("created", "restarting", "paused"):
+                log.info("docker terminate: container already exited %s", ids)
+                return False
             if grace > 0:
                 # The engine sends the stop signal, waits `t` seconds, then SIGKILLs by itself;
                 # the HTTP call returns when the container is down.

@@ -505,7 +505,7 @@ class KubernetesLauncher(RunLauncher):
                 return
             except ApiException as exc:
                 if exc.status == 409:
-                    await self._check_existing(ns, name, run)
+                    await self._check_existing(ns, name, run, exc)
                     return
                 error = LaunchError(
                     f"Kubernetes refused Job {ns}/{name} (HTTP {exc.status}): {_api_message(exc)}",
@@ -520,17 +520,18 @@ class KubernetesLauncher(RunLauncher):
             log.warning("run %s attempt %s: %s; retrying in %.2fs", run.run_id, run.attempt, error, delay, extra=extra)
             await asyncio.sleep(delay)
 
-    async def _check_existing(self, ns: str, name: str, run: WorkerRun) -> None:
+    async def _check_existing(self, ns: str, name: str, run: WorkerRun, conflict: ApiException) -> None:
         """409: an earlier try of this attempt created the Job (the reply was lost); if so, fine."""
+        said = f"Kubernetes refused Job {ns}/{name} (HTTP 409): {_api_message(conflict)}"
         try:
             job = await self._call("read_namespaced_job", name, ns)
         except (ApiException, *TRANSPORT_ERRORS) as exc:
-            raise LaunchError(f"Job {ns}/{name} exists but cannot be read: {exc}", transient=True) from exc
+            raise LaunchError(f"{said}; and the Job cannot be read: {_describe(exc)}", transient=True) from exc
         meta = job.get("metadata") or {}
         owner = (meta.get("annotations") or {}).get(ANNOTATION_RUN_ID)
         attempt = (meta.get("labels") or {}).get(LABEL_ATTEMPT)
         if owner != run.run_id or attempt != str(run.attempt):
-            raise LaunchError(f"Job {ns}/{name} already exists for run {owner} attempt {attempt}, not this one")
+            raise LaunchError(f"{said}; the Job belongs to run {owner} attempt {attempt}, not to this one")
         log.info(
             "run %s attempt %s: Job %s/%s already exists, treating it as launched",
             run.run_id,

@@ -114,6 +114,8 @@ class ProcessLauncher(RunLauncher):
 
     async def _reap_child(self, proc: asyncio.subprocess.Process, handle: Handle) -> None:
         code = await proc.wait()
+        if code != 0:
+            kill_leftovers(handle["run_id"], handle["attempt"])
         await self._exits.put(_exit_of(handle, code))
 
     # --- identity ----------------------------------------------------------------------------
@@ -190,6 +192,7 @@ class ProcessLauncher(RunLauncher):
     async def _poll_adopted(self, handle: Handle) -> None:
         while self._alive(handle):
             await asyncio.sleep(0.5)
+        kill_leftovers(handle["run_id"], handle["attempt"])
         await self._exits.put(WorkerExit(run_id=handle["run_id"], attempt=handle["attempt"], exit_code=None,
                                          reason="exited", message="worker exited while the launcher "
                                          "was not its parent; exit code unknown"))
@@ -200,6 +203,28 @@ class ProcessLauncher(RunLauncher):
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
+
+
+def kill_leftovers(run_id: str, attempt: int) -> list[int]:
+    """SIGKILL what a dead worker's steps left behind (their children outlive the step's own
+    PR_SET_PDEATHSIG). Steps carry RUNHERD_RUN_ID and RUNHERD_ATTEMPT, and so do their children."""
+    wanted = {f"RUNHERD_RUN_ID={run_id}".encode(), f"RUNHERD_ATTEMPT={attempt}".encode()}
+    killed = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = set(f.read().split(b"\0"))
+        except OSError:
+            continue
+        if wanted <= environ:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+    if killed:
+        log.info("killed %d leftover step processes run_id=%s attempt=%s", len(killed), run_id, attempt)
+    return killed
 
 
 def _killpg(pid: int, sig: int) -> None:

@@ -261,8 +261,8 @@ LIMIT $2
 FOR UPDATE SKIP LOCKED;
 
 -- name: silent_workers
--- STARTED runs whose current attempt has not heartbeated for $1 seconds. A worker that never
--- sent one is measured from its launch (NULL is stale, not fresh).
+-- STARTED runs whose current attempt has not heartbeated for $1 seconds. An attempt that never
+-- sent one is measured from its launch (NULL is stale, not fresh) against $3, the start grace.
 SELECT r.run_id, r.attempt,
        extract(epoch FROM clock_timestamp() - coalesce(a.last_heartbeat_at, a.launched_at, a.created_at))::float8
            AS silent_seconds,
@@ -270,8 +270,9 @@ SELECT r.run_id, r.attempt,
 FROM runs r
 JOIN attempts a ON a.run_id = r.run_id AND a.attempt = r.attempt
 WHERE r.status = 'STARTED'
-  AND coalesce(a.last_heartbeat_at, a.launched_at, a.created_at)
-      < clock_timestamp() - make_interval(secs => $1)
+  AND (a.last_heartbeat_at < clock_timestamp() - make_interval(secs => $1)
+       OR (a.last_heartbeat_at IS NULL
+           AND coalesce(a.launched_at, a.created_at) < clock_timestamp() - make_interval(secs => $3)))
 ORDER BY r.run_id
 LIMIT $2
 FOR UPDATE OF r SKIP LOCKED;

@@ -58,7 +58,8 @@ async def test_user_cancel_is_never_mistaken_for_a_crash(env: Env) -> None:
 
 async def test_worker_that_never_heartbeats_is_still_detected(env: Env) -> None:
     """Airflow's bug: a NULL last heartbeat compared as 'not stale'."""
-    env.configure(run_monitoring={"max_resume_run_attempts": 0, "heartbeat_timeout_seconds": 2},
+    env.configure(run_monitoring={"max_resume_run_attempts": 0, "heartbeat_timeout_seconds": 2,
+                                  "start_timeout_seconds": 2},
                   run_launcher=process_launcher(env, SILENT))
     await env.start()
     run_id = await env.submit([{"key": "a", "command": ["true"]}])

@@ -49,6 +49,21 @@ async def test_sigkill_worker_during_step_2_resumes_without_rerunning_step_1(env
     assert len(resumed) == 1 and "resume attempt 1 of 3" in resumed[0]["message"]
     steps = {s["step_key"]: s for s in run["steps_status"]}
     assert steps["one"]["attempt"] == 1 and steps["two"]["attempt"] == 2
+    # The killed attempt's step (sh) and its child (sleep) are gone: nothing of attempt 1 runs on.
+    assert not _processes_of(run_id, 1)
+
+
+def _processes_of(run_id: str, attempt: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if f"RUNHERD_RUN_ID={run_id}".encode() in environ and f"RUNHERD_ATTEMPT={attempt}".encode() in environ:
+            found.append(int(entry))
+    return found
 
 
 async def test_sigkill_every_attempt_fails_after_max_resumes(env: Env) -> None:

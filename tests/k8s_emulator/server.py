@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,7 @@ class RecordedRequest:
     path: str
     query: dict[str, str]
     status: int = 0
+    at: float = field(default_factory=time.monotonic)  # when it arrived, to check retry backoff
 
 
 @dataclass

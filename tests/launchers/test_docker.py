@@ -148,8 +148,8 @@ async def test_running_then_terminate_at_once(launch_env: LauncherFactory) -> No
     assert (worker_exit.exit_code, worker_exit.signal, worker_exit.reason) == (137, 9, "SIGKILL")
     health = await launcher.check_health(handle)
     assert (health.status, health.exit_code, health.reason) == (HealthStatus.FAILED, 137, "SIGKILL")
-    # Terminating an exited container still finds it; a removed one is not found.
-    assert await launcher.terminate(handle, grace_seconds=0) is True
+    # An exited container has no worker left to stop, and neither has a removed one.
+    assert await launcher.terminate(handle, grace_seconds=0) is False
     await launcher._client().containers.container(handle["container_id"]).delete(force=True)
     assert await launcher.terminate(handle, grace_seconds=0) is False
     assert (await launcher.check_health(handle)).status == HealthStatus.NOT_FOUND

@@ -384,9 +384,10 @@ async def test_409_from_another_run_is_refused(k8s_launcher: KubernetesLauncher,
         job_name(run.run_id, 1),
         lambda job: job["metadata"]["annotations"].update({"runherd/run_id": "someone-else"}),
     )
-    with pytest.raises(LaunchError, match="already exists for run someone-else") as caught:
+    with pytest.raises(LaunchError, match="belongs to run someone-else attempt 1") as caught:
         await k8s_launcher.launch(run)
     assert caught.value.transient is False
+    assert "(HTTP 409): " in str(caught.value) and "already exists" in str(caught.value)  # the API's words
 
 
 async def test_403_is_a_launch_error_with_the_api_message(
