@@ -177,10 +177,15 @@ def kill_tagged(env: BenchEnv) -> int:
     return len(pids)
 
 
-async def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll an async predicate until truthy; RuntimeError after ``timeout`` seconds."""
+async def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05,
+                   running: Any = None) -> Any:
+    """Poll an async predicate until truthy; RuntimeError after ``timeout`` seconds, or at once if the
+    in-process services (``running``, a shared.app.Running) have stopped because a task crashed."""
     deadline = time.monotonic() + timeout
     while True:
+        if running is not None and running.supervisor.stop.is_set():
+            raise RuntimeError(f"runherd's in-process services stopped while waiting for {what}: "
+                               f"{running.supervisor.failure!r}")
         value = await predicate()
         if value:
             return value
@@ -193,3 +198,35 @@ def quiet_logs(level: str = "WARNING") -> None:
     logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for name in ("aio_pika", "aiormq", "asyncio"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+async def numeric_bug_present(db_url: str) -> bool:
+    """True if queries.sql `silent_workers` returns silent_seconds as PostgreSQL numeric (a Python
+    Decimal), which services/monitor/sweeper.py then subtracts a float from (TypeError)."""
+    from shared.store.queries import q
+
+    conn = await asyncpg.connect(db_url)
+    try:
+        stmt = await conn.prepare(q("silent_workers"))
+        types = {a.name: a.type.name for a in stmt.get_attributes()}
+    finally:
+        await conn.close()
+    return types.get("silent_seconds") == "numeric"
+
+
+def patch_numeric_codec() -> None:
+    """Bench-side workaround for that bug, in this process only: the store's pools decode numeric as
+    float, so the monitor's sweep does not crash (and stop every service) the first time a worker goes
+    silent, and hang detection can be measured. runherd's schema has no numeric column."""
+    from shared.store import store as store_module
+
+    original = store_module._init
+    if getattr(original, "_bench_patched", False):
+        return
+
+    async def init(conn: asyncpg.Connection) -> None:
+        await original(conn)
+        await conn.set_type_codec("numeric", encoder=str, decoder=float, schema="pg_catalog", format="text")
+
+    init._bench_patched = True  # type: ignore[attr-defined]
+    store_module._init = init

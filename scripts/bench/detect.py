@@ -37,6 +37,7 @@ import asyncio  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
+from collections import Counter  # noqa: E402
 from typing import Any  # noqa: E402
 
 import aio_pika  # noqa: E402
@@ -48,6 +49,8 @@ from scripts.bench._benchlib import (  # noqa: E402
     bench_env,
     machine,
     ms,
+    numeric_bug_present,
+    patch_numeric_codec,
     pct,
     proc_state,
     quiet_logs,
@@ -87,7 +90,8 @@ async def submit(broker: Broker, env: BenchEnv, k: int, job: str) -> list[str]:
     return ids
 
 
-async def started_workers(store: Store, ids: list[str], need_heartbeat: bool, timeout: float) -> dict[str, int]:
+async def started_workers(store: Store, ids: list[str], need_heartbeat: bool, timeout: float,
+                          running: Any = None) -> dict[str, int]:
     """run_id -> pid once every run is STARTED on attempt 1 with a worker handle (and a heartbeat)."""
     uids = [uuid.UUID(i) for i in ids]
 
@@ -100,10 +104,11 @@ async def started_workers(store: Store, ids: list[str], need_heartbeat: bool, ti
         ok = {str(r["run_id"]): r["pid"] for r in rows if r["last_heartbeat_at"] or not need_heartbeat}
         return ok if len(ok) == len(ids) else None
 
-    return await wait_for(check, timeout, f"{len(ids)} runs STARTED with a worker", interval=0.2)
+    return await wait_for(check, timeout, f"{len(ids)} runs STARTED with a worker", interval=0.2, running=running)
 
 
-async def second_attempts(store: Store, ids: list[str], timeout: float) -> list[dict[str, Any]]:
+async def second_attempts(store: Store, ids: list[str], timeout: float,
+                          running: Any = None) -> list[dict[str, Any]]:
     uids = [uuid.UUID(i) for i in ids]
 
     async def check() -> list[dict[str, Any]] | None:
@@ -115,10 +120,11 @@ async def second_attempts(store: Store, ids: list[str], timeout: float) -> list[
             "WHERE a2.run_id = ANY($1::uuid[]) AND a2.attempt = 2 AND a2.launched_at IS NOT NULL", uids)
         return rows if len(rows) == len(ids) else None
 
-    return await wait_for(check, timeout, f"attempt 2 of {len(ids)} runs launched", interval=0.2)
+    return await wait_for(check, timeout, f"attempt 2 of {len(ids)} runs launched", interval=0.2,
+                          running=running)
 
 
-async def settle(store: Store, ids: list[str], timeout: float) -> int:
+async def settle(store: Store, ids: list[str], timeout: float, running: Any = None) -> int:
     """Waits for the resumed runs to finish; returns how many succeeded."""
     uids = [uuid.UUID(i) for i in ids]
 
@@ -127,12 +133,12 @@ async def settle(store: Store, ids: list[str], timeout: float) -> int:
                                  "AND status IN ('SUCCESS', 'FAILURE', 'CANCELED')", uids)
         return rows if len(rows) == len(ids) else None
 
-    rows = await wait_for(check, timeout, "resumed runs to finish", interval=0.25)
+    rows = await wait_for(check, timeout, "resumed runs to finish", interval=0.25, running=running)
     return sum(1 for r in rows if r["status"] == "SUCCESS")
 
 
-def orphans(env: BenchEnv, attempt: int) -> list[int]:
-    """Live processes of attempt ``attempt`` (workers or their steps) left behind."""
+def orphans(env: BenchEnv, attempt: int) -> list[str]:
+    """Live processes of attempt ``attempt`` (workers or their steps) left behind, as "comm(ppid)"."""
     out = []
     for pid in tagged_pids(env.tag):
         try:
@@ -141,36 +147,43 @@ def orphans(env: BenchEnv, attempt: int) -> list[int]:
         except OSError:
             continue
         if f"RUNHERD_ATTEMPT={attempt}".encode() in vars_ and proc_state(pid) not in (None, "Z"):
-            out.append(pid)
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    stat = f.read()
+                comm, ppid = stat[stat.index("(") + 1:stat.rindex(")")], stat.rsplit(")", 1)[1].split()[1]
+            except (OSError, ValueError, IndexError):
+                continue
+            out.append(f"{comm}(ppid {ppid})")
     return out
 
 
-async def crash_phase(env: BenchEnv, store: Store, broker: Broker, k: int) -> dict[str, Any]:
+async def crash_phase(env: BenchEnv, running: Any, store: Store, broker: Broker, k: int) -> dict[str, Any]:
     ids = await submit(broker, env, k, "bench-crash")
-    pids = await started_workers(store, ids, need_heartbeat=False, timeout=120)
-    await asyncio.sleep(1.0)  # let the boot storm of K Python workers calm down
+    pids = await started_workers(store, ids, need_heartbeat=False, timeout=120, running=running)
+    await asyncio.sleep(0.5)  # let the boot storm of K Python workers calm down
     killed: dict[str, float] = {}
     for run_id in ids:
         env.pids.add(pids[run_id])
         t = time.time()
         os.kill(pids[run_id], signal.SIGKILL)
         killed[run_id] = t
-    rows = await second_attempts(store, ids, timeout=120)
+    rows = await second_attempts(store, ids, timeout=120, running=running)
     res = {
         "exit_reported": [r["exit_reported"].timestamp() - killed[str(r["run_id"])] for r in rows
                           if r["exit_reported"] is not None],
         "decision": [r["created_at"].timestamp() - killed[str(r["run_id"])] for r in rows],
         "launched": [r["launched_at"].timestamp() - killed[str(r["run_id"])] for r in rows],
     }
-    res["succeeded"] = await settle(store, ids, timeout=120)
+    res["succeeded"] = await settle(store, ids, timeout=120, running=running)
     await asyncio.sleep(1.0)
     res["orphans"] = orphans(env, 1)
     return res
 
 
-async def hang_phase(env: BenchEnv, store: Store, broker: Broker, k: int, spread: float) -> dict[str, Any]:
+async def hang_phase(env: BenchEnv, running: Any, store: Store, broker: Broker, k: int,
+                     spread: float) -> dict[str, Any]:
     ids = await submit(broker, env, k, f"bench-hang-{'spread' if spread else 'burst'}")
-    pids = await started_workers(store, ids, need_heartbeat=True, timeout=120)
+    pids = await started_workers(store, ids, need_heartbeat=True, timeout=120, running=running)
     await asyncio.sleep(1.0)
     stopped: dict[str, float] = {}
     began = time.monotonic()
@@ -180,7 +193,7 @@ async def hang_phase(env: BenchEnv, store: Store, broker: Broker, k: int, spread
         env.pids.add(pids[run_id])
         stopped[run_id] = time.time()
         os.kill(pids[run_id], signal.SIGSTOP)
-    rows = await second_attempts(store, ids, timeout=120 + spread)
+    rows = await second_attempts(store, ids, timeout=120 + spread, running=running)
     deadline = {str(r["run_id"]): r["last_heartbeat_at"].timestamp() + HB_TIMEOUT for r in rows}
     res = {
         "decision": [r["created_at"].timestamp() - deadline[str(r["run_id"])] for r in rows],
@@ -188,7 +201,7 @@ async def hang_phase(env: BenchEnv, store: Store, broker: Broker, k: int, spread
         "stop_to_decision": [r["created_at"].timestamp() - stopped[str(r["run_id"])] for r in rows],
         "silent_before_stop": [stopped[str(r["run_id"])] - r["last_heartbeat_at"].timestamp() for r in rows],
     }
-    res["succeeded"] = await settle(store, ids, timeout=120)
+    res["succeeded"] = await settle(store, ids, timeout=120, running=running)
     return res
 
 
@@ -236,28 +249,37 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="10 runs a phase, under ~40 s")
     parser.add_argument("-k", type=int, default=None, help="runs per phase (default 50; --quick 10)")
-    parser.add_argument("--spread", type=float, default=5.0, help="seconds the hang-spread SIGSTOPs span")
+    parser.add_argument("--spread", type=float, default=None,
+                        help="seconds the hang-spread SIGSTOPs span (default 5; --quick 3)")
+    parser.add_argument("--no-workaround", action="store_true",
+                        help="do not work around the Decimal bug of the heartbeat sweep")
     parser.add_argument("--raw-samples", type=int, default=None, help="raw ceiling round trips (default 200)")
     args = parser.parse_args()
     k = args.k or (10 if args.quick else 50)
+    args.spread = args.spread if args.spread is not None else (3.0 if args.quick else 5.0)
     n_raw = args.raw_samples or (100 if args.quick else 200)
     quiet_logs()
     t_start = time.monotonic()
     print(f"# detect: K={k} runs a phase; {machine()}", flush=True)
     async with bench_env("detect") as env:
         cfg = make_config(env)
+        bug = await numeric_bug_present(env.db_url)
+        if bug and not args.no_workaround:
+            patch_numeric_codec()
+            print("WORKAROUND: silent_workers.silent_seconds is numeric (Decimal) and sweeper.py subtracts a "
+                  "float from it; decoding numeric as float in this process (see the report)", flush=True)
         store = await Store.connect(env.db_url)
         broker = await Broker.connect(env.amqp_url)
         running = await app.start(cfg, {"launcher": 1, "heartbeat": 1, "monitor": 1})
         try:
             t = time.monotonic()
-            crash = await crash_phase(env, store, broker, k)
+            crash = await crash_phase(env, running, store, broker, k)
             print(f"crash phase done in {time.monotonic() - t:.1f} s", flush=True)
             t = time.monotonic()
-            burst = await hang_phase(env, store, broker, k, spread=0.0)
+            burst = await hang_phase(env, running, store, broker, k, spread=0.0)
             print(f"hang-burst phase done in {time.monotonic() - t:.1f} s", flush=True)
             t = time.monotonic()
-            spread = await hang_phase(env, store, broker, k, spread=args.spread)
+            spread = await hang_phase(env, running, store, broker, k, spread=args.spread)
             print(f"hang-spread phase done in {time.monotonic() - t:.1f} s", flush=True)
         finally:
             await running.close()
@@ -294,10 +316,11 @@ async def main() -> int:
           f"deadline: {'MET' if ok_burst else 'MISSED'}; hang spread: {'MET' if ok_spread else 'MISSED'}")
     print(f"resumed runs that then succeeded: crash {crash['succeeded']}/{k}, hang-burst {burst['succeeded']}/{k}, "
           f"hang-spread {spread['succeeded']}/{k}")
-    print(f"hang: SIGSTOP → decision p50 {ms(pct(spread['stop_to_decision'], 50))} (includes the "
+    print(f"hang (burst): SIGSTOP → decision p50 {ms(pct(burst['stop_to_decision'], 50))} (includes the "
           f"{HB_TIMEOUT:g} s timeout); last heartbeat before the stop p50 {ms(pct(burst['silent_before_stop'], 50))}")
+    kinds = dict(Counter(crash["orphans"]))
     print(f"attempt-1 processes still alive 1 s after the crash runs finished (orphaned steps): "
-          f"{len(crash['orphans'])}")
+          f"{len(crash['orphans'])} {kinds}")
     print(f"peak RSS of the bench process (services in-process): {peak:.0f} MiB; total time {elapsed:.1f} s")
     return 0
 
