@@ -24,6 +24,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from shared.config import redact
 from shared.errors import RunherdError
 
 log = logging.getLogger("runherd.broker")
@@ -96,7 +97,7 @@ class Broker:
         try:
             connection = await aio_pika.connect_robust(url, timeout=timeout, reconnect_interval=RECONNECT_SECONDS)
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
-            raise BrokerError(f"cannot connect to RabbitMQ at {_safe(url)}: {exc!r}") from exc
+            raise BrokerError(f"cannot connect to RabbitMQ at {redact(url)}: {exc!r}") from exc
         channel = await connection.channel(publisher_confirms=True)
         broker = cls(connection, channel)
         if declare:
@@ -271,11 +272,3 @@ async def _gather(inbox: asyncio.Queue[AbstractIncomingMessage], max_size: int, 
         except TimeoutError:
             break
     return batch
-
-
-def _safe(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':')[0]}@{host}"
-    return url

@@ -81,6 +81,15 @@ class Config:
     log_level: str = "INFO"
 
 
+def redact(url: str) -> str:
+    """A connection URL without its password, for messages and logs."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':')[0]}@{host}"
+    return url
+
+
 def substitute(text: str, environ: Mapping[str, str]) -> str:
     """Replace ``${VAR}`` (and ``${VAR:-default}``) with the environment's values."""
 

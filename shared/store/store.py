@@ -6,7 +6,6 @@ in queries.sql. Driver errors are converted to RunherdError subclasses here.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -18,6 +17,7 @@ from uuid import UUID
 import asyncpg
 import orjson
 
+from shared.config import redact
 from shared.contract import ALLOWED_FROM, Launch, RunStatus
 from shared.errors import NotMigrated, RunherdError
 from shared.store.migrate import SCHEMA_VERSION, current_version
@@ -161,7 +161,7 @@ class Store:
         try:
             pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init)
         except (OSError, asyncpg.PostgresError) as exc:
-            raise StoreError(f"cannot connect to PostgreSQL at {_safe(url)}: {exc}") from exc
+            raise StoreError(f"cannot connect to PostgreSQL at {redact(url)}: {exc}") from exc
         assert pool is not None
         store = cls(pool, url)
         if check_schema:
@@ -169,7 +169,7 @@ class Store:
                 version = await current_version(conn)
             if version < SCHEMA_VERSION:
                 await pool.close()
-                raise NotMigrated(f"database {_safe(url)} is not migrated (schema {version}, "
+                raise NotMigrated(f"database {redact(url)} is not migrated (schema {version}, "
                                   f"need {SCHEMA_VERSION}): run `runherd migrate`")
         return store
 
@@ -330,25 +330,3 @@ class Store:
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         """For tests and the CLI's ad-hoc reads only; services use the domain methods."""
         return [dict(r) for r in await self.pool.fetch(sql, *args)]
-
-
-def _safe(url: str) -> str:
-    """The URL without its password, for messages."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':')[0]}@{host}"
-    return url
-
-
-async def wait_for_db(url: str, timeout: float = 30) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        try:
-            conn = await asyncpg.connect(url)
-            await conn.close()
-            return
-        except (OSError, asyncpg.PostgresError):
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.5)
