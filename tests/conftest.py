@@ -10,6 +10,7 @@ from shared.store import Store
 from tests import harness
 
 _VHOSTS: list[str] = []
+_FREE_VHOSTS: list[str] = []
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,8 +25,11 @@ async def _template() -> AsyncIterator[None]:
 async def env(tmp_path) -> AsyncIterator[harness.Env]:  # type: ignore[no-untyped-def]
     """A fresh database (from a migrated template) and a fresh RabbitMQ vhost for one test."""
     db = await harness.new_database()
-    vhost = await harness.new_vhost()
-    _VHOSTS.append(vhost)
+    if _FREE_VHOSTS:
+        vhost = _FREE_VHOSTS.pop()
+    else:
+        vhost = await harness.new_vhost()
+        _VHOSTS.append(vhost)
     db_url = f"{harness.PG}/{db}"
     amqp_url = f"{harness.AMQP}/{vhost}"
     store = await Store.connect(db_url)
@@ -40,3 +44,5 @@ async def env(tmp_path) -> AsyncIterator[harness.Env]:  # type: ignore[no-untype
         await store.close()
         await harness.drop_database(db)
         shutil.rmtree(tmp_path, ignore_errors=True)
+        if await harness.reset_vhost(amqp_url):
+            _FREE_VHOSTS.append(vhost)
