@@ -6,9 +6,6 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
-from typing import Any
-
-import orjson
 
 from shared import config as config_mod
 from shared import contract
@@ -73,10 +70,6 @@ def _run_id(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-class _Parser(argparse.ArgumentParser):
-    pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -120,10 +113,6 @@ async def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         return await app.serve(cfg, {verb: 1})
     from shared import views
     return await views.run(args, cfg)
-
-
-def dumps(value: Any) -> str:
-    return orjson.dumps(value, default=str, option=orjson.OPT_INDENT_2).decode()
 
 
 if __name__ == "__main__":

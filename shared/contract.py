@@ -246,6 +246,11 @@ def parse_step(raw: Any, index: int) -> Step:
     return Step(key=key, command=command, call=call, deps=tuple(deps), timeout_seconds=timeout)
 
 
+def parse_steps(raw: list[Any]) -> tuple[Step, ...]:
+    """Steps as stored or sent, parsed (and checked) again."""
+    return tuple(parse_step(s, i) for i, s in enumerate(raw))
+
+
 def check_graph(steps: tuple[Step, ...]) -> list[str]:
     """Unique keys, known deps, no cycle; returns the keys in a dependency order."""
     keys = [s.key for s in steps]
@@ -290,7 +295,7 @@ def parse_launch(data: dict[str, Any]) -> Launch:
     raw_steps = _require(data, "steps", list, "a list of steps")
     if not raw_steps:
         raise InvalidMessage("steps: a run needs at least one step")
-    steps = tuple(parse_step(s, i) for i, s in enumerate(raw_steps))
+    steps = parse_steps(raw_steps)
     check_graph(steps)
     tags = _optional(data, "tags", dict, "an object") or {}
     validate_tags(tags)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared import contract
-from shared.contract import Launch, RetryStrategy, RunStatus, Step
+from shared.contract import Launch, RetryStrategy, RunStatus
 from shared.errors import InvalidMessage
 from shared.rules.retries import retry_tags
 from shared.store import RunRef, Store
@@ -81,10 +81,6 @@ async def reexecute(store: Store, request: contract.Reexecute) -> None:
     root = str(origin["root_run_id"] or request.run_id)
     tags = retry_tags({**origin["tags"], **request.tags}, retry_number=0, parent_run_id=request.run_id,
                       root_run_id=root)
-    launch = Launch(run_id=request.new_run_id, job=origin["job"], steps=steps_of(origin["steps"]),
+    launch = Launch(run_id=request.new_run_id, job=origin["job"], steps=contract.parse_steps(origin["steps"]),
                     tags=tags, launcher=origin["launcher"], env=origin["env"])
     await insert_launch(store, launch, parent_run_id=request.run_id, root_run_id=root, reused_steps=reused)
-
-
-def steps_of(raw: list[dict[str, Any]]) -> tuple[Step, ...]:
-    return tuple(contract.parse_step(s, i) for i, s in enumerate(raw))

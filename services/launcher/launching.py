@@ -23,7 +23,7 @@ LAUNCH_ATTEMPTS = 4  # a transient launch error is retried this many times in al
 def worker_run(claim: LaunchClaim, config: Config) -> WorkerRun:
     """The worker's whole contract: its plan (steps, completed outputs) and broker credentials."""
     plan = Plan(run_id=claim.run_id, attempt=claim.attempt, job=claim.job,
-                steps=tuple(contract.parse_step(s, i) for i, s in enumerate(claim.steps)),
+                steps=contract.parse_steps(claim.steps),
                 completed=claim.completed,
                 heartbeat_interval_seconds=config.run_monitoring.heartbeat_interval_seconds)
     env = {**claim.env, PLAN_ENV: plan.to_json(), "RUNHERD_AMQP_URL": config.amqp_url}

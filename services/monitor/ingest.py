@@ -14,7 +14,7 @@ from shared import metrics
 from shared.config import Config
 from shared.contract import Event, EventType, RunStatus, StepStatus
 from shared.errors import InvalidMessage
-from shared.rules.events import Action, Decision, on_worker_event, on_worker_exit
+from shared.rules.events import Action, on_worker_event, on_worker_exit
 from shared.store import RunRef, Tx
 
 log = logging.getLogger("runherd.monitor.ingest")
@@ -103,10 +103,3 @@ async def crash(tx: Tx, crashed: list[tuple[str, int, str]], resumes_of: dict[st
         if moved:
             metrics.MONITOR_ACTIONS.labels("fail_crashed").inc()
     return resumed
-
-
-def decision_of(status: RunStatus, attempt: int, event: Event) -> Decision:
-    """For tests and tools: what ingest would decide for this event."""
-    if event.type is EventType.WORKER_EXITED:
-        return on_worker_exit(status, attempt, event.attempt)
-    return on_worker_event(status, attempt, event)

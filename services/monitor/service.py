@@ -47,13 +47,19 @@ class MonitorService:
         await self.actions.close()
 
     async def _sweep_loop(self, stop: asyncio.Event) -> None:
+        gauges_due = 0.0
+        loop = asyncio.get_running_loop()
         while not stop.is_set():
+            pause = self.config.run_monitoring.poll_interval_seconds
             try:
                 await self.sweeper.sweep()
-                await self.refresh_gauges()
+                if loop.time() >= gauges_due:
+                    await self.refresh_gauges()
+                    gauges_due = loop.time() + pause
+                pause = await self.sweeper.seconds_to_next_deadline()
             except TransientDbError as exc:
                 log.warning("sweep failed: %r", exc)
-            await sleep_or_stop(stop, self.config.run_monitoring.poll_interval_seconds, self.sweep_now)
+            await sleep_or_stop(stop, pause, self.sweep_now)
 
     async def refresh_gauges(self) -> None:
         counts = await self.store.count_active()

@@ -100,9 +100,7 @@ class Sweeper:
         The deadline alone makes it a crash (an UNKNOWN health never does)."""
         limit = self.mon.heartbeat_timeout_seconds
         async with self.store.tx() as tx:
-            # An attempt that has not heartbeated yet is still booting: it gets the start timeout.
-            start_grace = max(float(limit), float(self.mon.start_timeout_seconds))
-            rows = await tx.violators("silent_workers", float(limit), BATCH, start_grace)
+            rows = await tx.violators("silent_workers", float(limit), BATCH, self.start_grace)
             if not rows:
                 return 0
             handles = {h.run_id: h for h in await tx.handles([str(r["run_id"]) for r in rows])}
@@ -120,6 +118,27 @@ class Sweeper:
         # The superseded (or failed) attempts' workers are stopped at once; reap is the safety net.
         self.actions.terminate_soon(list(handles.values()), "no heartbeat (hung or dead)")
         return len(crashed)
+
+    @property
+    def start_grace(self) -> float:
+        """An attempt that has not heartbeated yet is still booting: it gets the start timeout."""
+        return max(float(self.mon.heartbeat_timeout_seconds), float(self.mon.start_timeout_seconds))
+
+    async def seconds_to_next_deadline(self) -> float:
+        """How long the sweep loop may sleep: until the earliest timeout of any run (plus a little,
+        so the row is past it). Timeouts fire on time, not a poll late. A run that appears while we
+        sleep cannot fall due sooner than the shortest timeout, so that caps the sleep too (a
+        `runherd/max_runtime` tag shorter than it may fire up to that much late)."""
+        mon = self.mon
+        seconds = await self.store.next_deadline(mon.heartbeat_timeout_seconds, self.start_grace,
+                                                 mon.start_timeout_seconds, mon.cancel_timeout_seconds,
+                                                 mon.max_runtime_seconds)
+        timeouts = [mon.poll_interval_seconds, mon.heartbeat_timeout_seconds, mon.start_timeout_seconds,
+                    mon.cancel_timeout_seconds] + ([mon.max_runtime_seconds] if mon.max_runtime_seconds > 0 else [])
+        ceiling = float(min(timeouts))
+        if seconds is None:
+            return ceiling
+        return min(ceiling, max(0.05, seconds + 0.02))
 
     async def _health(self, ref: RunRef | None) -> str:
         if ref is None or ref.handle is None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from shared.contract import Step, check_graph, parse_step
+from shared.contract import Step, check_graph, parse_steps
 from shared.errors import InvalidMessage
 
 PLAN_ENV = "RUNHERD_PLAN"
@@ -39,7 +39,7 @@ def from_json(text: str) -> Plan:
         raw = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise InvalidMessage(f"{PLAN_ENV} is not valid JSON: {exc}") from None
-    steps = tuple(parse_step(s, i) for i, s in enumerate(raw["steps"]))
+    steps = parse_steps(raw["steps"])
     check_graph(steps)
     return Plan(run_id=raw["run_id"], attempt=int(raw["attempt"]), job=raw["job"], steps=steps,
                 completed=dict(raw.get("completed") or {}),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any
 
 from shared.config import RunLauncherConfig
 from shared.errors import ConfigError
@@ -54,7 +53,3 @@ def build(config: RunLauncherConfig) -> RunLauncher:
 
 
 __all__ = ["Handle", "Health", "HealthStatus", "RunLauncher", "WorkerExit", "WorkerRun", "build", "load_class"]
-
-
-def describe(launcher: Any) -> str:
-    return getattr(launcher, "name", "") or type(launcher).__name__

@@ -336,3 +336,23 @@ SELECT run_id, count(*) AS n FROM attempts WHERE run_id = ANY($1::uuid[]) GROUP 
 SELECT status, count(*) AS n FROM runs
 WHERE status IN ('QUEUED', 'STARTING', 'STARTED', 'CANCELING')
 GROUP BY status;
+
+-- name: next_deadline
+-- Seconds until the earliest moment any monitor rule could fire, so a sweep can wake right then
+-- instead of up to a poll interval late. $1 heartbeat timeout, $2 start grace of a silent attempt,
+-- $3 start timeout, $4 cancel timeout, $5 the config's max runtime (0: none).
+SELECT extract(epoch FROM min(due) - clock_timestamp())::float8 AS seconds
+FROM (
+    SELECT min(CASE WHEN a.last_heartbeat_at IS NOT NULL
+                    THEN a.last_heartbeat_at + make_interval(secs => $1)
+                    ELSE coalesce(a.launched_at, a.created_at) + make_interval(secs => $2) END) AS due
+    FROM runs r JOIN attempts a ON a.run_id = r.run_id AND a.attempt = r.attempt
+    WHERE r.status = 'STARTED'
+    UNION ALL
+    SELECT min(status_changed_at) + make_interval(secs => $3) FROM runs WHERE status = 'STARTING'
+    UNION ALL
+    SELECT min(status_changed_at) + make_interval(secs => $4) FROM runs WHERE status = 'CANCELING'
+    UNION ALL
+    SELECT min(started_at + make_interval(secs => coalesce(max_runtime_seconds, $5))) FROM runs
+    WHERE status = 'STARTED' AND coalesce(max_runtime_seconds, $5) > 0
+) deadlines;

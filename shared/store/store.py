@@ -321,6 +321,12 @@ class Store:
         rows = await self.pool.fetch(q("count_attempts"), _ids(run_ids))
         return {str(r["run_id"]): r["n"] for r in rows}
 
+    async def next_deadline(self, heartbeat_timeout: float, start_grace: float, start_timeout: float,
+                            cancel_timeout: float, max_runtime: float) -> float | None:
+        """Seconds until the earliest rule deadline (negative: overdue); None when nothing is due."""
+        return await self.pool.fetchval(q("next_deadline"), float(heartbeat_timeout), float(start_grace),
+                                        float(start_timeout), float(cancel_timeout), float(max_runtime))
+
     async def count_active(self) -> dict[str, int]:
         return {r["status"]: r["n"] for r in await self.pool.fetch(q("count_active"))}
 

@@ -225,3 +225,16 @@ async def test_max_concurrent_runs_is_never_exceeded(env: Env) -> None:
     await eventually(done, timeout=60, interval=0.02, what="all ten runs SUCCESS")
     assert peak == 2, peak  # sampled: never more than 2, and the limit was actually reached
     assert len(run_ids) == 10
+
+
+async def test_a_timeout_fires_on_time_not_a_poll_interval_late(env: Env) -> None:
+    """The sweep sleeps until the earliest deadline: with a 60 s poll, a 1 s start timeout still
+    fails the run within seconds."""
+    env.configure(run_monitoring={"poll_interval_seconds": 60, "start_timeout_seconds": 1},
+                  run_launcher={"name": "process", "config": {"log_dir": str(env.tmp / "logs"),
+                                                              "worker_command": ["sleep", "600"]}})
+    await env.start()
+    run_id = await env.submit([{"key": "a", "command": ["true"]}])
+    await env.wait_status(run_id, "STARTING")
+    run = await env.wait_status(run_id, "FAILURE", timeout=8)
+    assert "did not start within 1 s" in run["reason"]
