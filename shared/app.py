@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -86,7 +85,3 @@ async def serve(config: Config, services: dict[str, int]) -> int:
     log.info("stopping")
     await running.close()
     return 1 if supervisor.failure else 0
-
-
-def run(coro: object) -> int:
-    return asyncio.run(coro)  # type: ignore[arg-type]

@@ -46,12 +46,12 @@ async def relay(store: Store, broker: Broker, stop: asyncio.Event, idle_poll: fl
 
 
 async def _publish_batch(store: Store, broker: Broker, conn: object) -> bool:
-    rows = await store.outbox_batch(conn, BATCH)  # type: ignore[arg-type]
+    rows = await store.outbox_batch(conn, BATCH)
     if not rows:
         return False
     # Published in id order on one channel; the confirms are awaited together.
     await asyncio.gather(*(broker.publish_status(key, body, message_id=f"status-{row_id}")
                            for row_id, key, body in rows))
-    await store.outbox_delete(conn, [r[0] for r in rows])  # type: ignore[arg-type]
+    await store.outbox_delete(conn, [r[0] for r in rows])
     metrics.STATUS_PUBLISHED.inc(len(rows))
     return True

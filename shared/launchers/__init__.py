@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from typing import cast
 
 from shared.config import RunLauncherConfig
 from shared.errors import ConfigError
@@ -31,7 +32,7 @@ def load_class(module: str, class_name: str) -> type[RunLauncher]:
     if missing or abstract:
         raise ConfigError(f"run_launcher.class: {module}.{class_name} does not implement the launcher "
                           f"interface (missing: {', '.join(missing or abstract)})")
-    return cls
+    return cast("type[RunLauncher]", cls)
 
 
 def build(config: RunLauncherConfig) -> RunLauncher:

@@ -371,7 +371,7 @@ def _latest(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def _api_message(exc: ApiException) -> str:
     """The API's own sentence from a Status body, else what the client knows."""
-    body = exc.body
+    body: str | bytes | None = exc.body
     if isinstance(body, bytes):
         body = body.decode("utf-8", "replace")
     if body:
@@ -749,7 +749,7 @@ class KubernetesLauncher(RunLauncher):
         """One watch request; returns the last resourceVersion seen when it ends."""
         api = await self._api()
         timeout = self.cfg["watch_timeout_seconds"]
-        resp = await client.BatchV1Api(api).list_namespaced_job(
+        resp: Any = await client.BatchV1Api(api).list_namespaced_job(  # raw aiohttp response
             ns,
             label_selector=LABEL_RUN_ID,
             watch=True,
