@@ -189,6 +189,9 @@ async def events(args: argparse.Namespace, cfg: Config) -> int:
                     print(orjson.dumps(e, default=str).decode(), flush=True)
                 else:
                     print(_event_line(e), flush=True)
+                    tail = (e["data"] or {}).get("debug_info") if e["type"] == "WORKER_EXITED" else None
+                    for line in (tail or "").splitlines()[-8:]:
+                        print(f"      | {line}", flush=True)
             if not args.follow:
                 return 0
             run = await store.get_run(args.run_id)

@@ -47,6 +47,13 @@ async def test_submit_wait_exits_1_on_failure_and_cancel(env: Env) -> None:
     failing.write_text(orjson.dumps({"job": "f", "steps": [{"key": "a", "command": ["false"]}]}).decode())
     done = await runherd(env, "submit", str(failing), "--wait")
     assert done.returncode == 1 and done.stdout.split()[1] == "FAILURE"
+    failed_id = done.stdout.split()[0]
+
+    async def exited() -> bool:
+        return any(e["type"] == "WORKER_EXITED" for e in await env.events(failed_id))
+    await eventually(exited, what="the worker's exit in the log")
+    log = await runherd(env, "events", failed_id)
+    assert "WORKER_EXITED" in log.stdout and "      | " in log.stdout  # the worker log's tail, for a person
     slow = env.tmp / "slow.yaml"
     slow.write_text("job: s\nsteps:\n  - {key: a, command: [sleep, '600']}\n")
     submitted = await runherd(env, "submit", str(slow))
