@@ -1,7 +1,10 @@
 """Event ingestion: appends lifecycle events to the log idempotently and applies transitions.
 
-A batch of deliveries is applied in one transaction, each event in its own savepoint; acks go out
-after the commit, side effects (fencing a zombie worker) after that.
+A batch of deliveries is applied in one transaction: its runs are locked with one statement and
+kept in a small cache (re-read after an event changed a run's status or attempt), so a step event
+costs two statements. Acks go out after the commit, side effects (fencing a zombie worker) after
+that. If a statement fails, the batch is applied again event by event in savepoints, so one
+poison event cannot hold back the others.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from shared import metrics
 from shared.config import Config
@@ -30,8 +34,31 @@ class Effects:
     exits: list[tuple[str, datetime]] = field(default_factory=list)
 
 
-async def apply_event(tx: Tx, event: Event, config: Config, effects: Effects) -> None:
-    run = await tx.run_for_update(event.run_id)
+class LockedRuns:
+    """The batch's runs, locked once. An action that changes a run's status or attempt marks it
+    stale; it is read again (already locked) before the next event of that run."""
+
+    def __init__(self, tx: Tx) -> None:
+        self.tx = tx
+        self.rows: dict[str, Any] = {}
+        self.stale: set[str] = set()
+
+    async def lock(self, run_ids: list[str]) -> None:
+        self.rows = await self.tx.lock_runs(run_ids)
+
+    async def get(self, run_id: str) -> Any:
+        if run_id in self.stale:
+            self.rows.update(await self.tx.lock_runs([run_id]))
+            self.stale.discard(run_id)
+        return self.rows.get(run_id)
+
+
+_STEP_ACTIONS = frozenset({Action.STEP_START, Action.STEP_END})
+_CHANGES_RUN = frozenset(Action) - _STEP_ACTIONS
+
+
+async def apply_event(tx: Tx, event: Event, config: Config, effects: Effects, runs: LockedRuns) -> None:
+    run = await runs.get(event.run_id)
     if run is None:
         raise InvalidMessage(f"event for unknown run {event.run_id}")
     status, attempt = RunStatus(run["status"]), run["attempt"]
@@ -39,10 +66,18 @@ async def apply_event(tx: Tx, event: Event, config: Config, effects: Effects) ->
         decision = on_worker_exit(status, attempt, event.attempt)
     else:
         decision = on_worker_event(status, attempt, event)
-    inserted = await tx.insert_event(run_id=event.run_id, attempt=event.attempt, source=event.source,
-                                     seq=event.seq, type_=event.type.value, step_key=event.step_key,
-                                     message=event.message, data=event.data, refused=decision.refused,
-                                     ts=datetime.fromisoformat(event.ts))
+    if _STEP_ACTIONS.intersection(decision.actions):
+        # A step's progress (the common case): the event and the step change in one statement.
+        inserted = await tx.step_event(
+            run_id=event.run_id, attempt=event.attempt, source=event.source, seq=event.seq, type_=event.type.value,
+            step_key=event.step_key or "", message=event.message, data=event.data,
+            ts=datetime.fromisoformat(event.ts), status=_STEP_STATUS.get(event.type, StepStatus.RUNNING).value,
+            output=event.data.get("output") if event.type is EventType.STEP_SUCCESS else None)
+    else:
+        inserted = await tx.insert_event(run_id=event.run_id, attempt=event.attempt, source=event.source,
+                                         seq=event.seq, type_=event.type.value, step_key=event.step_key,
+                                         message=event.message, data=event.data, refused=decision.refused,
+                                         ts=datetime.fromisoformat(event.ts))
     if not inserted:
         log.debug("duplicate event ignored run_id=%s attempt=%s seq=%s", event.run_id, event.attempt, event.seq)
         return
@@ -57,18 +92,16 @@ async def apply_event(tx: Tx, event: Event, config: Config, effects: Effects) ->
         return
     metrics.EVENTS_APPLIED.labels(event.type.value).inc()
     for action in decision.actions:
-        await _act(tx, action, event, run["resumes"], config, effects)
+        if action not in _STEP_ACTIONS:
+            await _act(tx, action, event, run["resumes"], config, effects)
+    if _CHANGES_RUN.intersection(decision.actions):
+        runs.stale.add(event.run_id)
 
 
 async def _act(tx: Tx, action: Action, event: Event, resumes: int, config: Config, effects: Effects) -> None:
     run_id, attempt = event.run_id, event.attempt
     if action is Action.MARK_STARTED:
         await tx.transition([run_id], RunStatus.STARTED, None, attempt=attempt, source="worker")
-    elif action is Action.STEP_START:
-        await tx.step_start(run_id, event.step_key or "", attempt, datetime.fromisoformat(event.ts))
-    elif action is Action.STEP_END:
-        await tx.step_end(run_id, event.step_key or "", _STEP_STATUS[event.type].value, attempt,
-                          event.data.get("output"), event.message, datetime.fromisoformat(event.ts))
     elif action is Action.SUCCEED:
         await tx.transition([run_id], RunStatus.SUCCESS, None, attempt=attempt, source="worker")
     elif action is Action.FAIL:

@@ -7,13 +7,13 @@ import logging
 from datetime import UTC, datetime
 
 from services.monitor.actions import Actions
-from services.monitor.ingest import Effects, apply_event
+from services.monitor.ingest import Effects, LockedRuns, apply_event
 from services.monitor.sweeper import Sweeper
 from shared import broker as topology
 from shared import metrics, outbox
 from shared.broker import Broker, Delivery
 from shared.config import Config
-from shared.contract import decode, parse_event
+from shared.contract import Event, decode, parse_event
 from shared.errors import InvalidMessage
 from shared.launchers import RunLauncher
 from shared.runtime import Supervisor, retrying, sleep_or_stop
@@ -73,39 +73,65 @@ class MonitorService:
             await self.apply_batch(batch)
 
     async def apply_batch(self, batch: list[Delivery]) -> None:
-        effects = Effects()
-        applied: list[Delivery] = []
+        parsed: list[tuple[Delivery, Event]] = []
         rejected: list[tuple[Delivery, str]] = []
-        retry: list[Delivery] = []
+        for delivery in batch:
+            try:
+                parsed.append((delivery, parse_event(decode(delivery.body))))
+            except InvalidMessage as exc:
+                rejected.append((delivery, str(exc)))
         try:
-            async with self.store.tx() as tx:
-                for delivery in batch:
-                    try:
-                        event = parse_event(decode(delivery.body))
-                        async with tx.conn.transaction():  # a savepoint per event
-                            await apply_event(tx, event, self.config, effects)
-                        applied.append(delivery)
-                    except InvalidMessage as exc:
-                        rejected.append((delivery, str(exc)))
-                    except TransientDbError:
-                        raise
-                    except Exception as exc:
-                        # One poison event must not hold back the batch: it alone is retried, then
-                        # dead-lettered with the error.
-                        log.exception("event could not be applied (delivery %d)", delivery.deliveries)
-                        if delivery.deliveries >= topology.MAX_DELIVERIES - 1:
-                            rejected.append((delivery, f"event could not be applied: {exc!r}"))
-                        else:
-                            retry.append(delivery)
+            try:
+                outcome = await self._apply(parsed, careful=False)
+            except TransientDbError:
+                raise
+            except Exception:
+                log.warning("a batch of %d events failed; applying them one by one", len(parsed), exc_info=True)
+                outcome = await self._apply(parsed, careful=True)
         except TransientDbError:
             await self.broker.requeue(batch)
             raise
-        for delivery, reason in rejected:
+        applied, failed, retry, effects = outcome
+        for delivery, reason in rejected + failed:
             metrics.DEAD_LETTERS.labels(topology.EVENTS_QUEUE).inc()
             await self.broker.dead_letter(delivery, reason)
         await self.broker.requeue(retry)
         await self.broker.ack(applied)
         await self._after(effects)
+
+    async def _apply(self, parsed: list[tuple[Delivery, Event]], *, careful: bool) -> tuple[
+            list[Delivery], list[tuple[Delivery, str]], list[Delivery], Effects]:
+        """One transaction for the batch; ``careful`` puts each event in a savepoint, so a failing
+        one is retried alone (and dead-lettered after its last delivery) while the others commit."""
+        effects = Effects()
+        applied: list[Delivery] = []
+        rejected: list[tuple[Delivery, str]] = []
+        retry: list[Delivery] = []
+        async with self.store.tx() as tx:
+            runs = LockedRuns(tx)
+            await runs.lock([event.run_id for _, event in parsed])
+            for delivery, event in parsed:
+                try:
+                    if careful:
+                        async with tx.conn.transaction():  # a savepoint per event
+                            await apply_event(tx, event, self.config, effects, runs)
+                    else:
+                        await apply_event(tx, event, self.config, effects, runs)
+                    applied.append(delivery)
+                except InvalidMessage as exc:
+                    rejected.append((delivery, str(exc)))
+                except TransientDbError:
+                    raise
+                except Exception as exc:
+                    if not careful:
+                        raise
+                    runs.stale.add(event.run_id)  # its savepoint rolled back whatever it changed
+                    log.exception("event could not be applied (delivery %d)", delivery.deliveries)
+                    if delivery.deliveries >= topology.MAX_DELIVERIES - 1:
+                        rejected.append((delivery, f"event could not be applied: {exc!r}"))
+                    else:
+                        retry.append(delivery)
+        return applied, rejected, retry, effects
 
     async def _after(self, effects: Effects) -> None:
         now = datetime.now(UTC)

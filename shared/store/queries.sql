@@ -195,20 +195,35 @@ FROM unnest($1::uuid[], $2::integer[], $3::text[], $6::jsonb[]) AS u(run_id, att
 -- name: run_for_update
 SELECT run_id, job, status, attempt, resumes, tags FROM runs WHERE run_id = $1 FOR UPDATE;
 
--- name: step_start
-INSERT INTO steps (run_id, step_key, status, attempt, started_at)
-VALUES ($1, $2, 'RUNNING', $3, $4)
-ON CONFLICT (run_id, step_key) DO UPDATE
-SET status = 'RUNNING', attempt = excluded.attempt, started_at = excluded.started_at, error = NULL
-WHERE steps.status <> 'SUCCESS';
+-- name: runs_for_update
+SELECT run_id, job, status, attempt, resumes, tags FROM runs
+WHERE run_id = ANY($1::uuid[]) ORDER BY run_id FOR UPDATE;
 
--- name: step_end
-INSERT INTO steps (run_id, step_key, status, attempt, output, error, ended_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
-ON CONFLICT (run_id, step_key) DO UPDATE
-SET status = excluded.status, attempt = excluded.attempt, output = excluded.output,
-    error = excluded.error, ended_at = excluded.ended_at
-WHERE steps.status <> 'SUCCESS';
+-- name: step_event
+-- A step's event, appended (once: a redelivery inserts nothing) and applied to the step in one
+-- statement. $1 run, $2 attempt, $3 source, $4 seq, $5 type, $6 step key, $7 message, $8 data,
+-- $9 ts, $10 the step's new status, $11 its output. A step that succeeded stays SUCCESS: a resumed
+-- attempt never re-runs it, and a late event of an older attempt cannot undo it.
+WITH logged AS (
+    INSERT INTO events (run_id, attempt, source, seq, type, step_key, message, data, ts)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+    ON CONFLICT (run_id, attempt, source, seq) WHERE seq IS NOT NULL DO NOTHING
+    RETURNING id
+), applied AS (
+    INSERT INTO steps (run_id, step_key, status, attempt, output, error, started_at, ended_at)
+    SELECT $1, $6, $10, $2, $11,
+           CASE WHEN $10::text = 'RUNNING' THEN NULL ELSE $7 END,
+           CASE WHEN $10::text = 'RUNNING' THEN $9 END,
+           CASE WHEN $10::text = 'RUNNING' THEN NULL ELSE $9 END
+    FROM logged
+    ON CONFLICT (run_id, step_key) DO UPDATE
+    SET status = excluded.status, attempt = excluded.attempt, error = excluded.error,
+        output = CASE WHEN excluded.status = 'RUNNING' THEN steps.output ELSE excluded.output END,
+        started_at = coalesce(excluded.started_at, steps.started_at),
+        ended_at = excluded.ended_at
+    WHERE steps.status <> 'SUCCESS'
+)
+SELECT count(*) FROM logged;
 
 -- name: resume
 -- Crash resume as one compare-and-set: only the current attempt of a STARTED run with resumes

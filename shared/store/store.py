@@ -112,6 +112,11 @@ class Tx:
     async def run_for_update(self, run_id: str) -> asyncpg.Record | None:
         return await self.conn.fetchrow(q("run_for_update"), UUID(run_id))
 
+    async def lock_runs(self, run_ids: Sequence[str]) -> dict[str, asyncpg.Record]:
+        """Lock these runs (in run_id order, so two lockers never deadlock) and return them."""
+        rows = await self.conn.fetch(q("runs_for_update"), _ids(sorted(set(run_ids))))
+        return {str(r["run_id"]): r for r in rows}
+
     async def insert_event(self, *, run_id: str, attempt: int, source: str, seq: int | None, type_: str,
                            step_key: str | None, message: str | None, data: dict[str, Any],
                            refused: str | None, ts: datetime) -> bool:
@@ -120,12 +125,13 @@ class Tx:
                                        step_key, message, data, refused, ts)
         return row is not None
 
-    async def step_start(self, run_id: str, step_key: str, attempt: int, ts: datetime) -> None:
-        await self.conn.execute(q("step_start"), UUID(run_id), step_key, attempt, ts)
-
-    async def step_end(self, run_id: str, step_key: str, status: str, attempt: int, output: Any,
-                       error: str | None, ts: datetime) -> None:
-        await self.conn.execute(q("step_end"), UUID(run_id), step_key, status, attempt, output, error, ts)
+    async def step_event(self, *, run_id: str, attempt: int, source: str, seq: int, type_: str, step_key: str,
+                         message: str | None, data: dict[str, Any], ts: datetime, status: str,
+                         output: Any) -> bool:
+        """Append a step's event and apply it to the step; False when it is a redelivery."""
+        n = await self.conn.fetchval(q("step_event"), UUID(run_id), attempt, source, seq, type_, step_key,
+                                     message, data, ts, status, output)
+        return bool(n)
 
     async def record_exit(self, run_id: str, attempt: int, exit_code: int | None, reason: str | None) -> None:
         await self.conn.execute(q("record_exit"), UUID(run_id), attempt, exit_code, reason)

@@ -1,0 +1,167 @@
+"""Event ingest throughput: how fast the monitor applies lifecycle events (one active consumer).
+
+R STARTED runs each get S steps' STEP_START + STEP_SUCCESS events, published as a backlog; one
+monitor (sweeps off) drains it. Raw ceiling in the same run: plain aio-pika consume + ack with one
+asyncpg INSERT of the same rows per batch (no decisions, no transitions).
+
+    .venv/bin/python scripts/bench/events.py [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from datetime import datetime  # noqa: E402
+
+import aio_pika  # noqa: E402
+import orjson  # noqa: E402
+
+from scripts.bench._benchlib import BenchEnv, bench_env, machine, quiet_logs, rate, ratio, rss, table  # noqa: E402
+from shared import app, config  # noqa: E402
+from shared.contract import Event, EventType, now_iso  # noqa: E402
+from shared.store import Store  # noqa: E402
+
+
+async def seed(store: Store, runs: int) -> list[str]:
+    ids = [str(uuid.uuid4()) for _ in range(runs)]
+    steps = orjson.dumps([{"key": f"s{i}", "command": ["true"], "deps": []} for i in range(5)]).decode()
+    uids = [uuid.UUID(r) for r in ids]
+    await store.pool.execute(
+        "INSERT INTO runs (run_id, job, status, attempt, priority, tags, steps, root_run_id, started_at, "
+        "status_changed_at) SELECT u, 'bench-events', 'STARTED', 1, 0, '{}'::jsonb, $2::jsonb, u, now(), now() "
+        "FROM unnest($1::uuid[]) AS u", uids, steps)
+    await store.pool.execute(
+        "INSERT INTO attempts (run_id, attempt, launcher, handle, launched_at) "
+        "SELECT u, 1, 'process', jsonb_build_object('launcher', 'process', 'pid', 0), now() "
+        "FROM unnest($1::uuid[]) AS u", uids)
+    await store.pool.execute("VACUUM ANALYZE runs")
+    return ids
+
+
+def bodies(ids: list[str], steps: int) -> list[tuple[str, bytes]]:
+    out = []
+    ts = now_iso()
+    for run_id in ids:
+        seq = 0
+        for s in range(steps):
+            for kind in (EventType.STEP_START, EventType.STEP_SUCCESS):
+                seq += 1
+                event = Event(run_id=run_id, attempt=1, seq=seq, type=kind, step_key=f"s{s}",
+                              data={"output": s} if kind is EventType.STEP_SUCCESS else {}, ts=ts)
+                out.append((run_id, event.body()))
+    return out
+
+
+async def publish(amqp_url: str, messages: list[tuple[str, bytes]], exchange: str = "runherd.events") -> None:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        ex = await channel.get_exchange(exchange)
+        for i in range(0, len(messages), 1000):
+            await asyncio.gather(*(ex.publish(aio_pika.Message(body, delivery_mode=2), routing_key=f"run.{run_id}")
+                                   for run_id, body in messages[i:i + 1000]))
+
+
+async def runherd_rate(env: BenchEnv, runs: int, steps: int) -> tuple[float, int]:
+    cfg = config.from_mapping({"amqp_url": env.amqp_url, "database_url": env.db_url,
+                               "run_monitoring": {"enabled": False}})
+    store = await Store.connect(env.db_url)
+    try:
+        ids = await seed(store, runs)
+        messages = bodies(ids, steps)
+        running = await app.start(cfg, {"monitor": 1})
+        await running.close(grace=2)  # declares the topology, then stops: the backlog builds up
+        await publish(env.amqp_url, messages)
+        began = time.perf_counter()
+        running = await app.start(cfg, {"monitor": 1})
+        try:
+            while True:
+                n = await store.pool.fetchval("SELECT count(*) FROM events WHERE type = 'STEP_SUCCESS'")
+                if n >= runs * steps:
+                    break
+                await asyncio.sleep(0.05)
+            elapsed = time.perf_counter() - began
+        finally:
+            await running.close(grace=2)
+        done = await store.pool.fetchval("SELECT count(*) FROM steps WHERE status = 'SUCCESS'")
+        return len(messages) / elapsed, done
+    finally:
+        await store.close()
+
+
+async def raw_rate(env: BenchEnv, runs: int, steps: int) -> float:
+    """Consume + ack the same backlog from a plain queue, inserting each batch's rows in one statement."""
+    store = await Store.connect(env.db_url)
+    connection = await aio_pika.connect(env.amqp_url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange("raw.events", aio_pika.ExchangeType.TOPIC)
+        queue = await channel.declare_queue("raw.events", arguments={"x-queue-type": "quorum"}, durable=True)
+        await queue.bind(exchange, "run.*")
+        ids = [str(uuid.uuid4()) for _ in range(runs)]
+        messages = bodies(ids, steps)
+        await publish(env.amqp_url, messages, exchange="raw.events")
+        await channel.set_qos(prefetch_count=400)
+        total, batch = len(messages), []
+        done = asyncio.Event()
+        count = 0
+        began = time.perf_counter()
+
+        async def flush() -> None:
+            nonlocal count
+            rows = [orjson.loads(m.body) for m in batch]
+            await store.pool.execute(
+                "INSERT INTO events (run_id, attempt, source, seq, type, step_key, ts) "
+                "SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::int[], $5::text[], $6::text[], "
+                "$7::timestamptz[])",
+                [uuid.UUID(r["run_id"]) for r in rows], [r["attempt"] for r in rows], ["raw"] * len(rows),
+                [r["seq"] for r in rows], [r["type"] for r in rows], [r["step_key"] for r in rows],
+                [datetime.fromisoformat(r["ts"]) for r in rows])
+            await batch[-1].ack(multiple=True)
+            count += len(batch)
+            batch.clear()
+            if count >= total:
+                done.set()
+
+        async with queue.iterator() as it:
+            async for message in it:
+                batch.append(message)
+                if len(batch) >= 200 or count + len(batch) >= total:
+                    await flush()
+                if done.is_set():
+                    break
+        return total / (time.perf_counter() - began)
+    finally:
+        await connection.close()
+        await store.close()
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1,000 runs (10,000 events)")
+    args = parser.parse_args()
+    runs, steps = (1000, 5) if args.quick else (4000, 5)
+    quiet_logs()
+    async with bench_env("events") as env:
+        ours, applied = await runherd_rate(env, runs, steps)
+        raw = await raw_rate(env, runs, steps)
+    print(f"\nEvent ingest, {runs:,} runs x {steps} steps x 2 events = {runs * steps * 2:,} events; {machine()}.\n")
+    print(table(["path", "events/s", "ratio"], [
+        ["runherd monitor (one active consumer: ordered per run)", rate(ours), ratio(ours, raw)],
+        ["raw: aio-pika consume + one INSERT per 200 events, no decisions", rate(raw), "1.00x"],
+    ]))
+    print(f"\nsteps recorded SUCCESS: {applied:,} of {runs * steps:,}; peak RSS {rss()[1]:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
