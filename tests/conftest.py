@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import AsyncIterator
 
+import aiodocker
 import pytest
 
 from shared.broker import Broker
@@ -46,3 +48,18 @@ async def env(tmp_path) -> AsyncIterator[harness.Env]:  # type: ignore[no-untype
         shutil.rmtree(tmp_path, ignore_errors=True)
         if await harness.reset_vhost(amqp_url):
             _FREE_VHOSTS.append(vhost)
+
+
+@pytest.fixture(scope="session")
+async def docker_engine() -> AsyncIterator[aiodocker.Docker]:
+    """A plain client to the real Docker engine, playing the operator (docker kill, inspect); the
+    test is skipped, saying why, when no engine answers. Removes this session's containers after."""
+    from tests.launchers.docker_fixtures import docker_unavailable_reason, ensure_base_image, remove_session_containers
+    reason = docker_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    await asyncio.to_thread(ensure_base_image)
+    docker = aiodocker.Docker()
+    yield docker
+    await remove_session_containers(docker)
+    await docker.close()

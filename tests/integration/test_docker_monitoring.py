@@ -8,7 +8,6 @@ engine answers.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -20,24 +19,16 @@ from aiodocker.exceptions import DockerError
 from shared import config
 from tests.harness import PYTHON, Env, eventually
 from tests.launchers.docker_fixtures import (
-    docker_unavailable_reason,
-    ensure_base_image,
     launcher_config,
     remove_session_containers,
     worker_binds,
 )
 
 
-@pytest.fixture(scope="module")
-async def engine() -> AsyncIterator[aiodocker.Docker]:
-    """A plain engine client, playing the operator (docker kill, docker inspect)."""
-    reason = docker_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    await asyncio.to_thread(ensure_base_image)
-    docker = aiodocker.Docker()
-    yield docker
-    await docker.close()
+@pytest.fixture
+def engine(docker_engine: aiodocker.Docker) -> aiodocker.Docker:
+    """The engine, playing the operator (docker kill, docker inspect)."""
+    return docker_engine
 
 
 @pytest.fixture

@@ -20,22 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiodocker
-import k8s_fixtures  # a sibling module, like docker_fixtures
 import orjson
 import pytest
-from docker_fixtures import (
-    docker_unavailable_reason,
-    ensure_base_image,
-    launcher_config,
-    make_launcher,
-    remove_session_containers,
-    worker_binds,
-)
-from k8s_fixtures import K8sEmulator, LauncherFactory, wait_for
 
 from examples.custom_launcher import NiceLauncher
 from shared.launchers.base import Handle, HealthStatus, RunLauncher, WorkerExit, WorkerRun
 from shared.launchers.process import ProcessLauncher
+from tests.launchers import k8s_fixtures
+from tests.launchers.docker_fixtures import (
+    launcher_config,
+    make_launcher,
+    worker_binds,
+)
+from tests.launchers.k8s_fixtures import K8sEmulator, LauncherFactory, wait_for
 
 k8s_emulator = k8s_fixtures.k8s_emulator
 k8s_kubeconfig = k8s_fixtures.k8s_kubeconfig
@@ -117,16 +114,6 @@ class Backend:
             await launcher.close()
 
 
-@pytest.fixture(scope="session")
-async def docker_engine() -> AsyncIterator[aiodocker.Docker]:
-    reason = docker_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    await asyncio.to_thread(ensure_base_image)
-    docker = aiodocker.Docker()
-    yield docker
-    await remove_session_containers(docker)
-    await docker.close()
 
 
 def _process(tmp: Path) -> Backend:

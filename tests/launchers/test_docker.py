@@ -6,30 +6,26 @@ engine tests skip and only the configuration tests run. Every wait has a deadlin
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiodocker
 import pytest
-from docker_fixtures import (
-    BASE_IMAGE,
-    PYTHON,
-    ExitCollector,
-    docker_unavailable_reason,
-    ensure_base_image,
-    launcher_config,
-    make_launcher,
-    new_run,
-    python_command,
-    remove_session_containers,
-    wait_until,
-)
 
 from shared.errors import ConfigError, LaunchError
 from shared.launchers.base import Health, HealthStatus
 from shared.launchers.docker import DockerLauncher, build_container_spec, container_name
+from tests.launchers.docker_fixtures import (
+    BASE_IMAGE,
+    PYTHON,
+    ExitCollector,
+    launcher_config,
+    make_launcher,
+    new_run,
+    python_command,
+    wait_until,
+)
 
 SLEEP = python_command("import time; print('sleeping', flush=True); time.sleep(60)")
 
@@ -40,17 +36,10 @@ LauncherFactory = Callable[..., Awaitable[tuple[DockerLauncher, ExitCollector]]]
 # Fixtures
 
 
-@pytest.fixture(scope="session")
-async def engine() -> AsyncIterator[aiodocker.Docker]:
-    """A plain client to the engine, playing the operator (docker kill, docker inspect)."""
-    reason = docker_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    await asyncio.to_thread(ensure_base_image)
-    docker = aiodocker.Docker()
-    yield docker
-    await remove_session_containers(docker)
-    await docker.close()
+@pytest.fixture
+def engine(docker_engine: aiodocker.Docker) -> aiodocker.Docker:
+    """The engine, playing the operator (docker kill, docker inspect)."""
+    return docker_engine
 
 
 @pytest.fixture

@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import k8s_fixtures  # a sibling module, like docker_fixtures
 import pytest
-from k8s_fixtures import K8sEmulator, LauncherFactory, wait_for
 
 from shared.errors import ConfigError, LaunchError
 from shared.launchers.base import HealthStatus, WorkerExit, WorkerRun
 from shared.launchers.kubernetes import KubernetesLauncher, health_from, job_name
+from tests.launchers import k8s_fixtures
+from tests.launchers.k8s_fixtures import K8sEmulator, LauncherFactory, wait_for
 
 # Bind the shared fixtures into this module so pytest finds them.
 k8s_emulator = k8s_fixtures.k8s_emulator
