@@ -32,12 +32,9 @@ WITH target AS (
     FROM moved
 ), published AS (
     INSERT INTO status_outbox (run_id, routing_key, body)
-    SELECT run_id, status || '.' || replace(job, '.', '_'),
-           jsonb_build_object(
-               'v', 1, 'run_id', run_id, 'job', job, 'status', status,
-               'previous_status', previous_status, 'attempt', attempt, 'reason', $4::text,
-               'ts', to_char(status_changed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-               'tags', tags, 'parent_run_id', parent_run_id)
+    SELECT run_id, runherd_status_key(status, job),
+           runherd_status_body(run_id, job, status, previous_status, attempt, $4::text, status_changed_at, tags,
+                               parent_run_id)
     FROM moved
     ORDER BY run_id
 )
@@ -58,12 +55,8 @@ WITH inserted AS (
     FROM inserted
 ), published AS (
     INSERT INTO status_outbox (run_id, routing_key, body)
-    SELECT run_id, 'QUEUED.' || replace(job, '.', '_'),
-           jsonb_build_object(
-               'v', 1, 'run_id', run_id, 'job', job, 'status', 'QUEUED', 'previous_status', NULL,
-               'attempt', attempt, 'reason', NULL,
-               'ts', to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-               'tags', tags, 'parent_run_id', parent_run_id)
+    SELECT run_id, runherd_status_key('QUEUED', job),
+           runherd_status_body(run_id, job, 'QUEUED', NULL, attempt, NULL, created_at, tags, parent_run_id)
     FROM inserted
 )
 SELECT run_id FROM inserted;

@@ -65,12 +65,10 @@ WITH d AS (
     FROM inserted
 ), published AS (
     INSERT INTO status_outbox (run_id, routing_key, body)
-    SELECT run_id, 'QUEUED.' || replace(job, '.', '_'),
-           jsonb_build_object(
-               'v', 1, 'run_id', run_id, 'job', job, 'status', 'QUEUED', 'previous_status', NULL,
-               'attempt', attempt, 'reason', 'retry ' || retry_number || ' of run ' || parent_run_id,
-               'ts', to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-               'tags', tags, 'parent_run_id', parent_run_id)
+    SELECT run_id, runherd_status_key('QUEUED', job),
+           runherd_status_body(run_id, job, 'QUEUED', NULL, attempt,
+                               'retry ' || retry_number || ' of run ' || parent_run_id, created_at, tags,
+                               parent_run_id)
     FROM inserted
     ORDER BY run_id
 )
