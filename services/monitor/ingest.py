@@ -30,7 +30,7 @@ _STEP_STATUS = {EventType.STEP_SUCCESS: StepStatus.SUCCESS, EventType.STEP_FAILU
 @dataclass
 class Effects:
     fence: list[tuple[str, int]] = field(default_factory=list)  # (run_id, attempt) to terminate
-    terminate_current: list[str] = field(default_factory=list)  # runs whose current worker must stop
+    failed: bool = False  # a run failed: the retry rule should not wait for the next sweep
     exits: list[tuple[str, datetime]] = field(default_factory=list)
 
 
@@ -105,15 +105,18 @@ async def _act(tx: Tx, action: Action, event: Event, resumes: int, config: Confi
     elif action is Action.SUCCEED:
         await tx.transition([run_id], RunStatus.SUCCESS, None, attempt=attempt, source="worker")
     elif action is Action.FAIL:
+        effects.failed = True
         await tx.transition([run_id], RunStatus.FAILURE, event.message, attempt=attempt, failure_kind="step",
                             source="worker")
     elif action is Action.CANCELED:
         reason = "canceled" if event.type is EventType.RUN_CANCELED else f"canceled; worker {event.message}"
         await tx.transition([run_id], RunStatus.CANCELED, reason, attempt=attempt, source="worker")
     elif action is Action.FAIL_BEFORE_START:
+        effects.failed = True
         await tx.transition([run_id], RunStatus.FAILURE, f"worker exited before it started: {event.message}",
                             attempt=attempt, failure_kind="infrastructure", source="monitor")
     elif action is Action.CRASHED:
+        effects.failed = True  # if the crash budget is spent; a needless wake otherwise costs one sweep
         await crash(tx, [(run_id, attempt, f"worker crashed: {event.message}")], resumes_of={run_id: resumes},
                     max_resumes=config.run_monitoring.max_resume_run_attempts)
 

@@ -134,6 +134,8 @@ class MonitorService:
         return applied, rejected, retry, effects
 
     async def _after(self, effects: Effects) -> None:
+        if effects.failed:
+            self.sweep_now.set()
         now = datetime.now(UTC)
         for _, exited_at in effects.exits:
             metrics.DETECTION_LATENCY.labels("exit").observe(max(0.0, (now - exited_at).total_seconds()))
