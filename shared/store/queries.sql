@@ -37,6 +37,11 @@ WITH target AS (
                                parent_run_id)
     FROM moved
     ORDER BY run_id
+), marked AS (
+    -- A finished run's workers may still be alive: the reap rule stops any left after its grace.
+    UPDATE attempts a SET reap_after = coalesce(a.reap_after, m.status_changed_at)
+    FROM moved m
+    WHERE a.run_id = m.run_id AND a.exited_at IS NULL AND m.status IN ('SUCCESS', 'FAILURE', 'CANCELED')
 )
 SELECT run_id, job, status, previous_status, attempt FROM moved;
 
@@ -235,6 +240,9 @@ WITH crashed AS (
     RETURNING r.run_id, r.attempt, r.resumes, c.why
 ), new_attempt AS (
     INSERT INTO attempts (run_id, attempt) SELECT run_id, attempt FROM resumed
+), superseded AS (
+    UPDATE attempts a SET reap_after = '-infinity'
+    FROM resumed s WHERE a.run_id = s.run_id AND a.attempt = s.attempt - 1
 ), logged AS (
     INSERT INTO events (run_id, attempt, source, type, message, data)
     SELECT run_id, attempt - 1, 'monitor', 'RUN_RESUMED',
@@ -281,21 +289,18 @@ WHERE r.status = 'STARTED'
   AND (a.last_heartbeat_at < clock_timestamp() - make_interval(secs => $1)
        OR (a.last_heartbeat_at IS NULL
            AND coalesce(a.launched_at, a.created_at) < clock_timestamp() - make_interval(secs => $3)))
-ORDER BY r.run_id
 LIMIT $2
 FOR UPDATE OF r SKIP LOCKED;
 
 -- name: claim_reaps
 -- Workers that must not be running: attempts superseded by a resume (at once), and workers of
--- finished runs still alive $1 seconds after the end. A claim lasts $2 seconds, so a monitor that
--- dies mid-way leaves its work to the others.
+-- finished runs still alive $1 seconds after the end (both marked by reap_after when it happened).
+-- A claim lasts $2 seconds, so a monitor that dies mid-way leaves its work to the others.
 WITH due AS (
     SELECT a.run_id, a.attempt
-    FROM attempts a JOIN runs r ON r.run_id = a.run_id
-    WHERE a.exited_at IS NULL AND a.handle IS NOT NULL
-      AND (a.attempt < r.attempt
-           OR (r.status IN ('SUCCESS', 'FAILURE', 'CANCELED')
-               AND r.ended_at < clock_timestamp() - make_interval(secs => $1)))
+    FROM attempts a
+    WHERE a.exited_at IS NULL AND a.reap_after IS NOT NULL AND a.handle IS NOT NULL
+      AND a.reap_after < clock_timestamp() - make_interval(secs => $1)
       AND (a.reap_claimed_at IS NULL OR a.reap_claimed_at < clock_timestamp() - make_interval(secs => $2))
     LIMIT $3
     FOR UPDATE OF a SKIP LOCKED

@@ -15,6 +15,7 @@ from shared.store.store import Store
 from tests import harness
 from tests.harness import Env
 
+# rule -> (its arguments, the partial index it must read through)
 RULES = {
     "stuck_starting": (10.0, 100),
     "stuck_canceling": (10.0, 100),
@@ -23,7 +24,9 @@ RULES = {
     "next_deadline": (30.0, 180.0, 180.0, 180.0, 0.0),
     "dequeue": (10, orjson.dumps([{"key": "team", "value": "a", "per_unique_value": False, "limit": 2}]).decode(),
                 100, 1000),
+    "claim_reaps": (30.0, 5.0, 100),
 }
+INDEXES = {"claim_reaps": ("attempts_to_reap",)}
 
 
 async def _fill(env: Env, finished: int, in_flight: int) -> None:
@@ -60,8 +63,9 @@ async def test_rule_queries_use_partial_indexes_not_a_scan_of_all_runs(env: Env,
     plan = plan if isinstance(plan, list) else orjson.loads(plan)
     scans = _scans(plan[0]["Plan"])
     assert scans, plan
-    assert ("Seq Scan", "runs") not in scans, scans
-    assert any(name in ("runs_in_flight", "runs_queued") for _, name in scans), scans
+    assert ("Seq Scan", "runs") not in scans and ("Seq Scan", "attempts") not in scans, scans
+    expected = INDEXES.get(rule, ("runs_in_flight", "runs_queued"))
+    assert any(name in expected for _, name in scans), scans
 
 
 async def test_migrate_upgrades_an_older_schema() -> None:
