@@ -36,12 +36,23 @@ class Effects:
 
 class LockedRuns:
     """The batch's runs, locked once. An action that changes a run's status or attempt marks it
-    stale; it is read again (already locked) before the next event of that run."""
+    stale; it is read again (already locked) before the next event of that run.
 
-    def __init__(self, tx: Tx) -> None:
+    With ``gather_steps``, step events (which change no run) are gathered and written with one
+    statement, flushed before any other event so the event log keeps the batch's order."""
+
+    def __init__(self, tx: Tx, *, gather_steps: bool = False) -> None:
         self.tx = tx
         self.rows: dict[str, Any] = {}
         self.stale: set[str] = set()
+        self.gather_steps = gather_steps
+        self.pending: list[tuple[Any, ...]] = []
+
+    async def flush(self) -> None:
+        if self.pending:
+            for kind, n in (await self.tx.step_events(self.pending)).items():
+                metrics.EVENTS_APPLIED.labels(kind).inc(n)
+            self.pending.clear()
 
     async def lock(self, run_ids: list[str]) -> None:
         self.rows = await self.tx.lock_runs(run_ids)
@@ -66,13 +77,20 @@ async def apply_event(tx: Tx, event: Event, config: Config, effects: Effects, ru
         decision = on_worker_exit(status, attempt, event.attempt)
     else:
         decision = on_worker_event(status, attempt, event)
+    step_status = _STEP_STATUS.get(event.type, StepStatus.RUNNING).value
+    output = event.data.get("output") if event.type is EventType.STEP_SUCCESS else None
+    if runs.gather_steps and decision.actions in ((Action.STEP_START,), (Action.STEP_END,)):
+        runs.pending.append((event.run_id, event.attempt, event.source, event.seq, event.type.value,
+                             event.step_key or "", event.message, event.data, datetime.fromisoformat(event.ts),
+                             step_status, output))
+        return
+    await runs.flush()
     if _STEP_ACTIONS.intersection(decision.actions):
-        # A step's progress (the common case): the event and the step change in one statement.
+        # A step's progress: the event and the step change in one statement.
         inserted = await tx.step_event(
             run_id=event.run_id, attempt=event.attempt, source=event.source, seq=event.seq, type_=event.type.value,
             step_key=event.step_key or "", message=event.message, data=event.data,
-            ts=datetime.fromisoformat(event.ts), status=_STEP_STATUS.get(event.type, StepStatus.RUNNING).value,
-            output=event.data.get("output") if event.type is EventType.STEP_SUCCESS else None)
+            ts=datetime.fromisoformat(event.ts), status=step_status, output=output)
     else:
         inserted = await tx.insert_event(run_id=event.run_id, attempt=event.attempt, source=event.source,
                                          seq=event.seq, type_=event.type.value, step_key=event.step_key,

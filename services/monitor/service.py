@@ -108,7 +108,7 @@ class MonitorService:
         rejected: list[tuple[Delivery, str]] = []
         retry: list[Delivery] = []
         async with self.store.tx() as tx:
-            runs = LockedRuns(tx)
+            runs = LockedRuns(tx, gather_steps=not careful)
             await runs.lock([event.run_id for _, event in parsed])
             for delivery, event in parsed:
                 try:
@@ -131,6 +131,7 @@ class MonitorService:
                         rejected.append((delivery, f"event could not be applied: {exc!r}"))
                     else:
                         retry.append(delivery)
+            await runs.flush()
         return applied, rejected, retry, effects
 
     async def _after(self, effects: Effects) -> None:

@@ -223,6 +223,41 @@ WITH logged AS (
 )
 SELECT count(*) FROM logged;
 
+-- name: step_events
+-- Many steps' events at once (a batch's run of them between two run-changing events), with the
+-- same meaning as step_event: each is appended once, and each step takes its latest event of the
+-- batch (keeping the start time of a start in the same batch). Returns the events that were new.
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::integer[], $3::text[], $4::integer[], $5::text[], $6::text[],
+                         $7::text[], $8::jsonb[], $9::timestamptz[], $10::text[], $11::jsonb[])
+        WITH ORDINALITY AS x(run_id, attempt, source, seq, type, step_key, message, data, ts, status, output, ord)
+), logged AS (
+    INSERT INTO events (run_id, attempt, source, seq, type, step_key, message, data, ts)
+    SELECT run_id, attempt, source, seq, type, step_key, message, data, ts FROM input ORDER BY ord
+    ON CONFLICT (run_id, attempt, source, seq) WHERE seq IS NOT NULL DO NOTHING
+    RETURNING run_id, attempt, source, seq, type
+), fresh AS (
+    SELECT i.* FROM input i JOIN logged l USING (run_id, attempt, source, seq)
+), latest AS (
+    SELECT DISTINCT ON (run_id, step_key) run_id, step_key, attempt, status, output, message, ts,
+           max(ts) FILTER (WHERE status = 'RUNNING') OVER (PARTITION BY run_id, step_key) AS started
+    FROM fresh
+    ORDER BY run_id, step_key, ord DESC
+), applied AS (
+    INSERT INTO steps (run_id, step_key, status, attempt, output, error, started_at, ended_at)
+    SELECT run_id, step_key, status, attempt, output,
+           CASE WHEN status = 'RUNNING' THEN NULL ELSE message END, started,
+           CASE WHEN status = 'RUNNING' THEN NULL ELSE ts END
+    FROM latest
+    ON CONFLICT (run_id, step_key) DO UPDATE
+    SET status = excluded.status, attempt = excluded.attempt, error = excluded.error,
+        output = CASE WHEN excluded.status = 'RUNNING' THEN steps.output ELSE excluded.output END,
+        started_at = coalesce(excluded.started_at, steps.started_at),
+        ended_at = excluded.ended_at
+    WHERE steps.status <> 'SUCCESS'
+)
+SELECT type, count(*) AS n FROM logged GROUP BY type;
+
 -- name: resume
 -- Crash resume as one compare-and-set: only the current attempt of a STARTED run with resumes
 -- left moves on. $1 run ids, $2 their crashed attempts, $3 max resumes, $4 why (per run).

@@ -133,6 +133,13 @@ class Tx:
                                      message, data, ts, status, output)
         return bool(n)
 
+    async def step_events(self, rows: Sequence[tuple[Any, ...]]) -> dict[str, int]:
+        """step_event for many: rows of (run_id, attempt, source, seq, type, step_key, message, data, ts,
+        status, output). Returns how many new events of each type were applied."""
+        columns = list(zip(*rows, strict=True))
+        result = await self.conn.fetch(q("step_events"), _ids(columns[0]), *columns[1:])
+        return {r["type"]: r["n"] for r in result}
+
     async def record_exit(self, run_id: str, attempt: int, exit_code: int | None, reason: str | None) -> None:
         await self.conn.execute(q("record_exit"), UUID(run_id), attempt, exit_code, reason)
 

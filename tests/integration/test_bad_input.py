@@ -146,3 +146,33 @@ async def test_poison_event_is_retried_then_dead_lettered_without_holding_back_o
     await env.wait_status(second, "SUCCESS")
     [dead] = await _dead_letters(env.amqp_url, 1, timeout=30)
     assert "event could not be applied" in dead.headers[ERROR_HEADER]
+
+
+async def test_a_burst_of_step_events_applied_together_keeps_every_step_right(env: Env) -> None:
+    """Step events that arrive together are written by one statement: duplicates still add no row,
+    and each step ends in its latest state with both its start and end times."""
+    from shared.contract import RunStatus, parse_launch
+    launch = parse_launch({"v": 1, "job": "burst", "steps": [{"key": "s1", "command": ["true"]},
+                                                            {"key": "s2", "command": ["true"]}]})
+    await env.store.insert_run(launch, max_runtime_seconds=None, priority=0)
+    await env.store.dequeue(-1, [])
+    async with env.store.tx() as tx:
+        await tx.transition([launch.run_id], RunStatus.STARTED)
+    run_id = launch.run_id
+    burst = [Event(run_id=run_id, attempt=1, seq=1, type=EventType.STEP_START, step_key="s1", ts=now_iso()),
+             Event(run_id=run_id, attempt=1, seq=2, type=EventType.STEP_SUCCESS, step_key="s1",
+                   data={"output": 7}, ts=now_iso()),
+             Event(run_id=run_id, attempt=1, seq=3, type=EventType.STEP_START, step_key="s2", ts=now_iso())]
+    for event in [*burst, burst[1]]:  # the success twice
+        await env.broker.publish_event(run_id, event.body())
+    await env.start({"monitor": 1})  # the backlog arrives as one batch
+
+    async def applied() -> dict[str, dict[str, object]] | None:
+        steps = {s["step_key"]: s for s in (await env.run(run_id))["steps_status"]}  # type: ignore[index]
+        return steps if len(steps) == 2 else None
+    steps = await eventually(applied, what="both steps recorded")
+    assert steps["s1"]["status"] == "SUCCESS" and steps["s1"]["output"] == 7
+    assert steps["s1"]["started_at"] is not None and steps["s1"]["ended_at"] is not None
+    assert steps["s2"]["status"] == "RUNNING" and steps["s2"]["started_at"] is not None
+    step_events = [e for e in await env.events(run_id) if e["step_key"]]
+    assert [(e["seq"], e["type"]) for e in step_events] == [(1, "STEP_START"), (2, "STEP_SUCCESS"), (3, "STEP_START")]
