@@ -35,9 +35,14 @@ async def insert_launch(store: Store, launch: Launch, *, parent_run_id: str | No
     return inserted
 
 
-async def apply(store: Store, key: str, data: dict[str, Any]) -> Outcome:
+async def apply(store: Store, key: str, data: dict[str, Any], *, launcher: str | None = None) -> Outcome:
+    """``launcher``: the run launcher this service runs; a launch naming another is refused."""
     if key == "launch":
-        await insert_launch(store, contract.parse_launch(data))
+        launch = contract.parse_launch(data)
+        if launch.launcher is not None and launcher is not None and launch.launcher != launcher:
+            raise InvalidMessage(f"launcher: {launch.launcher!r} is not configured here (this runherd launches "
+                                 f"with {launcher!r})")
+        await insert_launch(store, launch)
         return Outcome()
     if key == "terminate":
         return await cancel(store, contract.parse_terminate(data))

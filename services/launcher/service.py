@@ -63,7 +63,8 @@ class LauncherService:
 
     async def _command(self, delivery: Delivery) -> None:
         try:
-            outcome = await commands.apply(self.store, delivery.routing_key, decode(delivery.body))
+            outcome = await commands.apply(self.store, delivery.routing_key, decode(delivery.body),
+                                           launcher=self.launcher.name)
         except InvalidMessage as exc:
             metrics.DEAD_LETTERS.labels(topology.COMMANDS_QUEUE).inc()
             await self.broker.dead_letter(delivery, str(exc))

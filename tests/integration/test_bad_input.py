@@ -70,6 +70,22 @@ async def test_each_kind_of_bad_launch_is_dead_lettered_with_its_reason(env: Env
     await env.wait_status(run_id, "QUEUED", "STARTING", "STARTED", "SUCCESS")
 
 
+async def test_a_launch_naming_a_launcher_not_configured_here_is_dead_lettered(env: Env) -> None:
+    await env.start({"launcher": 1})
+    await env.broker.publish("runherd.commands", "launch",
+                             orjson.dumps({"v": 1, "job": "j", "steps": [STEP], "launcher": "kubernetes"}))
+    [dead] = await _dead_letters(env.amqp_url, 1)
+    assert "'kubernetes' is not configured here" in dead.headers[ERROR_HEADER]
+    run_id = await env.submit([STEP])  # naming no launcher, or this one, is fine
+    await env.broker.publish("runherd.commands", "launch",
+                             orjson.dumps({"v": 1, "job": "j", "steps": [STEP], "launcher": "process"}))
+    await env.wait_status(run_id, "QUEUED", "STARTING", "STARTED", "SUCCESS")
+
+    async def two_runs() -> bool:
+        return (await env.store.fetch("SELECT count(*) AS n FROM runs"))[0]["n"] == 2
+    await eventually(two_runs, what="both valid launches queued")
+
+
 @pytest.mark.parametrize("command", ["terminate", "reexecute"])
 async def test_commands_for_unknown_runs_are_dead_lettered(env: Env, command: str) -> None:
     await env.start({"launcher": 1})
