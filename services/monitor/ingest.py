@@ -77,21 +77,20 @@ async def apply_event(tx: Tx, event: Event, config: Config, effects: Effects, ru
         decision = on_worker_exit(status, attempt, event.attempt)
     else:
         decision = on_worker_event(status, attempt, event)
-    step_status = _STEP_STATUS.get(event.type, StepStatus.RUNNING).value
-    output = event.data.get("output") if event.type is EventType.STEP_SUCCESS else None
-    if runs.gather_steps and decision.actions in ((Action.STEP_START,), (Action.STEP_END,)):
-        runs.pending.append((event.run_id, event.attempt, event.source, event.seq, event.type.value,
-                             event.step_key or "", event.message, event.data, datetime.fromisoformat(event.ts),
-                             step_status, output))
-        return
-    await runs.flush()
     if _STEP_ACTIONS.intersection(decision.actions):
-        # A step's progress: the event and the step change in one statement.
-        inserted = await tx.step_event(
-            run_id=event.run_id, attempt=event.attempt, source=event.source, seq=event.seq, type_=event.type.value,
-            step_key=event.step_key or "", message=event.message, data=event.data,
-            ts=datetime.fromisoformat(event.ts), status=step_status, output=output)
+        # A step's progress: the event and the step change in one statement, gathered with the
+        # batch's other step events when nothing in between changes a run.
+        row = (event.run_id, event.attempt, event.source, event.seq, event.type.value, event.step_key or "",
+               event.message, event.data, datetime.fromisoformat(event.ts),
+               _STEP_STATUS.get(event.type, StepStatus.RUNNING).value,
+               event.data.get("output") if event.type is EventType.STEP_SUCCESS else None)
+        if runs.gather_steps and len(decision.actions) == 1:
+            runs.pending.append(row)
+            return
+        await runs.flush()
+        inserted = bool(await tx.step_events([row]))
     else:
+        await runs.flush()
         inserted = await tx.insert_event(run_id=event.run_id, attempt=event.attempt, source=event.source,
                                          seq=event.seq, type_=event.type.value, step_key=event.step_key,
                                          message=event.message, data=event.data, refused=decision.refused,

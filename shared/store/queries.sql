@@ -197,39 +197,18 @@ SELECT run_id, job, status, attempt, resumes, tags FROM runs WHERE run_id = $1 F
 SELECT run_id, job, status, attempt, resumes, tags FROM runs
 WHERE run_id = ANY($1::uuid[]) ORDER BY run_id FOR UPDATE;
 
--- name: step_event
--- A step's event, appended (once: a redelivery inserts nothing) and applied to the step in one
--- statement. $1 run, $2 attempt, $3 source, $4 seq, $5 type, $6 step key, $7 message, $8 data,
--- $9 ts, $10 the step's new status, $11 its output. A step that succeeded stays SUCCESS: a resumed
--- attempt never re-runs it, and a late event of an older attempt cannot undo it.
-WITH logged AS (
-    INSERT INTO events (run_id, attempt, source, seq, type, step_key, message, data, ts)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-    ON CONFLICT (run_id, attempt, source, seq) WHERE seq IS NOT NULL DO NOTHING
-    RETURNING id
-), applied AS (
-    INSERT INTO steps (run_id, step_key, status, attempt, output, error, started_at, ended_at)
-    SELECT $1, $6, $10, $2, $11,
-           CASE WHEN $10::text = 'RUNNING' THEN NULL ELSE $7 END,
-           CASE WHEN $10::text = 'RUNNING' THEN $9 END,
-           CASE WHEN $10::text = 'RUNNING' THEN NULL ELSE $9 END
-    FROM logged
-    ON CONFLICT (run_id, step_key) DO UPDATE
-    SET status = excluded.status, attempt = excluded.attempt, error = excluded.error,
-        output = CASE WHEN excluded.status = 'RUNNING' THEN steps.output ELSE excluded.output END,
-        started_at = coalesce(excluded.started_at, steps.started_at),
-        ended_at = excluded.ended_at
-    WHERE steps.status <> 'SUCCESS'
-)
-SELECT count(*) FROM logged;
-
 -- name: step_events
--- Many steps' events at once (a batch's run of them between two run-changing events), with the
--- same meaning as step_event: each is appended once, and each step takes its latest event of the
--- batch (keeping the start time of a start in the same batch). Returns the events that were new.
+-- Steps' events (a batch's run of them between two run-changing events), appended and applied in one
+-- statement: each event is appended once (a redelivery inserts nothing), and each step takes its
+-- latest new event (keeping the start time of a start in the same batch). A step that succeeded
+-- stays SUCCESS: a resumed attempt never re-runs it, and a late event of an older attempt cannot
+-- undo it. Returns how many new events of each type there were.
 WITH input AS (
-    SELECT * FROM unnest($1::uuid[], $2::integer[], $3::text[], $4::integer[], $5::text[], $6::text[],
-                         $7::text[], $8::jsonb[], $9::timestamptz[], $10::text[], $11::jsonb[])
+    -- data and output arrive as JSON text: an array of JSON values of any shape is not an SQL array
+    SELECT run_id, attempt, source, seq, type, step_key, message, data::jsonb AS data, ts, status,
+           output::jsonb AS output, ord
+    FROM unnest($1::uuid[], $2::integer[], $3::text[], $4::integer[], $5::text[], $6::text[],
+                $7::text[], $8::text[], $9::timestamptz[], $10::text[], $11::text[])
         WITH ORDINALITY AS x(run_id, attempt, source, seq, type, step_key, message, data, ts, status, output, ord)
 ), logged AS (
     INSERT INTO events (run_id, attempt, source, seq, type, step_key, message, data, ts)

@@ -125,19 +125,14 @@ class Tx:
                                        step_key, message, data, refused, ts)
         return row is not None
 
-    async def step_event(self, *, run_id: str, attempt: int, source: str, seq: int, type_: str, step_key: str,
-                         message: str | None, data: dict[str, Any], ts: datetime, status: str,
-                         output: Any) -> bool:
-        """Append a step's event and apply it to the step; False when it is a redelivery."""
-        n = await self.conn.fetchval(q("step_event"), UUID(run_id), attempt, source, seq, type_, step_key,
-                                     message, data, ts, status, output)
-        return bool(n)
-
     async def step_events(self, rows: Sequence[tuple[Any, ...]]) -> dict[str, int]:
         """step_event for many: rows of (run_id, attempt, source, seq, type, step_key, message, data, ts,
         status, output). Returns how many new events of each type were applied."""
         columns = list(zip(*rows, strict=True))
-        result = await self.conn.fetch(q("step_events"), _ids(columns[0]), *columns[1:])
+        data = [orjson.dumps(d).decode() for d in columns[7]]
+        outputs = [None if o is None else orjson.dumps(o).decode() for o in columns[10]]
+        result = await self.conn.fetch(q("step_events"), _ids(columns[0]), *columns[1:7], data, *columns[8:10],
+                                       outputs)
         return {r["type"]: r["n"] for r in result}
 
     async def record_exit(self, run_id: str, attempt: int, exit_code: int | None, reason: str | None) -> None:
