@@ -166,7 +166,7 @@ async def test_poison_event_is_retried_then_dead_lettered_without_holding_back_o
 
 async def test_a_burst_of_step_events_applied_together_keeps_every_step_right(env: Env) -> None:
     """Step events that arrive together are written by one statement: duplicates still add no row,
-    and each step ends in its latest state with both its start and end times."""
+    outputs of any JSON shape are kept, and each step ends in its latest state with its start time."""
     from shared.contract import RunStatus, parse_launch
     launch = parse_launch({"v": 1, "job": "burst", "steps": [{"key": "s1", "command": ["true"]},
                                                             {"key": "s2", "command": ["true"]}]})
@@ -177,8 +177,10 @@ async def test_a_burst_of_step_events_applied_together_keeps_every_step_right(en
     run_id = launch.run_id
     burst = [Event(run_id=run_id, attempt=1, seq=1, type=EventType.STEP_START, step_key="s1", ts=now_iso()),
              Event(run_id=run_id, attempt=1, seq=2, type=EventType.STEP_SUCCESS, step_key="s1",
-                   data={"output": 7}, ts=now_iso()),
-             Event(run_id=run_id, attempt=1, seq=3, type=EventType.STEP_START, step_key="s2", ts=now_iso())]
+                   data={"output": [1, 2]}, ts=now_iso()),
+             Event(run_id=run_id, attempt=1, seq=3, type=EventType.STEP_START, step_key="s2", ts=now_iso()),
+             Event(run_id=run_id, attempt=1, seq=4, type=EventType.STEP_FAILURE, step_key="s2",
+                   message="exited with code 2", ts=now_iso())]
     for event in [*burst, burst[1]]:  # the success twice
         await env.broker.publish_event(run_id, event.body())
     await env.start({"monitor": 1})  # the backlog arrives as one batch
@@ -187,8 +189,10 @@ async def test_a_burst_of_step_events_applied_together_keeps_every_step_right(en
         steps = {s["step_key"]: s for s in (await env.run(run_id))["steps_status"]}  # type: ignore[index]
         return steps if len(steps) == 2 else None
     steps = await eventually(applied, what="both steps recorded")
-    assert steps["s1"]["status"] == "SUCCESS" and steps["s1"]["output"] == 7
+    assert steps["s1"]["status"] == "SUCCESS" and steps["s1"]["output"] == [1, 2]
     assert steps["s1"]["started_at"] is not None and steps["s1"]["ended_at"] is not None
-    assert steps["s2"]["status"] == "RUNNING" and steps["s2"]["started_at"] is not None
+    assert steps["s2"]["status"] == "FAILURE" and steps["s2"]["error"] == "exited with code 2"
+    assert steps["s2"]["started_at"] is not None and steps["s2"]["output"] is None
     step_events = [e for e in await env.events(run_id) if e["step_key"]]
-    assert [(e["seq"], e["type"]) for e in step_events] == [(1, "STEP_START"), (2, "STEP_SUCCESS"), (3, "STEP_START")]
+    assert [(e["seq"], e["type"]) for e in step_events] == [
+        (1, "STEP_START"), (2, "STEP_SUCCESS"), (3, "STEP_START"), (4, "STEP_FAILURE")]
