@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from services.worker.plan import PLAN_ENV, Plan
 from shared import contract, metrics
@@ -93,10 +92,12 @@ class Launching:
                 await self._failed(claim, exc)
                 return
             self.handles[(claim.run_id, claim.attempt)] = handle
-            await self.store.record_launch(claim.run_id, claim.attempt, handle, self.launcher.name)
+            now = await self.store.record_launch(claim.run_id, claim.attempt, handle, self.launcher.name)
             metrics.LAUNCHES.labels(self.launcher.name, "ok").inc()
             log.info("launched run_id=%s attempt=%s handle=%s", claim.run_id, claim.attempt, handle)
-            await self._cancel_if_canceled(claim, handle)
+            if now is not None and (now[0] is RunStatus.CANCELING or now[0].terminal or now[1] != claim.attempt):
+                # A cancel (or a timeout) that arrived while we were launching found no handle.
+                await self.launcher.terminate(handle)
 
     async def _never_launched(self, claim: LaunchClaim) -> None:
         """The run moved on before its worker started (canceled, or failed by a timeout)."""
@@ -117,10 +118,3 @@ class Launching:
                                 from_=[RunStatus.STARTING, RunStatus.STARTED], failure_kind="infrastructure",
                                 source="launcher")
             await tx.record_exit(claim.run_id, claim.attempt, None, "launch failed")
-
-    async def _cancel_if_canceled(self, claim: LaunchClaim, handle: Handle) -> None:
-        """A cancel that arrived while we were launching found no handle: honour it now."""
-        run: dict[str, Any] | None = await self.store.get_run(claim.run_id)
-        if run is not None and (run["status"] == RunStatus.CANCELING or RunStatus(run["status"]).terminal
-                                or run["attempt"] != claim.attempt):
-            await self.launcher.terminate(handle)

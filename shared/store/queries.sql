@@ -157,8 +157,12 @@ RETURNING a.run_id, a.attempt, r.job, r.status, r.attempt AS current_attempt, r.
 SELECT run_id, step_key, output FROM steps WHERE run_id = ANY($1::uuid[]) AND status = 'SUCCESS';
 
 -- name: record_launch
-UPDATE attempts SET handle = $3, launcher = $4, launched_at = clock_timestamp()
-WHERE run_id = $1 AND attempt = $2;
+-- Records the worker's handle and says what became of the run meanwhile (a cancel that arrived
+-- while the worker was starting found no handle to stop).
+UPDATE attempts a SET handle = $3, launcher = $4, launched_at = clock_timestamp()
+FROM runs r
+WHERE a.run_id = $1 AND a.attempt = $2 AND r.run_id = a.run_id
+RETURNING r.status, r.attempt AS current_attempt;
 
 -- name: record_exit
 -- The first report of an exit wins; later duplicates change nothing.

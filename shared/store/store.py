@@ -245,8 +245,11 @@ class Store:
             launcher=r["launcher"], max_runtime_seconds=r["max_runtime_seconds"],
             completed=completed.get(str(r["run_id"]), {})) for r in rows]
 
-    async def record_launch(self, run_id: str, attempt: int, handle: dict[str, Any], launcher: str) -> None:
-        await self.pool.execute(q("record_launch"), UUID(run_id), attempt, handle, launcher)
+    async def record_launch(self, run_id: str, attempt: int, handle: dict[str, Any],
+                            launcher: str) -> tuple[RunStatus, int] | None:
+        """Store the handle; returns the run's status and current attempt as they are now."""
+        row = await self.pool.fetchrow(q("record_launch"), UUID(run_id), attempt, handle, launcher)
+        return None if row is None else (RunStatus(row["status"]), row["current_attempt"])
 
     async def live_handles(self) -> list[RunRef]:
         rows = await self.pool.fetch(q("live_handles"))
