@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"runherd: config: {exc}", file=sys.stderr)
         return 2
     from shared.runtime import setup_logging
-    setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.log_format)
     try:
         return asyncio.run(_dispatch(args, cfg))
     except (InvalidMessage, UsageError, ConfigError) as exc:

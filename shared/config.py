@@ -79,6 +79,7 @@ class Config:
     run_launcher: RunLauncherConfig = field(default_factory=RunLauncherConfig)
     metrics_port: int = 0  # 0: no Prometheus endpoint
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (one object per line, run_id and attempt as fields)
 
 
 def redact(url: str) -> str:
@@ -202,9 +203,12 @@ def from_mapping(raw: Mapping[str, Any] | None) -> Config:
         run_launcher=_run_launcher(raw.get("run_launcher")),
         metrics_port=_check("metrics_port", raw.get("metrics_port", 0), int, "an integer"),
         log_level=_check("log_level", raw.get("log_level", "INFO"), str, "a level name"),
+        log_format=_check("log_format", raw.get("log_format", "text"), str, "text or json"),
     )
     object.__setattr__(config, "run_coordinator",
                        RunCoordinator(**{**config.run_coordinator.__dict__, "tag_concurrency_limits": limits}))
+    if config.log_format not in ("text", "json"):
+        raise ConfigError(f"log_format: expected text or json, got {config.log_format!r}")
     if config.run_retries.retry_strategy not in ("FROM_FAILURE", "ALL_STEPS"):
         raise ConfigError("run_retries.retry_strategy: expected FROM_FAILURE or ALL_STEPS")
     return config

@@ -9,16 +9,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import orjson
 
 log = logging.getLogger("runherd")
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+_FIELD = re.compile(r"\b(run_id|attempt|step|job|reason)=([^\s,;:]+)")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; the ``run_id=… attempt=…`` of a message become fields of their own,
+    so a log pipeline can filter one run's story without parsing text."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        entry: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "level": record.levelname, "logger": record.name, "message": message}
+        for key, value in _FIELD.findall(message):
+            entry.setdefault(key, int(value) if key == "attempt" and value.isdigit() else value)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
     logging.getLogger("aiormq").setLevel(logging.WARNING)
 

@@ -66,3 +66,18 @@ def test_unknown_launcher_and_bad_launcher_config() -> None:
         launchers.build(config.from_mapping({"run_launcher": {"name": "ssh"}}).run_launcher)
     with pytest.raises(ConfigError, match="run_launcher.config.colour"):
         launchers.build(config.from_mapping({"run_launcher": {"config": {"colour": "red"}}}).run_launcher)
+
+
+def test_json_logs_carry_run_id_and_attempt_as_fields() -> None:
+    import logging
+
+    import orjson
+
+    from shared.runtime import JsonFormatter
+    record = logging.LogRecord("runherd.monitor", logging.INFO, __file__, 1,
+                               "resuming run_id=%s attempt=%s: %s", ("r-1", 2, "worker crashed"), None)
+    entry = orjson.loads(JsonFormatter().format(record))
+    assert entry["run_id"] == "r-1" and entry["attempt"] == 2 and entry["level"] == "INFO"
+    assert entry["message"] == "resuming run_id=r-1 attempt=2: worker crashed" and entry["ts"].endswith("Z")
+    with pytest.raises(ConfigError, match="log_format"):
+        config.from_mapping({"log_format": "xml"})
