@@ -74,9 +74,6 @@ class EventType(enum.StrEnum):
     WORKER_EXITED = "WORKER_EXITED"
 
 
-WORKER_EVENTS = frozenset(EventType) - {EventType.WORKER_EXITED}
-
-
 class RetryStrategy(enum.StrEnum):
     FROM_FAILURE = "FROM_FAILURE"
     ALL_STEPS = "ALL_STEPS"
@@ -414,17 +411,3 @@ def now_iso() -> str:
 
 def iso(ts: datetime) -> str:
     return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def status_routing_key(status: str, job: str) -> str:
-    return f"{status}.{job.replace('.', '_')}"
-
-
-def status_body(*, run_id: str, job: str, status: str, previous_status: str | None, attempt: int,
-                reason: str | None, ts: datetime, tags: dict[str, Any],
-                parent_run_id: str | None) -> bytes:
-    return orjson.dumps({
-        "v": VERSION, "run_id": run_id, "job": job, "status": status,
-        "previous_status": previous_status, "attempt": attempt, "reason": reason,
-        "ts": iso(ts), "tags": tags, "parent_run_id": parent_run_id,
-    })

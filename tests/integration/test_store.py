@@ -131,3 +131,17 @@ async def test_only_one_outbox_relay_is_active(env: Env) -> None:
             assert statuses.of(run_id) == ["QUEUED", "STARTING", "STARTED"]
     stop.set()
     await asyncio.gather(*relays)
+
+
+async def test_status_message_body_and_routing_key(env: Env) -> None:
+    """The one place the status message of DESIGN.md is built: SQL functions used by every outbox write."""
+    from datetime import UTC, datetime
+    run_id = uuid.uuid4()
+    [row] = await env.store.fetch(
+        "SELECT runherd_status_key('FAILURE', 'nightly.etl') AS key, runherd_status_body($1, 'nightly.etl', "
+        "'FAILURE', 'STARTED', 2, 'exceeded max runtime of 5 s', $2, '{\"team\": \"data\"}'::jsonb, NULL) AS body",
+        run_id, datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC))
+    assert row["key"] == "FAILURE.nightly_etl"
+    assert row["body"] == {"v": 1, "run_id": str(run_id), "job": "nightly.etl", "status": "FAILURE",
+                           "previous_status": "STARTED", "attempt": 2, "reason": "exceeded max runtime of 5 s",
+                           "ts": "2026-01-02T03:04:05.000006Z", "tags": {"team": "data"}, "parent_run_id": None}

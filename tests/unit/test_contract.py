@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
-import orjson
 import pytest
 
 from shared import contract
@@ -85,14 +82,6 @@ def test_state_machine(current: RunStatus, target: RunStatus, allowed: bool) -> 
 def test_terminal_statuses_never_change() -> None:
     for terminal in (RunStatus.SUCCESS, RunStatus.FAILURE, RunStatus.CANCELED):
         assert not any(can_transition(terminal, target) for target in RunStatus)
-
-
-def test_status_body_and_routing_key() -> None:
-    assert contract.status_routing_key("FAILURE", "nightly.etl") == "FAILURE.nightly_etl"
-    body = orjson.loads(contract.status_body(
-        run_id="r", job="j", status="SUCCESS", previous_status="STARTED", attempt=2, reason=None,
-        ts=datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC), tags={"a": 1}, parent_run_id=None))
-    assert body["ts"] == "2026-01-02T03:04:05.000006Z" and body["v"] == 1 and body["attempt"] == 2
 
 
 def test_parse_tag_args() -> None:
