@@ -402,7 +402,7 @@ def parse_heartbeat(data: dict[str, Any]) -> Heartbeat:
     return Heartbeat(run_id=parse_run_id(data.get("run_id")), attempt=_counter(data, "attempt", 1), ts=ts)
 
 
-# --- status messages -----------------------------------------------------------------------------
+# --- timestamps --------------------------------------------------------------------------------------
 
 
 def now_iso() -> str:

@@ -142,6 +142,28 @@ async def bench_env(name: str) -> AsyncIterator[BenchEnv]:
         shutil.rmtree(env.tmp, ignore_errors=True)
 
 
+async def insert_started_runs(store: Any, count: int, job: str, steps: int = 1) -> list[str]:
+    """``count`` runs STARTED on attempt 1 with a worker handle, inserted in bulk (the same columns
+    the services write), for benchmarks of what happens to runs in flight."""
+    import orjson
+
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    plan = orjson.dumps([{"key": f"s{i}", "command": ["true"], "deps": []} for i in range(steps)]).decode()
+    for start in range(0, count, 5000):
+        chunk = [uuid.UUID(i) for i in ids[start:start + 5000]]
+        await store.pool.execute(
+            "INSERT INTO runs (run_id, job, status, attempt, priority, tags, steps, root_run_id, started_at, "
+            "status_changed_at) SELECT u, $3, 'STARTED', 1, 0, '{}'::jsonb, $2::jsonb, u, now(), now() "
+            "FROM unnest($1::uuid[]) AS u", chunk, plan, job)
+        await store.pool.execute(
+            "INSERT INTO attempts (run_id, attempt, launcher, handle, launched_at) "
+            "SELECT u, 1, 'process', jsonb_build_object('launcher', 'process', 'pid', 0), now() "
+            "FROM unnest($1::uuid[]) AS u", chunk)
+    await store.pool.execute("VACUUM ANALYZE runs")
+    await store.pool.execute("VACUUM ANALYZE attempts")
+    return ids
+
+
 def tagged_pids(tag: str) -> list[int]:
     """Processes whose environment carries RUNHERD_BENCH_TAG=<tag> (workers and their steps)."""
     needle = f"RUNHERD_BENCH_TAG={tag}".encode()

@@ -25,26 +25,24 @@ from datetime import datetime  # noqa: E402
 import aio_pika  # noqa: E402
 import orjson  # noqa: E402
 
-from scripts.bench._benchlib import BenchEnv, bench_env, machine, quiet_logs, rate, ratio, rss, table  # noqa: E402
+from scripts.bench._benchlib import (  # noqa: E402
+    BenchEnv,
+    bench_env,
+    insert_started_runs,
+    machine,
+    quiet_logs,
+    rate,
+    ratio,
+    rss,
+    table,
+)
 from shared import app, config  # noqa: E402
 from shared.contract import Event, EventType, now_iso  # noqa: E402
 from shared.store import Store  # noqa: E402
 
 
 async def seed(store: Store, runs: int) -> list[str]:
-    ids = [str(uuid.uuid4()) for _ in range(runs)]
-    steps = orjson.dumps([{"key": f"s{i}", "command": ["true"], "deps": []} for i in range(5)]).decode()
-    uids = [uuid.UUID(r) for r in ids]
-    await store.pool.execute(
-        "INSERT INTO runs (run_id, job, status, attempt, priority, tags, steps, root_run_id, started_at, "
-        "status_changed_at) SELECT u, 'bench-events', 'STARTED', 1, 0, '{}'::jsonb, $2::jsonb, u, now(), now() "
-        "FROM unnest($1::uuid[]) AS u", uids, steps)
-    await store.pool.execute(
-        "INSERT INTO attempts (run_id, attempt, launcher, handle, launched_at) "
-        "SELECT u, 1, 'process', jsonb_build_object('launcher', 'process', 'pid', 0), now() "
-        "FROM unnest($1::uuid[]) AS u", uids)
-    await store.pool.execute("VACUUM ANALYZE runs")
-    return ids
+    return await insert_started_runs(store, runs, "bench-events", steps=5)
 
 
 def bodies(ids: list[str], steps: int) -> list[tuple[str, bytes]]:

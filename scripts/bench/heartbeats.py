@@ -41,7 +41,17 @@ from typing import Any  # noqa: E402
 import aio_pika  # noqa: E402
 import orjson  # noqa: E402
 
-from scripts.bench._benchlib import BenchEnv, bench_env, machine, quiet_logs, rate, ratio, rss, table  # noqa: E402
+from scripts.bench._benchlib import (  # noqa: E402
+    BenchEnv,
+    bench_env,
+    insert_started_runs,
+    machine,
+    quiet_logs,
+    rate,
+    ratio,
+    rss,
+    table,
+)
 from services.heartbeat import service as heartbeat_service  # noqa: E402
 from shared import app, config, contract  # noqa: E402
 from shared import broker as topology  # noqa: E402
@@ -87,21 +97,7 @@ def count_commits() -> None:
 
 
 async def insert_live_attempts(store: Store, r: int) -> list[str]:
-    ids = [str(uuid.uuid4()) for _ in range(r)]
-    steps = orjson.dumps([{"key": "work", "command": ["true"], "deps": []}]).decode()
-    for start in range(0, r, 5000):
-        chunk = [uuid.UUID(i) for i in ids[start:start + 5000]]
-        await store.pool.execute(
-            "INSERT INTO runs (run_id, job, status, attempt, priority, tags, steps, root_run_id, started_at, "
-            "status_changed_at) SELECT u, 'bench-hb', 'STARTED', 1, 0, '{}'::jsonb, $2::jsonb, u, now(), now() "
-            "FROM unnest($1::uuid[]) AS u", chunk, steps)
-        await store.pool.execute(
-            "INSERT INTO attempts (run_id, attempt, launcher, handle, launched_at) "
-            "SELECT u, 1, 'process', jsonb_build_object('launcher', 'process', 'pid', 0), now() "
-            "FROM unnest($1::uuid[]) AS u", chunk)
-    await store.pool.execute("VACUUM ANALYZE runs")
-    await store.pool.execute("VACUUM ANALYZE attempts")
-    return ids
+    return await insert_started_runs(store, r, "bench-hb")
 
 
 def bodies(ids: list[str], n: int, offset: int) -> list[bytes]:
