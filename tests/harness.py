@@ -28,6 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 
+# Workers that misbehave on purpose (tests/fixtures): one that ignores SIGTERM, one that reports
+# RUN_START and never heartbeats, one that comes up late.
+STUBBORN = [PYTHON, str(ROOT / "tests" / "fixtures" / "stubborn_worker.py")]
+SILENT = [PYTHON, str(ROOT / "tests" / "fixtures" / "silent_worker.py")]
+LATE = [str(ROOT / "tests" / "fixtures" / "late_worker.sh"), PYTHON, "-m", "shared.cli", "worker"]
+
+
 async def eventually(predicate: Callable[[], Awaitable[Any]] | Callable[[], Any], timeout: float = 15,
                      interval: float = 0.05, what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
@@ -233,6 +240,17 @@ class Env:
                     return row["handle"]
             return None
         return await eventually(check, timeout, what=f"worker handle of {run_id} attempt {attempt}")
+
+    def process_launcher(self, command: list[str] | None = None, grace: float = 3) -> dict[str, Any]:
+        """The ``run_launcher`` section for the process launcher: logs under the test's tmp dir, and
+        optionally another worker command and terminate grace."""
+        launcher_config: dict[str, Any] = {"log_dir": str(self.tmp / "logs"), "terminate_grace_seconds": grace}
+        if command:
+            launcher_config["worker_command"] = command
+        return {"name": "process", "config": launcher_config}
+
+    async def cancel(self, run_id: str) -> None:
+        await self.broker.publish_command("terminate", orjson.dumps({"v": 1, "run_id": run_id}))
 
     def raw_config(self) -> dict[str, Any]:
         return dict(getattr(self, "raw", None) or fast_raw(self.db_url, self.amqp_url, self.tmp / "logs"))

@@ -4,23 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
-
-import orjson
 
 from shared.contract import Event, EventType, now_iso
-from tests.harness import ROOT, Env, eventually, pids_alive, status_log
-
-STUBBORN = [sys.executable, str(ROOT / "tests" / "fixtures" / "stubborn_worker.py")]
-SILENT = [sys.executable, str(ROOT / "tests" / "fixtures" / "silent_worker.py")]
-LATE = [str(ROOT / "tests" / "fixtures" / "late_worker.sh"), sys.executable, "-m", "shared.cli", "worker"]
-
-
-def process_launcher(env: Env, command: list[str] | None = None, grace: float = 3) -> dict[str, object]:
-    config: dict[str, object] = {"log_dir": str(env.tmp / "logs"), "terminate_grace_seconds": grace}
-    if command:
-        config["worker_command"] = command
-    return {"name": "process", "config": config}
+from tests.harness import LATE, SILENT, STUBBORN, Env, eventually, pids_alive, status_log
 
 
 async def test_late_run_success_after_timeout_is_refused(env: Env) -> None:
@@ -42,12 +28,12 @@ async def test_late_run_success_after_timeout_is_refused(env: Env) -> None:
 
 async def test_user_cancel_is_never_mistaken_for_a_crash(env: Env) -> None:
     """Dagster #21476: the worker dies while the run is CANCELING: CANCELED, never resumed."""
-    env.configure(run_launcher=process_launcher(env, STUBBORN, grace=60))
+    env.configure(run_launcher=env.process_launcher(STUBBORN, grace=60))
     await env.start()
     run_id = await env.submit([{"key": "a", "command": ["sleep", "600"]}])
     await env.wait_status(run_id, "STARTED")
     handle = await env.handle(run_id)
-    await env.broker.publish_command("terminate", orjson.dumps({"v": 1, "run_id": run_id}))
+    await env.cancel(run_id)
     await env.wait_status(run_id, "CANCELING")
     os.kill(handle["pid"], signal.SIGKILL)  # it dies while canceling, as a crash would
     run = await env.wait_status(run_id, "CANCELED", "STARTED", "FAILURE")
@@ -60,7 +46,7 @@ async def test_worker_that_never_heartbeats_is_still_detected(env: Env) -> None:
     """Airflow's bug: a NULL last heartbeat compared as 'not stale'."""
     env.configure(run_monitoring={"max_resume_run_attempts": 0, "heartbeat_timeout_seconds": 2,
                                   "start_timeout_seconds": 2},
-                  run_launcher=process_launcher(env, SILENT))
+                  run_launcher=env.process_launcher(SILENT))
     await env.start()
     run_id = await env.submit([{"key": "a", "command": ["true"]}])
     await env.wait_status(run_id, "STARTED")
@@ -73,7 +59,7 @@ async def test_worker_that_never_heartbeats_is_still_detected(env: Env) -> None:
 async def test_worker_coming_up_after_start_timeout_is_refused_and_terminated(env: Env) -> None:
     """Dagster #29101: a worker that starts after its run was failed by the start timeout."""
     env.configure(run_monitoring={"start_timeout_seconds": 1},
-                  run_launcher=process_launcher(env, LATE, grace=30))
+                  run_launcher=env.process_launcher(LATE, grace=30))
     await env.start()
     run_id = await env.submit([{"key": "a", "command": ["sleep", "600"]}], env={"LATE_SECONDS": "3"})
     handle = await env.handle(run_id)
@@ -91,7 +77,7 @@ async def test_worker_coming_up_after_start_timeout_is_refused_and_terminated(en
 async def test_timed_out_run_frees_its_slot_at_once(env: Env) -> None:
     """Prefect #16746: the slot is free the moment the run fails, not when its worker is gone."""
     env.configure(run_coordinator={"max_concurrent_runs": 1},
-                  run_launcher=process_launcher(env, STUBBORN, grace=60))
+                  run_launcher=env.process_launcher(STUBBORN, grace=60))
     await env.start()
     first = await env.submit([{"key": "a", "command": ["sleep", "600"]}], tags={"runherd/max_runtime": 1})
     await env.wait_status(first, "STARTED")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
-from tests.harness import ROOT, Env, eventually, group_members, pids_alive
+from tests.harness import STUBBORN, Env, eventually, group_members, pids_alive
 
 # A step that blocks forever on the first attempt only: a resumed attempt gets through.
 HANG_ON_FIRST = ["sh", "-c", 'if [ "$RUNHERD_ATTEMPT" = 1 ]; then sleep 600; fi']
@@ -117,20 +116,14 @@ async def test_stuck_starting_worker_that_never_reports_fails_and_is_gone(env: E
     await eventually(terminated, what="the termination in the event log")
 
 
-STUBBORN = [sys.executable, str(ROOT / "tests" / "fixtures" / "stubborn_worker.py")]
-
-
 async def test_stuck_canceling_worker_ignoring_sigterm_is_killed_and_canceled(env: Env) -> None:
     env.configure(run_monitoring={"cancel_timeout_seconds": 2},
-                  run_launcher={"name": "process", "config": {
-                      "log_dir": str(env.tmp / "logs"), "worker_command": STUBBORN,
-                      "terminate_grace_seconds": 60}})
+                  run_launcher=env.process_launcher(STUBBORN, grace=60))
     await env.start()
     run_id = await env.submit([{"key": "a", "command": ["sleep", "600"]}])
     await env.wait_status(run_id, "STARTED")
     handle = await env.handle(run_id)
-    import orjson
-    await env.broker.publish_command("terminate", orjson.dumps({"v": 1, "run_id": run_id}))
+    await env.cancel(run_id)
     await env.wait_status(run_id, "CANCELING")
     assert pids_alive([handle["pid"]])  # it ignored SIGTERM
     run = await env.wait_status(run_id, "CANCELED")

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import uuid
 from collections import Counter
 
 import pytest
 
-from tests.harness import ROOT, Env, eventually, pids_alive, status_log
+from tests.harness import STUBBORN, Env, eventually, pids_alive, status_log
 
 pytestmark = pytest.mark.slow
 
@@ -49,10 +48,8 @@ async def test_three_monitors_100_runs_a_third_crashed_each_resumed_once(env: En
 
 
 async def test_monitor_sigkilled_while_runs_time_out_the_others_finish(env: Env) -> None:
-    stubborn = [sys.executable, str(ROOT / "tests" / "fixtures" / "stubborn_worker.py")]
     env.configure(run_monitoring={"heartbeat_timeout_seconds": 3, "poll_interval_seconds": 0.3},
-                  run_launcher={"name": "process", "config": {
-                      "log_dir": str(env.tmp / "logs"), "worker_command": stubborn, "terminate_grace_seconds": 2}})
+                  run_launcher=env.process_launcher(STUBBORN, grace=2))
     victim = env.spawn("monitor")
     env.spawn("monitor")
     await env.start({"launcher": 1, "heartbeat": 1})

@@ -79,7 +79,7 @@ async def test_cancel_running_run_leaves_no_process(env: Env) -> None:
     await eventually(pid_file.exists, what="the step to start")
     handle = await env.handle(run_id)
     step_pid = int(pid_file.read_text())
-    await env.broker.publish_command("terminate", orjson.dumps({"v": 1, "run_id": run_id}))
+    await env.cancel(run_id)
     run = await env.wait_status(run_id, "CANCELED")
     assert run["reason"]
     await eventually(lambda: not group_members(handle["pid"]) and not group_members(step_pid),
@@ -93,7 +93,7 @@ async def test_cancel_queued_run(env: Env) -> None:
     await env.start()
     run_id = await env.submit([{"key": "a", "command": ["true"]}])
     await env.wait_status(run_id, "QUEUED")
-    await env.broker.publish_command("terminate", orjson.dumps({"v": 1, "run_id": run_id}))
+    await env.cancel(run_id)
     run = await env.wait_status(run_id, "CANCELED")
     assert run["attempt"] == 0
 
