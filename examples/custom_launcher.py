@@ -20,9 +20,9 @@ import dataclasses
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from shared.errors import ConfigError
-from shared.launchers.base import Handle, Health, RunLauncher, WorkerExit, WorkerRun
-from shared.launchers.process import ProcessLauncher
+from runherd.errors import ConfigError
+from runherd.launchers.base import Handle, Health, RunLauncher, WorkerExit, WorkerRun
+from runherd.launchers.process import ProcessLauncher
 
 
 class NiceLauncher(RunLauncher):

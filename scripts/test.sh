@@ -7,5 +7,6 @@ bash scripts/services.sh
 bash scripts/ci/dockerd.sh || echo "test.sh: no Docker engine; the Docker tests will say they are skipped"
 # Tooling is a gate: lint and types first, then the suite.
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 .venv/bin/mypy
 exec .venv/bin/python -m pytest -q "$@"

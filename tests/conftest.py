@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import aiodocker
 import pytest
 
-from shared.broker import Broker
-from shared.store import Store
+from runherd.broker import Broker
+from runherd.store import Store
 from tests import harness
 
 _VHOSTS: list[str] = []
@@ -36,8 +36,14 @@ async def env(tmp_path) -> AsyncIterator[harness.Env]:  # type: ignore[no-untype
     amqp_url = f"{harness.AMQP}/{vhost}"
     store = await Store.connect(db_url)
     broker = await Broker.connect(amqp_url)
-    e = harness.Env(db_url=db_url, amqp_url=amqp_url, tmp=tmp_path, store=store, broker=broker,
-                    cfg=harness.fast_config(db_url, amqp_url, tmp_path / "logs"))
+    e = harness.Env(
+        db_url=db_url,
+        amqp_url=amqp_url,
+        tmp=tmp_path,
+        store=store,
+        broker=broker,
+        cfg=harness.fast_config(db_url, amqp_url, tmp_path / "logs"),
+    )
     try:
         yield e
     finally:
@@ -55,6 +61,7 @@ async def docker_engine() -> AsyncIterator[aiodocker.Docker]:
     """A plain client to the real Docker engine, playing the operator (docker kill, inspect); the
     test is skipped, saying why, when no engine answers. Removes this session's containers after."""
     from tests.launchers.docker_fixtures import docker_unavailable_reason, ensure_base_image, remove_session_containers
+
     reason = docker_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)

@@ -18,9 +18,9 @@ import aio_pika
 import asyncpg
 import orjson
 
-from shared import app, config
-from shared.broker import Broker
-from shared.store import Store, migrate
+from runherd import app, config
+from runherd.broker import Broker
+from runherd.store import Store, migrate
 
 PG = os.environ.get("RUNHERD_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 AMQP = os.environ.get("RUNHERD_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672")
@@ -32,11 +32,15 @@ PYTHON = sys.executable
 # RUN_START and never heartbeats, one that comes up late.
 STUBBORN = [PYTHON, str(ROOT / "tests" / "fixtures" / "stubborn_worker.py")]
 SILENT = [PYTHON, str(ROOT / "tests" / "fixtures" / "silent_worker.py")]
-LATE = [str(ROOT / "tests" / "fixtures" / "late_worker.sh"), PYTHON, "-m", "shared.cli", "worker"]
+LATE = [str(ROOT / "tests" / "fixtures" / "late_worker.sh"), PYTHON, "-m", "runherd.cli", "worker"]
 
 
-async def eventually(predicate: Callable[[], Awaitable[Any]] | Callable[[], Any], timeout: float = 15,
-                     interval: float = 0.05, what: str = "condition") -> Any:
+async def eventually(
+    predicate: Callable[[], Awaitable[Any]] | Callable[[], Any],
+    timeout: float = 15,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -104,13 +108,18 @@ async def new_vhost() -> str:
 async def reset_vhost(amqp_url: str) -> bool:
     """Empty a vhost for the next test: runherd's queues and exchanges go, with their messages.
     Creating a vhost costs a second of rabbitmqctl; this costs milliseconds."""
-    from shared import broker as topology
+    from runherd import broker as topology
+
     try:
         connection = await aio_pika.connect(amqp_url, timeout=10)
         async with connection:
             channel = await connection.channel()
-            for queue in (topology.COMMANDS_QUEUE, topology.EVENTS_QUEUE, topology.HEARTBEATS_QUEUE,
-                          topology.DEAD_QUEUE):
+            for queue in (
+                topology.COMMANDS_QUEUE,
+                topology.EVENTS_QUEUE,
+                topology.HEARTBEATS_QUEUE,
+                topology.DEAD_QUEUE,
+            ):
                 await channel.queue_delete(queue)
             for exchange in (topology.COMMANDS, topology.EVENTS, topology.HEARTBEATS, topology.STATUS, topology.DEAD):
                 await channel.exchange_delete(exchange)
@@ -120,8 +129,10 @@ async def reset_vhost(amqp_url: str) -> bool:
 
 
 def delete_vhosts(names: list[str]) -> None:
-    procs = [subprocess.Popen(["rabbitmqctl", "-q", "delete_vhost", n], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL) for n in names]
+    procs = [
+        subprocess.Popen(["rabbitmqctl", "-q", "delete_vhost", n], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for n in names
+    ]
     for p in procs:
         p.wait(timeout=60)
 
@@ -136,10 +147,16 @@ def fast_config(db_url: str, amqp_url: str, log_dir: Path, **overrides: Any) -> 
 
 def fast_raw(db_url: str, amqp_url: str, log_dir: Path, **overrides: Any) -> dict[str, Any]:
     raw: dict[str, Any] = {
-        "amqp_url": amqp_url, "database_url": db_url,
-        "run_monitoring": {"start_timeout_seconds": 10, "cancel_timeout_seconds": 10,
-                           "poll_interval_seconds": 0.5, "heartbeat_interval_seconds": 0.5,
-                           "heartbeat_timeout_seconds": 4, "max_resume_run_attempts": 3},
+        "amqp_url": amqp_url,
+        "database_url": db_url,
+        "run_monitoring": {
+            "start_timeout_seconds": 10,
+            "cancel_timeout_seconds": 10,
+            "poll_interval_seconds": 0.5,
+            "heartbeat_interval_seconds": 0.5,
+            "heartbeat_timeout_seconds": 4,
+            "max_resume_run_attempts": 3,
+        },
         "run_coordinator": {"dequeue_interval_seconds": 0.5},
         "run_launcher": {"name": "process", "config": {"log_dir": str(log_dir), "terminate_grace_seconds": 3}},
     }
@@ -177,6 +194,7 @@ class Env:
     def config_file(self) -> Path:
         """The current config as a runherd.yaml, for services run as subprocesses."""
         import yaml
+
         path = self.tmp / "runherd.yaml"
         path.write_text(yaml.safe_dump(self.raw_config()))
         return path
@@ -184,15 +202,19 @@ class Env:
     def spawn(self, *verb: str) -> subprocess.Popen[bytes]:
         """A runherd service as a real process (so a test can SIGKILL it)."""
         log = open(self.tmp / f"{verb[0]}-{uuid.uuid4().hex[:6]}.log", "wb")
-        proc = subprocess.Popen([PYTHON, "-m", "shared.cli", "--config", str(self.config_file()), *verb],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "runherd.cli", "--config", str(self.config_file()), *verb],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
         self.processes.append(proc)
         return proc
 
-    async def start(self, services: dict[str, int] | None = None, cfg: config.Config | None = None,
-                    **kwargs: Any) -> app.Running:
-        running = await app.start(cfg or self.cfg, services or {"launcher": 1, "heartbeat": 1, "monitor": 1},
-                                  **kwargs)
+    async def start(
+        self, services: dict[str, int] | None = None, cfg: config.Config | None = None, **kwargs: Any
+    ) -> app.Running:
+        running = await app.start(cfg or self.cfg, services or {"launcher": 1, "heartbeat": 1, "monitor": 1}, **kwargs)
         self.running.append(running)
         return running
 
@@ -207,8 +229,15 @@ class Env:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(row["handle"]["pid"], 9)
 
-    async def submit(self, steps: list[dict[str, Any]], *, job: str = "test-job", tags: dict[str, Any] | None = None,
-                     run_id: str | None = None, env: dict[str, str] | None = None) -> str:
+    async def submit(
+        self,
+        steps: list[dict[str, Any]],
+        *,
+        job: str = "test-job",
+        tags: dict[str, Any] | None = None,
+        run_id: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> str:
         run_id = run_id or str(uuid.uuid4())
         body = {"v": 1, "run_id": run_id, "job": job, "steps": steps, "tags": tags or {}, "env": env or {}}
         await self.broker.publish_command("launch", orjson.dumps(body))
@@ -225,6 +254,7 @@ class Env:
         async def check() -> dict[str, Any] | None:
             run = await self.store.get_run(run_id)
             return run if run is not None and run["status"] in statuses else None
+
         return await eventually(check, timeout, what=f"run {run_id} in {statuses}")
 
     async def events(self, run_id: str) -> list[dict[str, Any]]:
@@ -233,12 +263,14 @@ class Env:
     async def handle(self, run_id: str, attempt: int | None = None, timeout: float = 15) -> dict[str, Any]:
         async def check() -> dict[str, Any] | None:
             rows = await self.store.fetch(
-                "SELECT attempt, handle FROM attempts WHERE run_id = $1 AND handle IS NOT NULL "
-                "ORDER BY attempt DESC", uuid.UUID(run_id))
+                "SELECT attempt, handle FROM attempts WHERE run_id = $1 AND handle IS NOT NULL ORDER BY attempt DESC",
+                uuid.UUID(run_id),
+            )
             for row in rows:
                 if attempt is None or row["attempt"] == attempt:
                     return row["handle"]
             return None
+
         return await eventually(check, timeout, what=f"worker handle of {run_id} attempt {attempt}")
 
     def process_launcher(self, command: list[str] | None = None, grace: float = 3) -> dict[str, Any]:
@@ -305,7 +337,7 @@ def pids_alive(pids: list[int]) -> list[int]:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 state = f.read().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             continue
         if state != "Z":
             alive.append(pid)

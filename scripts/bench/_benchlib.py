@@ -82,8 +82,10 @@ def rss() -> tuple[float, float]:
 
 def machine() -> str:
     load = os.getloadavg()
-    return (f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-            f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    return (
+        f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
 
 
 # --- the private environment of one benchmark ----------------------------------------------------------
@@ -113,13 +115,18 @@ class BenchEnv:
 
 @contextlib.asynccontextmanager
 async def bench_env(name: str) -> AsyncIterator[BenchEnv]:
-    """A database ``runherd_bench_<name>_<hex>`` migrated with shared.store.migrate, a vhost
+    """A database ``runherd_bench_<name>_<hex>`` migrated with runherd.store.migrate, a vhost
     ``runherd-bench-<name>-<hex>`` and a temp dir; all removed on the way out, whatever happens."""
-    from shared.store import migrate
+    from runherd.store import migrate
 
     suffix = uuid.uuid4().hex[:8]
-    env = BenchEnv(name=name, db_name=f"runherd_bench_{name}_{suffix}", vhost=f"runherd-bench-{name}-{suffix}",
-                   tmp=Path(f"/tmp/runherd-bench-{name}-{suffix}"), tag=f"{name}-{suffix}")
+    env = BenchEnv(
+        name=name,
+        db_name=f"runherd_bench_{name}_{suffix}",
+        vhost=f"runherd-bench-{name}-{suffix}",
+        tmp=Path(f"/tmp/runherd-bench-{name}-{suffix}"),
+        tag=f"{name}-{suffix}",
+    )
     env.tmp.mkdir(parents=True)
     vhost_made = False
     try:
@@ -150,15 +157,21 @@ async def insert_started_runs(store: Any, count: int, job: str, steps: int = 1) 
     ids = [str(uuid.uuid4()) for _ in range(count)]
     plan = orjson.dumps([{"key": f"s{i}", "command": ["true"], "deps": []} for i in range(steps)]).decode()
     for start in range(0, count, 5000):
-        chunk = [uuid.UUID(i) for i in ids[start:start + 5000]]
+        chunk = [uuid.UUID(i) for i in ids[start : start + 5000]]
         await store.pool.execute(
             "INSERT INTO runs (run_id, job, status, attempt, priority, tags, steps, root_run_id, started_at, "
             "status_changed_at) SELECT u, $3, 'STARTED', 1, 0, '{}'::jsonb, $2::jsonb, u, now(), now() "
-            "FROM unnest($1::uuid[]) AS u", chunk, plan, job)
+            "FROM unnest($1::uuid[]) AS u",
+            chunk,
+            plan,
+            job,
+        )
         await store.pool.execute(
             "INSERT INTO attempts (run_id, attempt, launcher, handle, launched_at) "
             "SELECT u, 1, 'process', jsonb_build_object('launcher', 'process', 'pid', 0), now() "
-            "FROM unnest($1::uuid[]) AS u", chunk)
+            "FROM unnest($1::uuid[]) AS u",
+            chunk,
+        )
     await store.pool.execute("VACUUM ANALYZE runs")
     await store.pool.execute("VACUUM ANALYZE attempts")
     return ids
@@ -199,15 +212,15 @@ def kill_tagged(env: BenchEnv) -> int:
     return len(pids)
 
 
-async def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05,
-                   running: Any = None) -> Any:
+async def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05, running: Any = None) -> Any:
     """Poll an async predicate until truthy; RuntimeError after ``timeout`` seconds, or at once if the
-    in-process services (``running``, a shared.app.Running) have stopped because a task crashed."""
+    in-process services (``running``, a runherd.app.Running) have stopped because a task crashed."""
     deadline = time.monotonic() + timeout
     while True:
         if running is not None and running.supervisor.stop.is_set():
-            raise RuntimeError(f"runherd's in-process services stopped while waiting for {what}: "
-                               f"{running.supervisor.failure!r}")
+            raise RuntimeError(
+                f"runherd's in-process services stopped while waiting for {what}: {running.supervisor.failure!r}"
+            )
         value = await predicate()
         if value:
             return value
@@ -225,7 +238,7 @@ def quiet_logs(level: str = "WARNING") -> None:
 async def numeric_bug_present(db_url: str) -> bool:
     """True if queries.sql `silent_workers` returns silent_seconds as PostgreSQL numeric (a Python
     Decimal), which services/monitor/sweeper.py then subtracts a float from (TypeError)."""
-    from shared.store.queries import q
+    from runherd.store.queries import q
 
     conn = await asyncpg.connect(db_url)
     try:
@@ -240,7 +253,7 @@ def patch_numeric_codec() -> None:
     """Bench-side workaround for that bug, in this process only: the store's pools decode numeric as
     float, so the monitor's sweep does not crash (and stop every service) the first time a worker goes
     silent, and hang detection can be measured. runherd's schema has no numeric column."""
-    from shared.store import store as store_module
+    from runherd.store import store as store_module
 
     original = store_module._init
     if getattr(original, "_bench_patched", False):

@@ -1,6 +1,6 @@
 """Crash and hang detection latency on the process launcher.
 
-Services run in-process (shared.app.start: launcher, heartbeat, monitor, one each) against a private
+Services run in-process (runherd.app.start: launcher, heartbeat, monitor, one each) against a private
 database and vhost, with run_monitoring poll_interval_seconds 1, heartbeat_interval_seconds 0.5,
 heartbeat_timeout_seconds 3, max_resume_run_attempts 3, and the process launcher (default
 terminate_grace_seconds, 10 s). Each run has one step, ``sh -c 'if [ "$RUNHERD_ATTEMPT" = 1 ]; then
@@ -44,6 +44,9 @@ import aio_pika  # noqa: E402
 import asyncpg  # noqa: E402
 import orjson  # noqa: E402
 
+from runherd import app, config  # noqa: E402
+from runherd.broker import Broker  # noqa: E402
+from runherd.store import Store  # noqa: E402
 from scripts.bench._benchlib import (  # noqa: E402
     BenchEnv,
     bench_env,
@@ -60,9 +63,6 @@ from scripts.bench._benchlib import (  # noqa: E402
     tagged_pids,
     wait_for,
 )
-from shared import app, config  # noqa: E402
-from shared.broker import Broker  # noqa: E402
-from shared.store import Store  # noqa: E402
 
 POLL = 1.0
 HB_INTERVAL = 0.5
@@ -71,27 +71,41 @@ STEP = {"key": "sleepy", "command": ["sh", "-c", 'if [ "$RUNHERD_ATTEMPT" = 1 ];
 
 
 def make_config(env: BenchEnv) -> config.Config:
-    return config.from_mapping({
-        "amqp_url": env.amqp_url, "database_url": env.db_url,
-        "run_monitoring": {"poll_interval_seconds": POLL, "heartbeat_interval_seconds": HB_INTERVAL,
-                           "heartbeat_timeout_seconds": HB_TIMEOUT, "max_resume_run_attempts": 3},
-        "run_launcher": {"name": "process", "config": {"log_dir": str(env.tmp / "logs")}},
-    })
+    return config.from_mapping(
+        {
+            "amqp_url": env.amqp_url,
+            "database_url": env.db_url,
+            "run_monitoring": {
+                "poll_interval_seconds": POLL,
+                "heartbeat_interval_seconds": HB_INTERVAL,
+                "heartbeat_timeout_seconds": HB_TIMEOUT,
+                "max_resume_run_attempts": 3,
+            },
+            "run_launcher": {"name": "process", "config": {"log_dir": str(env.tmp / "logs")}},
+        }
+    )
 
 
 async def submit(broker: Broker, env: BenchEnv, k: int, job: str) -> list[str]:
     ids = []
     for _ in range(k):
         run_id = str(uuid.uuid4())
-        body = {"v": 1, "run_id": run_id, "job": job, "steps": [STEP], "tags": {},
-                "env": {"RUNHERD_BENCH_TAG": env.tag}}
+        body = {
+            "v": 1,
+            "run_id": run_id,
+            "job": job,
+            "steps": [STEP],
+            "tags": {},
+            "env": {"RUNHERD_BENCH_TAG": env.tag},
+        }
         await broker.publish_command("launch", orjson.dumps(body))
         ids.append(run_id)
     return ids
 
 
-async def started_workers(store: Store, ids: list[str], need_heartbeat: bool, timeout: float,
-                          running: Any = None) -> dict[str, int]:
+async def started_workers(
+    store: Store, ids: list[str], need_heartbeat: bool, timeout: float, running: Any = None
+) -> dict[str, int]:
     """run_id -> pid once every run is STARTED on attempt 1 with a worker handle (and a heartbeat)."""
     uids = [uuid.UUID(i) for i in ids]
 
@@ -100,15 +114,16 @@ async def started_workers(store: Store, ids: list[str], need_heartbeat: bool, ti
             "SELECT r.run_id, (a.handle->>'pid')::int AS pid, a.last_heartbeat_at FROM runs r "
             "JOIN attempts a ON a.run_id = r.run_id AND a.attempt = 1 "
             "WHERE r.run_id = ANY($1::uuid[]) AND r.status = 'STARTED' AND r.attempt = 1 "
-            "AND a.handle IS NOT NULL", uids)
+            "AND a.handle IS NOT NULL",
+            uids,
+        )
         ok = {str(r["run_id"]): r["pid"] for r in rows if r["last_heartbeat_at"] or not need_heartbeat}
         return ok if len(ok) == len(ids) else None
 
     return await wait_for(check, timeout, f"{len(ids)} runs STARTED with a worker", interval=0.2, running=running)
 
 
-async def second_attempts(store: Store, ids: list[str], timeout: float,
-                          running: Any = None) -> list[dict[str, Any]]:
+async def second_attempts(store: Store, ids: list[str], timeout: float, running: Any = None) -> list[dict[str, Any]]:
     uids = [uuid.UUID(i) for i in ids]
 
     async def check() -> list[dict[str, Any]] | None:
@@ -117,11 +132,12 @@ async def second_attempts(store: Store, ids: list[str], timeout: float,
             "(SELECT min(e.ts) FROM events e WHERE e.run_id = a2.run_id AND e.attempt = 1 "
             " AND e.type = 'WORKER_EXITED') AS exit_reported "
             "FROM attempts a2 JOIN attempts a1 ON a1.run_id = a2.run_id AND a1.attempt = 1 "
-            "WHERE a2.run_id = ANY($1::uuid[]) AND a2.attempt = 2 AND a2.launched_at IS NOT NULL", uids)
+            "WHERE a2.run_id = ANY($1::uuid[]) AND a2.attempt = 2 AND a2.launched_at IS NOT NULL",
+            uids,
+        )
         return rows if len(rows) == len(ids) else None
 
-    return await wait_for(check, timeout, f"attempt 2 of {len(ids)} runs launched", interval=0.2,
-                          running=running)
+    return await wait_for(check, timeout, f"attempt 2 of {len(ids)} runs launched", interval=0.2, running=running)
 
 
 async def settle(store: Store, ids: list[str], timeout: float, running: Any = None) -> int:
@@ -129,8 +145,10 @@ async def settle(store: Store, ids: list[str], timeout: float, running: Any = No
     uids = [uuid.UUID(i) for i in ids]
 
     async def check() -> list[dict[str, Any]] | None:
-        rows = await store.fetch("SELECT status FROM runs WHERE run_id = ANY($1::uuid[]) "
-                                 "AND status IN ('SUCCESS', 'FAILURE', 'CANCELED')", uids)
+        rows = await store.fetch(
+            "SELECT status FROM runs WHERE run_id = ANY($1::uuid[]) AND status IN ('SUCCESS', 'FAILURE', 'CANCELED')",
+            uids,
+        )
         return rows if len(rows) == len(ids) else None
 
     rows = await wait_for(check, timeout, "resumed runs to finish", interval=0.25, running=running)
@@ -150,7 +168,7 @@ def orphans(env: BenchEnv, attempt: int) -> list[str]:
             try:
                 with open(f"/proc/{pid}/stat") as f:
                     stat = f.read()
-                comm, ppid = stat[stat.index("(") + 1:stat.rindex(")")], stat.rsplit(")", 1)[1].split()[1]
+                comm, ppid = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()[1]
             except (OSError, ValueError, IndexError):
                 continue
             out.append(f"{comm}(ppid {ppid})")
@@ -169,8 +187,9 @@ async def crash_phase(env: BenchEnv, running: Any, store: Store, broker: Broker,
         killed[run_id] = t
     rows = await second_attempts(store, ids, timeout=120, running=running)
     res = {
-        "exit_reported": [r["exit_reported"].timestamp() - killed[str(r["run_id"])] for r in rows
-                          if r["exit_reported"] is not None],
+        "exit_reported": [
+            r["exit_reported"].timestamp() - killed[str(r["run_id"])] for r in rows if r["exit_reported"] is not None
+        ],
         "decision": [r["created_at"].timestamp() - killed[str(r["run_id"])] for r in rows],
         "launched": [r["launched_at"].timestamp() - killed[str(r["run_id"])] for r in rows],
     }
@@ -180,8 +199,9 @@ async def crash_phase(env: BenchEnv, running: Any, store: Store, broker: Broker,
     return res
 
 
-async def hang_phase(env: BenchEnv, running: Any, store: Store, broker: Broker, k: int,
-                     spread: float) -> dict[str, Any]:
+async def hang_phase(
+    env: BenchEnv, running: Any, store: Store, broker: Broker, k: int, spread: float
+) -> dict[str, Any]:
     ids = await submit(broker, env, k, f"bench-hang-{'spread' if spread else 'burst'}")
     pids = await started_workers(store, ids, need_heartbeat=True, timeout=120, running=running)
     await asyncio.sleep(1.0)
@@ -228,8 +248,8 @@ async def raw_ceiling(env: BenchEnv, n: int) -> list[float]:
         for i in range(n + 10):
             t0 = time.perf_counter()
             await pub.default_exchange.publish(
-                aio_pika.Message(b'{"v": 1}', delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                routing_key=queue.name)
+                aio_pika.Message(b'{"v": 1}', delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=queue.name
+            )
             t1 = await asyncio.wait_for(done.get(), 10)
             if i >= 10:  # warm-up
                 samples.append(t1 - t0)
@@ -241,18 +261,27 @@ async def raw_ceiling(env: BenchEnv, n: int) -> list[float]:
 
 
 def line(name: str, xs: list[float], target: str, raw_p50: float) -> list[str]:
-    return [name, str(len(xs)), ms(pct(xs, 50)), ms(pct(xs, 99)), ms(max(xs) if xs else float("nan")), target,
-            ratio(pct(xs, 50), raw_p50)]
+    return [
+        name,
+        str(len(xs)),
+        ms(pct(xs, 50)),
+        ms(pct(xs, 99)),
+        ms(max(xs) if xs else float("nan")),
+        target,
+        ratio(pct(xs, 50), raw_p50),
+    ]
 
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="10 runs a phase, under ~40 s")
     parser.add_argument("-k", type=int, default=None, help="runs per phase (default 50; --quick 10)")
-    parser.add_argument("--spread", type=float, default=None,
-                        help="seconds the hang-spread SIGSTOPs span (default 5; --quick 3)")
-    parser.add_argument("--no-workaround", action="store_true",
-                        help="do not work around the Decimal bug of the heartbeat sweep")
+    parser.add_argument(
+        "--spread", type=float, default=None, help="seconds the hang-spread SIGSTOPs span (default 5; --quick 3)"
+    )
+    parser.add_argument(
+        "--no-workaround", action="store_true", help="do not work around the Decimal bug of the heartbeat sweep"
+    )
     parser.add_argument("--raw-samples", type=int, default=None, help="raw ceiling round trips (default 200)")
     args = parser.parse_args()
     k = args.k or (10 if args.quick else 50)
@@ -266,8 +295,11 @@ async def main() -> int:
         bug = await numeric_bug_present(env.db_url)
         if bug and not args.no_workaround:
             patch_numeric_codec()
-            print("WORKAROUND: silent_workers.silent_seconds is numeric (Decimal) and sweeper.py subtracts a "
-                  "float from it; decoding numeric as float in this process (see the report)", flush=True)
+            print(
+                "WORKAROUND: silent_workers.silent_seconds is numeric (Decimal) and sweeper.py subtracts a "
+                "float from it; decoding numeric as float in this process (see the report)",
+                flush=True,
+            )
         store = await Store.connect(env.db_url)
         broker = await Broker.connect(env.amqp_url)
         running = await app.start(cfg, {"launcher": 1, "heartbeat": 1, "monitor": 1})
@@ -291,9 +323,11 @@ async def main() -> int:
     raw_p50 = pct(raw, 50)
 
     print()
-    print(f"Detection latency, process launcher, K={k} workers a phase, poll_interval 1 s, heartbeat "
-          f"0.5 s / timeout 3 s ({os.cpu_count()} CPUs, services + workers on the same machine). "
-          f"Ratio: p50 against the raw ceiling's p50.")
+    print(
+        f"Detection latency, process launcher, K={k} workers a phase, poll_interval 1 s, heartbeat "
+        f"0.5 s / timeout 3 s ({os.cpu_count()} CPUs, services + workers on the same machine). "
+        f"Ratio: p50 against the raw ceiling's p50."
+    )
     print()
     rows = [
         line("crash (SIGKILL, burst of K): kill → WORKER_EXITED reported", crash["exit_reported"], "", raw_p50),
@@ -301,26 +335,42 @@ async def main() -> int:
         line("crash: kill → attempt 2 launched", crash["launched"], "p99 < 1 s", raw_p50),
         line("hang (SIGSTOP, burst of K): deadline → resume decided", burst["decision"], "", raw_p50),
         line("hang (burst): deadline → attempt 2 launched", burst["launched"], "p99 < 1 s (one poll)", raw_p50),
-        line(f"hang (SIGSTOP spread over {args.spread:g} s): deadline → resume decided", spread["decision"], "",
-             raw_p50),
+        line(
+            f"hang (SIGSTOP spread over {args.spread:g} s): deadline → resume decided", spread["decision"], "", raw_p50
+        ),
         line("hang (spread): deadline → attempt 2 launched", spread["launched"], "p99 < 1 s (one poll)", raw_p50),
-        ["raw ceiling: aio-pika publish→consume + 1 asyncpg UPDATE", str(len(raw)), ms(raw_p50), ms(pct(raw, 99)),
-         ms(max(raw)), "", "1.00x"],
+        [
+            "raw ceiling: aio-pika publish→consume + 1 asyncpg UPDATE",
+            str(len(raw)),
+            ms(raw_p50),
+            ms(pct(raw, 99)),
+            ms(max(raw)),
+            "",
+            "1.00x",
+        ],
     ]
     print(table(["path", "n", "p50", "p99", "max", "target", "p50 / raw"], rows))
     print()
     ok_crash = pct(crash["launched"], 99) < 1.0
     ok_burst = pct(burst["launched"], 99) < POLL
     ok_spread = pct(spread["launched"], 99) < POLL
-    print(f"targets: crash p99 < 1 s: {'MET' if ok_crash else 'MISSED'}; hang burst p99 < {POLL:g} s past "
-          f"deadline: {'MET' if ok_burst else 'MISSED'}; hang spread: {'MET' if ok_spread else 'MISSED'}")
-    print(f"resumed runs that then succeeded: crash {crash['succeeded']}/{k}, hang-burst {burst['succeeded']}/{k}, "
-          f"hang-spread {spread['succeeded']}/{k}")
-    print(f"hang (burst): SIGSTOP → decision p50 {ms(pct(burst['stop_to_decision'], 50))} (includes the "
-          f"{HB_TIMEOUT:g} s timeout); last heartbeat before the stop p50 {ms(pct(burst['silent_before_stop'], 50))}")
+    print(
+        f"targets: crash p99 < 1 s: {'MET' if ok_crash else 'MISSED'}; hang burst p99 < {POLL:g} s past "
+        f"deadline: {'MET' if ok_burst else 'MISSED'}; hang spread: {'MET' if ok_spread else 'MISSED'}"
+    )
+    print(
+        f"resumed runs that then succeeded: crash {crash['succeeded']}/{k}, hang-burst {burst['succeeded']}/{k}, "
+        f"hang-spread {spread['succeeded']}/{k}"
+    )
+    print(
+        f"hang (burst): SIGSTOP → decision p50 {ms(pct(burst['stop_to_decision'], 50))} (includes the "
+        f"{HB_TIMEOUT:g} s timeout); last heartbeat before the stop p50 {ms(pct(burst['silent_before_stop'], 50))}"
+    )
     kinds = dict(Counter(crash["orphans"]))
-    print(f"attempt-1 processes still alive 1 s after the crash runs finished (orphaned steps): "
-          f"{len(crash['orphans'])} {kinds}")
+    print(
+        f"attempt-1 processes still alive 1 s after the crash runs finished (orphaned steps): "
+        f"{len(crash['orphans'])} {kinds}"
+    )
     print(f"peak RSS of the bench process (services in-process): {peak:.0f} MiB; total time {elapsed:.1f} s")
     return 0
 

@@ -25,6 +25,9 @@ from datetime import datetime  # noqa: E402
 import aio_pika  # noqa: E402
 import orjson  # noqa: E402
 
+from runherd import app, config  # noqa: E402
+from runherd.contract import Event, EventType, now_iso  # noqa: E402
+from runherd.store import Store  # noqa: E402
 from scripts.bench._benchlib import (  # noqa: E402
     BenchEnv,
     bench_env,
@@ -36,9 +39,6 @@ from scripts.bench._benchlib import (  # noqa: E402
     rss,
     table,
 )
-from shared import app, config  # noqa: E402
-from shared.contract import Event, EventType, now_iso  # noqa: E402
-from shared.store import Store  # noqa: E402
 
 
 async def seed(store: Store, runs: int) -> list[str]:
@@ -53,8 +53,15 @@ def bodies(ids: list[str], steps: int) -> list[tuple[str, bytes]]:
         for s in range(steps):
             for kind in (EventType.STEP_START, EventType.STEP_SUCCESS):
                 seq += 1
-                event = Event(run_id=run_id, attempt=1, seq=seq, type=kind, step_key=f"s{s}",
-                              data={"output": s} if kind is EventType.STEP_SUCCESS else {}, ts=ts)
+                event = Event(
+                    run_id=run_id,
+                    attempt=1,
+                    seq=seq,
+                    type=kind,
+                    step_key=f"s{s}",
+                    data={"output": s} if kind is EventType.STEP_SUCCESS else {},
+                    ts=ts,
+                )
                 out.append((run_id, event.body()))
     return out
 
@@ -65,13 +72,18 @@ async def publish(amqp_url: str, messages: list[tuple[str, bytes]], exchange: st
         channel = await connection.channel(publisher_confirms=True)
         ex = await channel.get_exchange(exchange)
         for i in range(0, len(messages), 1000):
-            await asyncio.gather(*(ex.publish(aio_pika.Message(body, delivery_mode=2), routing_key=f"run.{run_id}")
-                                   for run_id, body in messages[i:i + 1000]))
+            await asyncio.gather(
+                *(
+                    ex.publish(aio_pika.Message(body, delivery_mode=2), routing_key=f"run.{run_id}")
+                    for run_id, body in messages[i : i + 1000]
+                )
+            )
 
 
 async def runherd_rate(env: BenchEnv, runs: int, steps: int) -> tuple[float, int]:
-    cfg = config.from_mapping({"amqp_url": env.amqp_url, "database_url": env.db_url,
-                               "run_monitoring": {"enabled": False}})
+    cfg = config.from_mapping(
+        {"amqp_url": env.amqp_url, "database_url": env.db_url, "run_monitoring": {"enabled": False}}
+    )
     store = await Store.connect(env.db_url)
     try:
         ids = await seed(store, runs)
@@ -121,9 +133,14 @@ async def raw_rate(env: BenchEnv, runs: int, steps: int) -> float:
                 "INSERT INTO events (run_id, attempt, source, seq, type, step_key, ts) "
                 "SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::int[], $5::text[], $6::text[], "
                 "$7::timestamptz[])",
-                [uuid.UUID(r["run_id"]) for r in rows], [r["attempt"] for r in rows], ["raw"] * len(rows),
-                [r["seq"] for r in rows], [r["type"] for r in rows], [r["step_key"] for r in rows],
-                [datetime.fromisoformat(r["ts"]) for r in rows])
+                [uuid.UUID(r["run_id"]) for r in rows],
+                [r["attempt"] for r in rows],
+                ["raw"] * len(rows),
+                [r["seq"] for r in rows],
+                [r["type"] for r in rows],
+                [r["step_key"] for r in rows],
+                [datetime.fromisoformat(r["ts"]) for r in rows],
+            )
             await batch[-1].ack(multiple=True)
             count += len(batch)
             batch.clear()
@@ -153,10 +170,15 @@ async def main() -> int:
         ours, applied = await runherd_rate(env, runs, steps)
         raw = await raw_rate(env, runs, steps)
     print(f"\nEvent ingest, {runs:,} runs x {steps} steps x 2 events = {runs * steps * 2:,} events; {machine()}.\n")
-    print(table(["path", "events/s", "ratio"], [
-        ["runherd monitor (one active consumer: ordered per run)", rate(ours), ratio(ours, raw)],
-        ["raw: aio-pika consume + one INSERT per 200 events, no decisions", rate(raw), "1.00x"],
-    ]))
+    print(
+        table(
+            ["path", "events/s", "ratio"],
+            [
+                ["runherd monitor (one active consumer: ordered per run)", rate(ours), ratio(ours, raw)],
+                ["raw: aio-pika consume + one INSERT per 200 events, no decisions", rate(raw), "1.00x"],
+            ],
+        )
+    )
     print(f"\nsteps recorded SUCCESS: {applied:,} of {runs * steps:,}; peak RSS {rss()[1]:.0f} MiB")
     return 0
 

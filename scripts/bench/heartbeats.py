@@ -5,7 +5,7 @@ directly. H heartbeats (default 200,000; --quick 30,000), bodies from contract.h
 round-robin over the R attempts, are published (transient, publisher confirms, plain aio-pika) to the
 ``runherd.heartbeats`` exchange in chunks of at most 90,000 while no consumer runs: the queue is
 bounded at 100,000 with drop-head, so a bigger backlog would be dropped. Then N heartbeat replicas
-start in-process (shared.app.start({"heartbeat": N})) and drain the chunk; the services are closed
+start in-process (runherd.app.start({"heartbeat": N})) and drain the chunk; the services are closed
 and the next chunk is published. Ingest rate = heartbeats committed (counted by wrapping
 HeartbeatService.write in this process; the service acks after its commit) / time from the first
 batch handed to write() to the last commit, summed over chunks. Checked afterwards: every published
@@ -41,6 +41,11 @@ from typing import Any  # noqa: E402
 import aio_pika  # noqa: E402
 import orjson  # noqa: E402
 
+from runherd import app, config, contract  # noqa: E402
+from runherd import broker as topology  # noqa: E402
+from runherd.broker import Broker  # noqa: E402
+from runherd.heartbeat import service as heartbeat_service  # noqa: E402
+from runherd.store import Store  # noqa: E402
 from scripts.bench._benchlib import (  # noqa: E402
     BenchEnv,
     bench_env,
@@ -52,11 +57,6 @@ from scripts.bench._benchlib import (  # noqa: E402
     rss,
     table,
 )
-from services.heartbeat import service as heartbeat_service  # noqa: E402
-from shared import app, config, contract  # noqa: E402
-from shared import broker as topology  # noqa: E402
-from shared.broker import Broker  # noqa: E402
-from shared.store import Store  # noqa: E402
 
 R = 10_000
 CHUNK = 90_000  # below the queue's x-max-length (100,000): nothing is dropped
@@ -113,10 +113,17 @@ async def publish(env: BenchEnv, payloads: list[bytes]) -> float:
         exchange = await channel.get_exchange(topology.HEARTBEATS, ensure=False)
         began = time.perf_counter()
         for start in range(0, len(payloads), 1000):
-            await asyncio.gather(*(exchange.publish(
-                aio_pika.Message(b, content_type="application/json",
-                                 delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT), routing_key="hb")
-                for b in payloads[start:start + 1000]))
+            await asyncio.gather(
+                *(
+                    exchange.publish(
+                        aio_pika.Message(
+                            b, content_type="application/json", delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT
+                        ),
+                        routing_key="hb",
+                    )
+                    for b in payloads[start : start + 1000]
+                )
+            )
         depth, deadline = -1, time.monotonic() + 30
         while depth != len(payloads):
             if time.monotonic() > deadline:
@@ -129,8 +136,9 @@ async def publish(env: BenchEnv, payloads: list[bytes]) -> float:
         await conn.close()
 
 
-async def runherd_ingest(env: BenchEnv, cfg: config.Config, ids: list[str], h: int, replicas: int,
-                         offset: int) -> dict[str, Any]:
+async def runherd_ingest(
+    env: BenchEnv, cfg: config.Config, ids: list[str], h: int, replicas: int, offset: int
+) -> dict[str, Any]:
     elapsed, committed, pub_rates, sizes = 0.0, 0, [], []
     peak_rss = 0.0
     done = 0
@@ -156,9 +164,15 @@ async def runherd_ingest(env: BenchEnv, cfg: config.Config, ids: list[str], h: i
         committed += COUNT.committed
         sizes += COUNT.sizes
         done += n
-    return {"rss_published": rss_published,
-            "rate": committed / elapsed, "committed": committed, "publish_rate": min(pub_rates),
-            "mean_batch": sum(sizes) / len(sizes), "rss": peak_rss, "elapsed": elapsed}
+    return {
+        "rss_published": rss_published,
+        "rate": committed / elapsed,
+        "committed": committed,
+        "publish_rate": min(pub_rates),
+        "mean_batch": sum(sizes) / len(sizes),
+        "rss": peak_rss,
+        "elapsed": elapsed,
+    }
 
 
 async def raw_consume(env: BenchEnv, ids: list[str], n: int, ack_every: int) -> float:
@@ -199,12 +213,13 @@ async def raw_db(store: Store, ids: list[str], h: int) -> tuple[float, float]:
     beats = []
     for i in range(h):
         run_id = ids[i % len(ids)]
-        beats.append((run_id, 1, datetime.fromisoformat(
-            orjson.loads(contract.heartbeat_body(run_id, 1))["ts"])))
-    plain_sql = ("UPDATE attempts a SET last_heartbeat_at = u.ts "
-                 "FROM unnest($1::uuid[], $2::timestamptz[]) AS u(run_id, ts) "
-                 "WHERE a.run_id = u.run_id AND a.attempt = 1")
-    batches = [beats[s:s + BATCH] for s in range(0, h, BATCH)]
+        beats.append((run_id, 1, datetime.fromisoformat(orjson.loads(contract.heartbeat_body(run_id, 1))["ts"])))
+    plain_sql = (
+        "UPDATE attempts a SET last_heartbeat_at = u.ts "
+        "FROM unnest($1::uuid[], $2::timestamptz[]) AS u(run_id, ts) "
+        "WHERE a.run_id = u.run_id AND a.attempt = 1"
+    )
+    batches = [beats[s : s + BATCH] for s in range(0, h, BATCH)]
     began = time.perf_counter()
     for batch in batches:
         await store.pool.execute(plain_sql, [uuid.UUID(b[0]) for b in batch], [b[2] for b in batch])
@@ -220,8 +235,7 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="30,000 heartbeats, under ~40 s")
     parser.add_argument("-H", type=int, default=None, help="heartbeats (default 200,000; --quick 30,000)")
-    parser.add_argument("--replicas", default=None,
-                        help="comma-separated replica counts (default 2; --quick 1,2)")
+    parser.add_argument("--replicas", default=None, help="comma-separated replica counts (default 2; --quick 1,2)")
     args = parser.parse_args()
     h = args.H or (30_000 if args.quick else 200_000)
     replica_counts = [int(x) for x in (args.replicas or ("1,2" if args.quick else "2")).split(",")]
@@ -240,8 +254,9 @@ async def main() -> int:
             results = {}
             for i, n in enumerate(replica_counts):
                 results[n] = await runherd_ingest(env, cfg, ids, h, n, offset=i)
-                print(f"runherd x{n}: {results[n]['committed']:,} committed in {results[n]['elapsed']:.1f} s",
-                      flush=True)
+                print(
+                    f"runherd x{n}: {results[n]['committed']:,} committed in {results[n]['elapsed']:.1f} s", flush=True
+                )
             stale = await store.pool.fetchval("SELECT count(*) FROM attempts WHERE last_heartbeat_at IS NULL")
             raw_each = await raw_consume(env, ids, raw_n, 1)
             raw_multi = await raw_consume(env, ids, raw_n, BATCH)
@@ -253,34 +268,94 @@ async def main() -> int:
     elapsed = time.monotonic() - t_start
 
     print()
-    print(f"Heartbeat ingest, H={h:,} heartbeats over R={R:,} live attempts, backlog drained in chunks of ≤ "
-          f"{CHUNK:,} (bounded queue), batch {BATCH}; replicas in one process; {os.cpu_count()} CPUs, RabbitMQ "
-          f"and PostgreSQL on the same machine. Ratios: runherd's rate against each raw ceiling.")
+    print(
+        f"Heartbeat ingest, H={h:,} heartbeats over R={R:,} live attempts, backlog drained in chunks of ≤ "
+        f"{CHUNK:,} (bounded queue), batch {BATCH}; replicas in one process; {os.cpu_count()} CPUs, RabbitMQ "
+        f"and PostgreSQL on the same machine. Ratios: runherd's rate against each raw ceiling."
+    )
     print()
     rows = []
     for n, r in results.items():
-        rows.append([f"runherd heartbeat service x{n}", f"{r['committed']:,}", rate(r["rate"]),
-                     ratio(r["rate"], raw_each), ratio(r["rate"], raw_multi), ratio(r["rate"], db_plain),
-                     f"{r['mean_batch']:.0f}", f"{r['rss']:.0f} MiB"])
+        rows.append(
+            [
+                f"runherd heartbeat service x{n}",
+                f"{r['committed']:,}",
+                rate(r["rate"]),
+                ratio(r["rate"], raw_each),
+                ratio(r["rate"], raw_multi),
+                ratio(r["rate"], db_plain),
+                f"{r['mean_batch']:.0f}",
+                f"{r['rss']:.0f} MiB",
+            ]
+        )
     rows.append(["raw: aio-pika consume + ack each, no DB", f"{raw_n:,}", rate(raw_each), "1.00x", "", "", "", ""])
-    rows.append([f"raw: aio-pika consume + ack multiple per {BATCH}, no DB", f"{raw_n:,}", rate(raw_multi), "",
-                 "1.00x", "", "", ""])
-    rows.append([f"raw: asyncpg UPDATE … unnest per {BATCH}, no broker", f"{h:,}", rate(db_plain), "", "", "1.00x",
-                 f"{BATCH}", ""])
-    rows.append([f"runherd Store.record_heartbeats per {BATCH}, no broker", f"{h:,}", rate(db_runherd), "", "",
-                 ratio(db_runherd, db_plain), f"{BATCH}", ""])
-    print(table(["path", "heartbeats", "rate", "/ raw consume (ack each)", "/ raw consume (ack multiple)",
-                 "/ raw UPDATE", "mean batch", "RSS while draining"], rows))
+    rows.append(
+        [
+            f"raw: aio-pika consume + ack multiple per {BATCH}, no DB",
+            f"{raw_n:,}",
+            rate(raw_multi),
+            "",
+            "1.00x",
+            "",
+            "",
+            "",
+        ]
+    )
+    rows.append(
+        [
+            f"raw: asyncpg UPDATE … unnest per {BATCH}, no broker",
+            f"{h:,}",
+            rate(db_plain),
+            "",
+            "",
+            "1.00x",
+            f"{BATCH}",
+            "",
+        ]
+    )
+    rows.append(
+        [
+            f"runherd Store.record_heartbeats per {BATCH}, no broker",
+            f"{h:,}",
+            rate(db_runherd),
+            "",
+            "",
+            ratio(db_runherd, db_plain),
+            f"{BATCH}",
+            "",
+        ]
+    )
+    print(
+        table(
+            [
+                "path",
+                "heartbeats",
+                "rate",
+                "/ raw consume (ack each)",
+                "/ raw consume (ack multiple)",
+                "/ raw UPDATE",
+                "mean batch",
+                "RSS while draining",
+            ],
+            rows,
+        )
+    )
     print()
     for n, r in results.items():
-        print(f"x{n}: backlog published (plain aio-pika, until queued) at ≥ {r['publish_rate']:,.0f}/s; RSS after "
-              f"publishing the last chunk {r['rss_published']:.0f} MiB, while draining it {r['rss']:.0f} MiB")
-    print(f"attempts never heartbeated after the runs: {stale} of {R:,} (expected 0); every published heartbeat "
-          f"was committed: {all(r['committed'] == h for r in results.values())}")
+        print(
+            f"x{n}: backlog published (plain aio-pika, until queued) at ≥ {r['publish_rate']:,.0f}/s; RSS after "
+            f"publishing the last chunk {r['rss_published']:.0f} MiB, while draining it {r['rss']:.0f} MiB"
+        )
+    print(
+        f"attempts never heartbeated after the runs: {stale} of {R:,} (expected 0); every published heartbeat "
+        f"was committed: {all(r['committed'] == h for r in results.values())}"
+    )
     cur, peak = rss()
-    print(f"RSS of the bench process (services in-process): {base_rss:.0f} MiB before any heartbeat, "
-          f"{cur:.0f} MiB at the end, {peak:.0f} MiB peak (includes the bench's own backlog of bodies); "
-          f"total time {elapsed:.1f} s")
+    print(
+        f"RSS of the bench process (services in-process): {base_rss:.0f} MiB before any heartbeat, "
+        f"{cur:.0f} MiB at the end, {peak:.0f} MiB peak (includes the bench's own backlog of bodies); "
+        f"total time {elapsed:.1f} s"
+    )
     return 0
 
 

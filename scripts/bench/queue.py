@@ -1,4 +1,4 @@
-"""Dequeue under tag concurrency limits: shared.store.Store.dequeue against a deep queue.
+"""Dequeue under tag concurrency limits: runherd.store.Store.dequeue against a deep queue.
 
 N QUEUED runs (default 10,000; --quick 2,000) are inserted with one set-based INSERT ... SELECT FROM
 unnest(...) per 2,000 rows, with exactly the runs columns that queries.sql `insert_run` writes (job,
@@ -48,10 +48,10 @@ from typing import Any  # noqa: E402
 
 import orjson  # noqa: E402
 
+from runherd import config, contract  # noqa: E402
+from runherd.store import Store  # noqa: E402
+from runherd.store.queries import q  # noqa: E402
 from scripts.bench._benchlib import bench_env, machine, ms, pct, quiet_logs, rate, ratio, rss, table  # noqa: E402
-from shared import config, contract  # noqa: E402
-from shared.store import Store  # noqa: E402
-from shared.store.queries import q  # noqa: E402
 
 BATCH = 100  # store.dequeue's default batch
 WINDOW = 1000  # store.dequeue's default candidate window
@@ -73,8 +73,10 @@ CONFIG = {
 
 def limits_of(cfg: config.Config) -> list[dict[str, Any]]:
     """Exactly what services/launcher/launching.py Launching.tick passes to Store.dequeue."""
-    return [{"key": lim.key, "value": lim.value, "per_unique_value": lim.per_unique_value, "limit": lim.limit}
-            for lim in cfg.run_coordinator.tag_concurrency_limits]
+    return [
+        {"key": lim.key, "value": lim.value, "per_unique_value": lim.per_unique_value, "limit": lim.limit}
+        for lim in cfg.run_coordinator.tag_concurrency_limits
+    ]
 
 
 def launches(n: int, seed: int = 7) -> list[contract.Launch]:
@@ -84,18 +86,27 @@ def launches(n: int, seed: int = 7) -> list[contract.Launch]:
         tags: dict[str, Any] = {"team": "abcde"[rnd.randrange(5)], "runherd/priority": rnd.randrange(10)}
         if i % 2 == 0:
             tags["database"] = f"db{rnd.randrange(50):02d}"
-        out.append(contract.parse_launch({
-            "v": 1, "run_id": str(uuid.UUID(int=rnd.getrandbits(128), version=4)), "job": f"etl-{i % 20}",
-            "steps": [{"key": "extract", "command": ["true"]},
-                      {"key": "load", "command": ["true"], "deps": ["extract"]}],
-            "tags": tags}))
+        out.append(
+            contract.parse_launch(
+                {
+                    "v": 1,
+                    "run_id": str(uuid.UUID(int=rnd.getrandbits(128), version=4)),
+                    "job": f"etl-{i % 20}",
+                    "steps": [
+                        {"key": "extract", "command": ["true"]},
+                        {"key": "load", "command": ["true"], "deps": ["extract"]},
+                    ],
+                    "tags": tags,
+                }
+            )
+        )
     return out
 
 
 async def insert_bulk(store: Store, runs: list[contract.Launch]) -> None:
     base = datetime.now(UTC) - timedelta(hours=1)
     for start in range(0, len(runs), 2000):
-        chunk = runs[start:start + 2000]
+        chunk = runs[start : start + 2000]
         await store.pool.execute(
             "INSERT INTO runs (run_id, job, status, priority, tags, steps, env, launcher, max_runtime_seconds, "
             "root_run_id, retry_number, not_before, created_at) "
@@ -103,10 +114,13 @@ async def insert_bulk(store: Store, runs: list[contract.Launch]) -> None:
             "u.run_id, 0, u.created_at, u.created_at "
             "FROM unnest($1::uuid[], $2::text[], $3::integer[], $4::text[], $5::text[], $6::timestamptz[]) "
             "AS u(run_id, job, priority, tags, steps, created_at)",
-            [uuid.UUID(r.run_id) for r in chunk], [r.job for r in chunk],
-            [contract.priority(r.tags) for r in chunk], [orjson.dumps(r.tags).decode() for r in chunk],
+            [uuid.UUID(r.run_id) for r in chunk],
+            [r.job for r in chunk],
+            [contract.priority(r.tags) for r in chunk],
+            [orjson.dumps(r.tags).decode() for r in chunk],
             [orjson.dumps([s.to_json() for s in r.steps]).decode() for r in chunk],
-            [base + timedelta(microseconds=50 * (start + i)) for i in range(len(chunk))])
+            [base + timedelta(microseconds=50 * (start + i)) for i in range(len(chunk))],
+        )
 
 
 async def insert_via_store(store: Store, runs: list[contract.Launch]) -> float:
@@ -124,8 +138,10 @@ async def insert_via_store(store: Store, runs: list[contract.Launch]) -> float:
 async def reset(store: Store) -> None:
     """Every run back to QUEUED, as freshly inserted; vacuumed and analyzed."""
     await store.pool.execute("TRUNCATE attempts, steps, events, status_outbox")
-    await store.pool.execute("UPDATE runs SET status = 'QUEUED', attempt = 0, started_at = NULL, ended_at = NULL, "
-                             "reason = NULL, status_changed_at = created_at")
+    await store.pool.execute(
+        "UPDATE runs SET status = 'QUEUED', attempt = 0, started_at = NULL, ended_at = NULL, "
+        "reason = NULL, status_changed_at = created_at"
+    )
     await store.pool.execute("VACUUM ANALYZE runs")
 
 
@@ -155,15 +171,19 @@ async def free(store: Store, table_name: str, n: int) -> None:
     await store.pool.execute(
         f"UPDATE {table_name} SET status = 'SUCCESS', ended_at = clock_timestamp(), "
         f"status_changed_at = clock_timestamp() WHERE run_id IN (SELECT run_id FROM {table_name} "
-        f"WHERE status = 'STARTING' ORDER BY status_changed_at, run_id LIMIT {n})")
+        f"WHERE status = 'STARTING' ORDER BY status_changed_at, run_id LIMIT {n})"
+    )
 
 
 async def check_limits(store: Store, res: Result, with_limits: bool) -> None:
-    row = (await store.fetch(
-        f"SELECT count(*) AS total, count(*) FILTER (WHERE tags->>'team' = 'a') AS team_a, "
-        f"coalesce((SELECT max(n) FROM (SELECT count(*) AS n FROM runs WHERE status IN {IN_FLIGHT} "
-        f"AND tags ? 'database' GROUP BY tags->>'database') g), 0) AS db_max "
-        f"FROM runs WHERE status IN {IN_FLIGHT}"))[0]
+    row = (
+        await store.fetch(
+            f"SELECT count(*) AS total, count(*) FILTER (WHERE tags->>'team' = 'a') AS team_a, "
+            f"coalesce((SELECT max(n) FROM (SELECT count(*) AS n FROM runs WHERE status IN {IN_FLIGHT} "
+            f"AND tags ? 'database' GROUP BY tags->>'database') g), 0) AS db_max "
+            f"FROM runs WHERE status IN {IN_FLIGHT}"
+        )
+    )[0]
     res.max_total = max(res.max_total, row["total"])
     res.max_team_a = max(res.max_team_a, row["team_a"])
     res.max_db = max(res.max_db, row["db_max"])
@@ -171,8 +191,9 @@ async def check_limits(store: Store, res: Result, with_limits: bool) -> None:
         res.violations += 1
 
 
-async def run_runherd(store: Store, name: str, max_concurrent: int, limits: list[dict[str, Any]], n: int,
-                      budget: float, per_round: int) -> Result:
+async def run_runherd(
+    store: Store, name: str, max_concurrent: int, limits: list[dict[str, Any]], n: int, budget: float, per_round: int
+) -> Result:
     res = Result(name)
     began = time.perf_counter()
     sql = q("dequeue")
@@ -203,14 +224,15 @@ async def run_runherd(store: Store, name: str, max_concurrent: int, limits: list
 
 async def run_raw(store: Store, n: int, budget: float, per_round: int) -> Result:
     res = Result("raw ceiling: SELECT … FOR UPDATE SKIP LOCKED + UPDATE (global cap only)")
-    sql = ("WITH c AS (SELECT run_id FROM raw_runs WHERE status = 'QUEUED' "
-           "ORDER BY priority DESC, created_at, run_id "
-           f"LIMIT greatest(0, least($1, $2 - (SELECT count(*) FROM raw_runs WHERE status IN {IN_FLIGHT}))) "
-           "FOR UPDATE SKIP LOCKED) "
-           "UPDATE raw_runs r SET status = 'STARTING', attempt = 1, status_changed_at = clock_timestamp() "
-           "FROM c WHERE r.run_id = c.run_id RETURNING r.run_id")
-    select = ("SELECT run_id FROM raw_runs WHERE status = 'QUEUED' ORDER BY priority DESC, created_at, run_id "
-              "LIMIT $1")
+    sql = (
+        "WITH c AS (SELECT run_id FROM raw_runs WHERE status = 'QUEUED' "
+        "ORDER BY priority DESC, created_at, run_id "
+        f"LIMIT greatest(0, least($1, $2 - (SELECT count(*) FROM raw_runs WHERE status IN {IN_FLIGHT}))) "
+        "FOR UPDATE SKIP LOCKED) "
+        "UPDATE raw_runs r SET status = 'STARTING', attempt = 1, status_changed_at = clock_timestamp() "
+        "FROM c WHERE r.run_id = c.run_id RETURNING r.run_id"
+    )
+    select = "SELECT run_id FROM raw_runs WHERE status = 'QUEUED' ORDER BY priority DESC, created_at, run_id LIMIT $1"
     began = time.perf_counter()
     while res.moved < n and time.perf_counter() - began < budget:
         t0 = time.perf_counter()
@@ -233,8 +255,9 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2,000 runs, under ~40 s")
     parser.add_argument("-n", type=int, default=None, help="queued runs (default 10,000; --quick 2,000)")
-    parser.add_argument("--free", type=int, default=20,
-                        help="oldest STARTING runs moved to SUCCESS between rounds (default 20)")
+    parser.add_argument(
+        "--free", type=int, default=20, help="oldest STARTING runs moved to SUCCESS between rounds (default 20)"
+    )
     parser.add_argument("--via-store", action="store_true", help="insert with Store.insert_run, one run a call")
     args = parser.parse_args()
     n = args.n or (2_000 if args.quick else 10_000)
@@ -254,23 +277,47 @@ async def main() -> int:
                 insert_rate = await insert_via_store(store, runs)
             else:
                 await insert_bulk(store, runs)
-            print(f"inserted {n:,} runs in {time.perf_counter() - t:.1f} s "
-                  f"({'Store.insert_run' if args.via_store else 'bulk INSERT ... unnest'})", flush=True)
+            print(
+                f"inserted {n:,} runs in {time.perf_counter() - t:.1f} s "
+                f"({'Store.insert_run' if args.via_store else 'bulk INSERT ... unnest'})",
+                flush=True,
+            )
             await store.pool.execute("CREATE TABLE raw_runs (LIKE runs INCLUDING ALL)")
             await store.pool.execute("INSERT INTO raw_runs SELECT * FROM runs")
             await store.pool.execute("VACUUM ANALYZE runs")
             await store.pool.execute("VACUUM ANALYZE raw_runs")
-            plan = await store.pool.fetch("EXPLAIN (ANALYZE, BUFFERS OFF, TIMING OFF, SUMMARY ON) " + q("dequeue"),
-                                          cfg.run_coordinator.max_concurrent_runs, limits, BATCH, WINDOW)
+            plan = await store.pool.fetch(
+                "EXPLAIN (ANALYZE, BUFFERS OFF, TIMING OFF, SUMMARY ON) " + q("dequeue"),
+                cfg.run_coordinator.max_concurrent_runs,
+                limits,
+                BATCH,
+                WINDOW,
+            )
             first_plan = next((r[0] for r in plan if "Execution Time" in r[0]), "")
 
-            limited = await run_runherd(store, "runherd Store.dequeue, with the limits",
-                                        cfg.run_coordinator.max_concurrent_runs, limits, n, budget, args.free)
-            print(f"runherd with limits: {limited.rounds} rounds, {limited.moved:,} runs, {limited.wall:.1f} s",
-                  flush=True)
+            limited = await run_runherd(
+                store,
+                "runherd Store.dequeue, with the limits",
+                cfg.run_coordinator.max_concurrent_runs,
+                limits,
+                n,
+                budget,
+                args.free,
+            )
+            print(
+                f"runherd with limits: {limited.rounds} rounds, {limited.moved:,} runs, {limited.wall:.1f} s",
+                flush=True,
+            )
             await reset(store)
-            unlimited = await run_runherd(store, "runherd Store.dequeue, global cap only (no tag limits)",
-                                          MAX_CONCURRENT, [], n, budget, args.free)
+            unlimited = await run_runherd(
+                store,
+                "runherd Store.dequeue, global cap only (no tag limits)",
+                MAX_CONCURRENT,
+                [],
+                n,
+                budget,
+                args.free,
+            )
             print(f"runherd without limits: {unlimited.rounds} rounds, {unlimited.wall:.1f} s", flush=True)
             raw = await run_raw(store, n, budget, args.free)
             print(f"raw: {raw.rounds} rounds, {raw.wall:.1f} s", flush=True)
@@ -280,32 +327,76 @@ async def main() -> int:
 
     raw_p50, raw_tp = pct(raw.calls, 50), raw.throughput
     print()
-    print(f"Dequeue, N={n:,} queued runs, batch {BATCH}, window {WINDOW}, max_concurrent_runs {MAX_CONCURRENT}; "
-          f"{args.free} oldest STARTING runs → SUCCESS between rounds (so the system stays saturated); "
-          f"{os.cpu_count()} CPUs, PostgreSQL on the same machine. runs/s = runs dequeued / time "
-          f"inside the dequeue calls. Ratios against the raw ceiling.")
+    print(
+        f"Dequeue, N={n:,} queued runs, batch {BATCH}, window {WINDOW}, max_concurrent_runs {MAX_CONCURRENT}; "
+        f"{args.free} oldest STARTING runs → SUCCESS between rounds (so the system stays saturated); "
+        f"{os.cpu_count()} CPUs, PostgreSQL on the same machine. runs/s = runs dequeued / time "
+        f"inside the dequeue calls. Ratios against the raw ceiling."
+    )
     print()
     rows = []
     for r in (limited, unlimited, raw):
-        rows.append([r.name, r.rounds, f"{r.moved:,}", ms(pct(r.query, 50)), ms(pct(r.calls, 50)),
-                     ms(pct(r.calls, 99)), rate(r.throughput), ratio(pct(r.calls, 50), raw_p50),
-                     ratio(r.throughput, raw_tp)])
-    print(table(["variant", "rounds", "runs dequeued", "SELECT alone p50", "dequeue call p50", "dequeue call p99",
-                 "runs/s", "call p50 / raw", "runs/s / raw"], rows))
+        rows.append(
+            [
+                r.name,
+                r.rounds,
+                f"{r.moved:,}",
+                ms(pct(r.query, 50)),
+                ms(pct(r.calls, 50)),
+                ms(pct(r.calls, 99)),
+                rate(r.throughput),
+                ratio(pct(r.calls, 50), raw_p50),
+                ratio(r.throughput, raw_tp),
+            ]
+        )
+    print(
+        table(
+            [
+                "variant",
+                "rounds",
+                "runs dequeued",
+                "SELECT alone p50",
+                "dequeue call p50",
+                "dequeue call p99",
+                "runs/s",
+                "call p50 / raw",
+                "runs/s / raw",
+            ],
+            rows,
+        )
+    )
     print()
-    print(table(["limit", "configured", "max in flight seen (with limits)", "exceeded"], [
-        ["max_concurrent_runs", MAX_CONCURRENT, limited.max_total,
-         "no" if limited.max_total <= MAX_CONCURRENT else "YES"],
-        ["team=a", TEAM_A_LIMIT, limited.max_team_a, "no" if limited.max_team_a <= TEAM_A_LIMIT else "YES"],
-        ["database (per unique value)", DB_LIMIT, limited.max_db, "no" if limited.max_db <= DB_LIMIT else "YES"],
-    ]))
+    print(
+        table(
+            ["limit", "configured", "max in flight seen (with limits)", "exceeded"],
+            [
+                [
+                    "max_concurrent_runs",
+                    MAX_CONCURRENT,
+                    limited.max_total,
+                    "no" if limited.max_total <= MAX_CONCURRENT else "YES",
+                ],
+                ["team=a", TEAM_A_LIMIT, limited.max_team_a, "no" if limited.max_team_a <= TEAM_A_LIMIT else "YES"],
+                [
+                    "database (per unique value)",
+                    DB_LIMIT,
+                    limited.max_db,
+                    "no" if limited.max_db <= DB_LIMIT else "YES",
+                ],
+            ],
+        )
+    )
     print()
-    print(f"limit violations after a dequeue: {limited.violations} of {limited.rounds} rounds "
-          f"({'no limit was ever exceeded' if limited.violations == 0 else 'LIMITS EXCEEDED'})")
-    print(f"rounds that returned fewer than {BATCH} while a fitting run lay beyond the {WINDOW}-run window: "
-          f"{limited.window_misses} of {limited.rounds} ({limited.window_missed_runs:,} runs left queued that fit "
-          f"at that moment; free slots in those rounds p50 {pct(limited.idle_slots, 50):.0f} of {MAX_CONCURRENT}); "
-          f"rounds that dequeued nothing: {limited.empty_rounds}")
+    print(
+        f"limit violations after a dequeue: {limited.violations} of {limited.rounds} rounds "
+        f"({'no limit was ever exceeded' if limited.violations == 0 else 'LIMITS EXCEEDED'})"
+    )
+    print(
+        f"rounds that returned fewer than {BATCH} while a fitting run lay beyond the {WINDOW}-run window: "
+        f"{limited.window_misses} of {limited.rounds} ({limited.window_missed_runs:,} runs left queued that fit "
+        f"at that moment; free slots in those rounds p50 {pct(limited.idle_slots, 50):.0f} of {MAX_CONCURRENT}); "
+        f"rounds that dequeued nothing: {limited.empty_rounds}"
+    )
     print(f"EXPLAIN ANALYZE of the dequeue SELECT on the full queue: {first_plan.strip()}")
     if insert_rate:
         print(f"Store.insert_run: {insert_rate:,.0f} runs/s (8 concurrent)")

@@ -24,16 +24,18 @@ import uuid  # noqa: E402
 
 import orjson  # noqa: E402
 
+from runherd import config  # noqa: E402
+from runherd.launchers.process import ProcessLauncher  # noqa: E402
+from runherd.monitor.actions import Actions  # noqa: E402
+from runherd.monitor.sweeper import Sweeper  # noqa: E402
+from runherd.store import Store  # noqa: E402
 from scripts.bench._benchlib import bench_env, machine, ms, pct, quiet_logs, ratio, rss, table  # noqa: E402
-from services.monitor.actions import Actions  # noqa: E402
-from services.monitor.sweeper import Sweeper  # noqa: E402
-from shared import config  # noqa: E402
-from shared.launchers.process import ProcessLauncher  # noqa: E402
-from shared.store import Store  # noqa: E402
 
 # The least work a heartbeat rule can do: join the in-flight runs to their current attempt and compare.
-RAW = ("SELECT count(*) FROM runs r JOIN attempts a ON a.run_id = r.run_id AND a.attempt = r.attempt "
-       "WHERE r.status = 'STARTED' AND a.last_heartbeat_at < now() - interval '30 seconds'")
+RAW = (
+    "SELECT count(*) FROM runs r JOIN attempts a ON a.run_id = r.run_id AND a.attempt = r.attempt "
+    "WHERE r.status = 'STARTED' AND a.last_heartbeat_at < now() - interval '30 seconds'"
+)
 
 
 async def seed(store: Store, started: int, finished: int) -> None:
@@ -45,11 +47,18 @@ async def seed(store: Store, started: int, finished: int) -> None:
                 "INSERT INTO runs (run_id, job, status, attempt, steps, root_run_id, started_at, ended_at, "
                 "tags) SELECT u, 'bench-sweep', $2, 1, $3::jsonb, u, now(), "
                 "CASE WHEN $2 = 'SUCCESS' THEN now() END, jsonb_build_object('runherd/max_runtime', 3600) "
-                "FROM unnest($1::uuid[]) AS u", ids, status, steps)
+                "FROM unnest($1::uuid[]) AS u",
+                ids,
+                status,
+                steps,
+            )
             await store.pool.execute(
                 "INSERT INTO attempts (run_id, attempt, handle, launched_at, last_heartbeat_at, exited_at) "
-                "SELECT u, 1, '{\"launcher\": \"process\", \"pid\": 0}'::jsonb, now(), now(), "
-                "CASE WHEN $2 = 'SUCCESS' THEN now() END FROM unnest($1::uuid[]) AS u", ids, status)
+                'SELECT u, 1, \'{"launcher": "process", "pid": 0}\'::jsonb, now(), now(), '
+                "CASE WHEN $2 = 'SUCCESS' THEN now() END FROM unnest($1::uuid[]) AS u",
+                ids,
+                status,
+            )
     await store.pool.execute("UPDATE runs SET max_runtime_seconds = 3600 WHERE status = 'STARTED'")
     await store.pool.execute("VACUUM ANALYZE runs")
     await store.pool.execute("VACUUM ANALYZE attempts")
@@ -62,8 +71,13 @@ async def main() -> int:
     started, finished, rounds = (2_000, 20_000, 30) if args.quick else (10_000, 100_000, 50)
     quiet_logs()
     async with bench_env("sweep") as env:
-        cfg = config.from_mapping({"database_url": env.db_url, "amqp_url": env.amqp_url,
-                                   "run_monitoring": {"heartbeat_timeout_seconds": 30, "max_runtime_seconds": 0}})
+        cfg = config.from_mapping(
+            {
+                "database_url": env.db_url,
+                "amqp_url": env.amqp_url,
+                "run_monitoring": {"heartbeat_timeout_seconds": 30, "max_runtime_seconds": 0},
+            }
+        )
         store = await Store.connect(env.db_url)
         try:
             await seed(store, started, finished)
@@ -71,9 +85,13 @@ async def main() -> int:
             sweeper = Sweeper(cfg, store, launcher, Actions(store, launcher))
             sweeps, deadlines, raw = [], [], []
             per_rule: dict[str, list[float]] = {}
-            rules = {"start_timeout": sweeper.start_timeout, "cancel_timeout": sweeper.cancel_timeout,
-                     "max_runtime": sweeper.max_runtime, "heartbeat_timeout": sweeper.heartbeat_timeout,
-                     "reap": sweeper.reap}
+            rules = {
+                "start_timeout": sweeper.start_timeout,
+                "cancel_timeout": sweeper.cancel_timeout,
+                "max_runtime": sweeper.max_runtime,
+                "heartbeat_timeout": sweeper.heartbeat_timeout,
+                "reap": sweeper.reap,
+            }
             for _ in range(10):
                 for name, rule in rules.items():
                     t = time.perf_counter()
@@ -92,15 +110,30 @@ async def main() -> int:
                 raw.append(time.perf_counter() - t)
         finally:
             await store.close()
-    print(f"\nOne monitor sweep, {started:,} runs STARTED (fresh heartbeats), {finished:,} finished; "
-          f"{rounds} sweeps; {machine()}.\n")
-    print(table(["what", "p50", "p99", "p50 / raw"], [
-        ["sweep: every rule (start, cancel, max runtime, heartbeat, reap, retries)", ms(pct(sweeps, 50)),
-         ms(pct(sweeps, 99)), ratio(pct(sweeps, 50), pct(raw, 50))],
-        ["next_deadline (how long the sweep may sleep)", ms(pct(deadlines, 50)), ms(pct(deadlines, 99)),
-         ratio(pct(deadlines, 50), pct(raw, 50))],
-        ["raw: the bare runs-attempts join of a heartbeat rule", ms(pct(raw, 50)), ms(pct(raw, 99)), "1.00x"],
-    ]))
+    print(
+        f"\nOne monitor sweep, {started:,} runs STARTED (fresh heartbeats), {finished:,} finished; "
+        f"{rounds} sweeps; {machine()}.\n"
+    )
+    print(
+        table(
+            ["what", "p50", "p99", "p50 / raw"],
+            [
+                [
+                    "sweep: every rule (start, cancel, max runtime, heartbeat, reap, retries)",
+                    ms(pct(sweeps, 50)),
+                    ms(pct(sweeps, 99)),
+                    ratio(pct(sweeps, 50), pct(raw, 50)),
+                ],
+                [
+                    "next_deadline (how long the sweep may sleep)",
+                    ms(pct(deadlines, 50)),
+                    ms(pct(deadlines, 99)),
+                    ratio(pct(deadlines, 50), pct(raw, 50)),
+                ],
+                ["raw: the bare runs-attempts join of a heartbeat rule", ms(pct(raw, 50)), ms(pct(raw, 99)), "1.00x"],
+            ],
+        )
+    )
     print("\nper rule, p50: " + ", ".join(f"{k} {ms(pct(v, 50))}" for k, v in per_rule.items()))
     print(f"\npeak RSS of the bench process {rss()[1]:.0f} MiB")
     return 0

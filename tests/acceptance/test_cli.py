@@ -12,15 +12,22 @@ from tests.harness import PYTHON, ROOT, Env, eventually
 
 async def runherd(env: Env, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(
-        subprocess.run, [PYTHON, "-m", "shared.cli", "--config", str(env.config_file()), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        subprocess.run,
+        [PYTHON, "-m", "runherd.cli", "--config", str(env.config_file()), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 async def test_submit_wait_show_events_runs(env: Env) -> None:
     await env.start()
     job = env.tmp / "job.yaml"
-    job.write_text("job: cli.demo\nsteps:\n  - {key: a, command: [sh, -c, 'echo hi']}\n"
-                   "  - {key: b, call: 'examples.steps:count_words', deps: [a]}\n")
+    job.write_text(
+        "job: cli.demo\nsteps:\n  - {key: a, command: [sh, -c, 'echo hi']}\n"
+        "  - {key: b, call: 'examples.steps:count_words', deps: [a]}\n"
+    )
     done = await runherd(env, "submit", str(job), "--tag", "team=data", "--wait")
     assert done.returncode == 0, done.stderr
     run_id, status = done.stdout.split()
@@ -51,6 +58,7 @@ async def test_submit_wait_exits_1_on_failure_and_cancel(env: Env) -> None:
 
     async def exited() -> bool:
         return any(e["type"] == "WORKER_EXITED" for e in await env.events(failed_id))
+
     await eventually(exited, what="the worker's exit in the log")
     log = await runherd(env, "events", failed_id)
     assert "WORKER_EXITED" in log.stdout and "      | " in log.stdout  # the worker log's tail, for a person
@@ -82,18 +90,30 @@ async def test_bad_input_exits_2_with_one_line(env: Env) -> None:
         assert any(expected in line for line in lines), (args, result.stderr)
     bad_config = env.tmp / "bad.yaml"
     bad_config.write_text("run_monitoring:\n  start_timeout: 3\n")
-    result = await asyncio.to_thread(subprocess.run, [PYTHON, "-m", "shared.cli", "--config", str(bad_config), "runs"],
-                                     capture_output=True, text=True, cwd=ROOT)
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [PYTHON, "-m", "runherd.cli", "--config", str(bad_config), "runs"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip() == "runherd: config: run_monitoring.start_timeout: unknown key " \
-        "(known: cancel_timeout_seconds, enabled, heartbeat_interval_seconds, heartbeat_timeout_seconds, " \
+    assert (
+        result.stderr.strip() == "runherd: config: run_monitoring.start_timeout: unknown key "
+        "(known: cancel_timeout_seconds, enabled, heartbeat_interval_seconds, heartbeat_timeout_seconds, "
         "max_resume_run_attempts, max_runtime_seconds, poll_interval_seconds, start_timeout_seconds)"
+    )
 
 
 async def test_up_with_two_monitors_and_watch(env: Env) -> None:
     up = env.spawn("up", "--monitors", "2")
-    watch = subprocess.Popen([PYTHON, "-m", "shared.cli", "--config", str(env.config_file()), "watch", "--json"],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT, text=True)
+    watch = subprocess.Popen(
+        [PYTHON, "-m", "runherd.cli", "--config", str(env.config_file()), "watch", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        text=True,
+    )
     env.processes.append(watch)
     try:
         job = env.tmp / "job.yaml"
@@ -112,6 +132,7 @@ async def test_up_with_two_monitors_and_watch(env: Env) -> None:
                     seen.append(body["status"])
                     if body["status"] == "SUCCESS":
                         return
+
         await asyncio.wait_for(asyncio.to_thread(read_until_success), 30)
         assert seen[-1] == "SUCCESS"
         assert up.poll() is None
@@ -121,6 +142,7 @@ async def test_up_with_two_monitors_and_watch(env: Env) -> None:
 
 def _watch_subscribed(env: Env) -> bool:
     vhost = env.amqp_url.rsplit("/", 1)[1]
-    out = subprocess.run(["rabbitmqctl", "-q", "list_bindings", "-p", vhost, "source_name"],
-                         capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_bindings", "-p", vhost, "source_name"], capture_output=True, text=True, timeout=30
+    ).stdout
     return "runherd.status" in out

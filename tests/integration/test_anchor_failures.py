@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
-from shared.contract import Event, EventType, now_iso
+from runherd.contract import Event, EventType, now_iso
 from tests.harness import LATE, SILENT, STUBBORN, Env, eventually, pids_alive, status_log
 
 
@@ -20,6 +20,7 @@ async def test_late_run_success_after_timeout_is_refused(env: Env) -> None:
 
         async def refused() -> list[dict[str, object]]:
             return [e for e in await env.events(timed_out) if e["seq"] == 10_000 and e["refused"]]
+
         [row] = await eventually(refused, what="the late RUN_SUCCESS refused")
         assert "already FAILURE" in str(row["refused"])
         assert await env.status(timed_out) == "FAILURE"
@@ -44,9 +45,10 @@ async def test_user_cancel_is_never_mistaken_for_a_crash(env: Env) -> None:
 
 async def test_worker_that_never_heartbeats_is_still_detected(env: Env) -> None:
     """Airflow's bug: a NULL last heartbeat compared as 'not stale'."""
-    env.configure(run_monitoring={"max_resume_run_attempts": 0, "heartbeat_timeout_seconds": 2,
-                                  "start_timeout_seconds": 2},
-                  run_launcher=env.process_launcher(SILENT))
+    env.configure(
+        run_monitoring={"max_resume_run_attempts": 0, "heartbeat_timeout_seconds": 2, "start_timeout_seconds": 2},
+        run_launcher=env.process_launcher(SILENT),
+    )
     await env.start()
     run_id = await env.submit([{"key": "a", "command": ["true"]}])
     await env.wait_status(run_id, "STARTED")
@@ -58,8 +60,7 @@ async def test_worker_that_never_heartbeats_is_still_detected(env: Env) -> None:
 
 async def test_worker_coming_up_after_start_timeout_is_refused_and_terminated(env: Env) -> None:
     """Dagster #29101: a worker that starts after its run was failed by the start timeout."""
-    env.configure(run_monitoring={"start_timeout_seconds": 1},
-                  run_launcher=env.process_launcher(LATE, grace=30))
+    env.configure(run_monitoring={"start_timeout_seconds": 1}, run_launcher=env.process_launcher(LATE, grace=30))
     await env.start()
     run_id = await env.submit([{"key": "a", "command": ["sleep", "600"]}], env={"LATE_SECONDS": "3"})
     handle = await env.handle(run_id)
@@ -68,6 +69,7 @@ async def test_worker_coming_up_after_start_timeout_is_refused_and_terminated(en
 
     async def refused() -> list[dict[str, object]]:
         return [e for e in await env.events(run_id) if e["refused"]]
+
     rows = await eventually(refused, what="the late worker's events refused")
     assert "already FAILURE" in str(rows[0]["refused"])
     await eventually(lambda: not pids_alive([handle["pid"]]), timeout=20, what="the late worker terminated")
@@ -76,8 +78,7 @@ async def test_worker_coming_up_after_start_timeout_is_refused_and_terminated(en
 
 async def test_timed_out_run_frees_its_slot_at_once(env: Env) -> None:
     """Prefect #16746: the slot is free the moment the run fails, not when its worker is gone."""
-    env.configure(run_coordinator={"max_concurrent_runs": 1},
-                  run_launcher=env.process_launcher(STUBBORN, grace=60))
+    env.configure(run_coordinator={"max_concurrent_runs": 1}, run_launcher=env.process_launcher(STUBBORN, grace=60))
     await env.start()
     first = await env.submit([{"key": "a", "command": ["sleep", "600"]}], tags={"runherd/max_runtime": 1})
     await env.wait_status(first, "STARTED")
@@ -91,6 +92,7 @@ async def test_timed_out_run_frees_its_slot_at_once(env: Env) -> None:
 async def test_unknown_health_is_not_a_crash(env: Env) -> None:
     """Dagster #19554: a backend API error is not a crash; only an exit or the heartbeat deadline is."""
     from tests.fixtures.launchers import UnknownHealthLauncher
+
     launcher = UnknownHealthLauncher({"log_dir": str(env.tmp / "logs")})
     await env.start(launcher=launcher)
     run_id = await env.submit([{"key": "a", "command": ["sleep", "5"]}])

@@ -9,8 +9,8 @@ import aio_pika
 import orjson
 import pytest
 
-from shared.broker import ERROR_HEADER
-from shared.contract import Event, EventType, now_iso
+from runherd.broker import ERROR_HEADER
+from runherd.contract import Event, EventType, now_iso
 from tests.harness import Env, eventually
 
 STEP = {"key": "a", "command": ["true"]}
@@ -20,19 +20,42 @@ BAD = [
     ("not an object", b"[1, 2, 3]", "must be a JSON object"),
     ("missing job", orjson.dumps({"v": 1, "steps": [STEP]}), "job: missing"),
     ("duplicate step keys", orjson.dumps({"v": 1, "job": "j", "steps": [STEP, STEP]}), "duplicate step key 'a'"),
-    ("unknown dep", orjson.dumps({"v": 1, "job": "j", "steps": [{**STEP, "deps": ["nope"]}]}),
-     "depends on unknown step 'nope'"),
-    ("cycle", orjson.dumps({"v": 1, "job": "j", "steps": [
-        {"key": "a", "command": ["true"], "deps": ["b"]}, {"key": "b", "command": ["true"], "deps": ["a"]}]}),
-     "cycle"),
-    ("both command and call", orjson.dumps({"v": 1, "job": "j", "steps": [
-        {"key": "a", "command": ["true"], "call": "m:f"}]}), "exactly one of command or call"),
-    ("neither command nor call", orjson.dumps({"v": 1, "job": "j", "steps": [{"key": "a"}]}),
-     "exactly one of command or call"),
+    (
+        "unknown dep",
+        orjson.dumps({"v": 1, "job": "j", "steps": [{**STEP, "deps": ["nope"]}]}),
+        "depends on unknown step 'nope'",
+    ),
+    (
+        "cycle",
+        orjson.dumps(
+            {
+                "v": 1,
+                "job": "j",
+                "steps": [
+                    {"key": "a", "command": ["true"], "deps": ["b"]},
+                    {"key": "b", "command": ["true"], "deps": ["a"]},
+                ],
+            }
+        ),
+        "cycle",
+    ),
+    (
+        "both command and call",
+        orjson.dumps({"v": 1, "job": "j", "steps": [{"key": "a", "command": ["true"], "call": "m:f"}]}),
+        "exactly one of command or call",
+    ),
+    (
+        "neither command nor call",
+        orjson.dumps({"v": 1, "job": "j", "steps": [{"key": "a"}]}),
+        "exactly one of command or call",
+    ),
     ("wrong type: steps", orjson.dumps({"v": 1, "job": "j", "steps": "a"}), "steps: expected a list"),
     ("wrong type: job", orjson.dumps({"v": 1, "job": 5, "steps": [STEP]}), "job: expected a job name"),
-    ("wrong type: priority tag", orjson.dumps({"v": 1, "job": "j", "steps": [STEP],
-                                               "tags": {"runherd/priority": "high"}}), "runherd/priority"),
+    (
+        "wrong type: priority tag",
+        orjson.dumps({"v": 1, "job": "j", "steps": [STEP], "tags": {"runherd/priority": "high"}}),
+        "runherd/priority",
+    ),
     ("wrong version", orjson.dumps({"v": 2, "job": "j", "steps": [STEP]}), "v: expected 1"),
     ("bad run_id", orjson.dumps({"v": 1, "run_id": "x", "job": "j", "steps": [STEP]}), "run_id: expected a UUID"),
     ("unknown step field", orjson.dumps({"v": 1, "job": "j", "steps": [{**STEP, "retries": 3}]}), "retries"),
@@ -52,6 +75,7 @@ async def _dead_letters(amqp_url: str, count: int, timeout: float = 15) -> list[
                 await message.ack()
                 got.append(message)
             return len(got) >= count
+
         await eventually(enough, timeout, what=f"{count} dead letters")
     return got
 
@@ -72,17 +96,20 @@ async def test_each_kind_of_bad_launch_is_dead_lettered_with_its_reason(env: Env
 
 async def test_a_launch_naming_a_launcher_not_configured_here_is_dead_lettered(env: Env) -> None:
     await env.start({"launcher": 1})
-    await env.broker.publish("runherd.commands", "launch",
-                             orjson.dumps({"v": 1, "job": "j", "steps": [STEP], "launcher": "kubernetes"}))
+    await env.broker.publish(
+        "runherd.commands", "launch", orjson.dumps({"v": 1, "job": "j", "steps": [STEP], "launcher": "kubernetes"})
+    )
     [dead] = await _dead_letters(env.amqp_url, 1)
     assert "'kubernetes' is not configured here" in dead.headers[ERROR_HEADER]
     run_id = await env.submit([STEP])  # naming no launcher, or this one, is fine
-    await env.broker.publish("runherd.commands", "launch",
-                             orjson.dumps({"v": 1, "job": "j", "steps": [STEP], "launcher": "process"}))
+    await env.broker.publish(
+        "runherd.commands", "launch", orjson.dumps({"v": 1, "job": "j", "steps": [STEP], "launcher": "process"})
+    )
     await env.wait_status(run_id, "QUEUED", "STARTING", "STARTED", "SUCCESS")
 
     async def two_runs() -> bool:
         return (await env.store.fetch("SELECT count(*) AS n FROM runs"))[0]["n"] == 2
+
     await eventually(two_runs, what="both valid launches queued")
 
 
@@ -98,10 +125,12 @@ async def test_commands_for_unknown_runs_are_dead_lettered(env: Env, command: st
 async def test_bad_events_and_heartbeats_are_dead_lettered_and_services_survive(env: Env) -> None:
     await env.start()
     await env.broker.publish("runherd.events", "run.x", b"garbage")
-    await env.broker.publish("runherd.events", f"run.{uuid.uuid4()}", Event(
-        run_id=str(uuid.uuid4()), attempt=1, seq=1, type=EventType.RUN_START, ts=now_iso()).body())
-    await env.broker.publish("runherd.heartbeats", "hb", b'{"v": 1, "run_id": "nope", "attempt": 1}',
-                             persistent=False)
+    await env.broker.publish(
+        "runherd.events",
+        f"run.{uuid.uuid4()}",
+        Event(run_id=str(uuid.uuid4()), attempt=1, seq=1, type=EventType.RUN_START, ts=now_iso()).body(),
+    )
+    await env.broker.publish("runherd.heartbeats", "hb", b'{"v": 1, "run_id": "nope", "attempt": 1}', persistent=False)
     dead = await _dead_letters(env.amqp_url, 3)
     reasons = sorted(m.headers[ERROR_HEADER] for m in dead)
     assert any("not valid JSON" in r for r in reasons)
@@ -135,10 +164,18 @@ async def test_redelivered_event_adds_no_row(env: Env) -> None:
     async def exited() -> list[dict[str, object]] | None:
         events = await env.events(run_id)
         return events if any(e["type"] == "WORKER_EXITED" for e in events) else None
+
     before = await eventually(exited, what="the worker's exit in the log")
     step_success = next(e for e in before if e["type"] == "STEP_SUCCESS")
-    replay = Event(run_id=run_id, attempt=step_success["attempt"], seq=step_success["seq"],
-                   type=EventType.STEP_SUCCESS, step_key="a", data={"output": None}, ts=now_iso())
+    replay = Event(
+        run_id=run_id,
+        attempt=step_success["attempt"],
+        seq=step_success["seq"],
+        type=EventType.STEP_SUCCESS,
+        step_key="a",
+        data={"output": None},
+        ts=now_iso(),
+    )
     for _ in range(3):
         await env.broker.publish_event(run_id, replay.body())
     # A barrier: events are applied in order, and this one is dead-lettered after its batch commits.
@@ -167,20 +204,38 @@ async def test_poison_event_is_retried_then_dead_lettered_without_holding_back_o
 async def test_a_burst_of_step_events_applied_together_keeps_every_step_right(env: Env) -> None:
     """Step events that arrive together are written by one statement: duplicates still add no row,
     outputs of any JSON shape are kept, and each step ends in its latest state with its start time."""
-    from shared.contract import RunStatus, parse_launch
-    launch = parse_launch({"v": 1, "job": "burst", "steps": [{"key": "s1", "command": ["true"]},
-                                                            {"key": "s2", "command": ["true"]}]})
+    from runherd.contract import RunStatus, parse_launch
+
+    launch = parse_launch(
+        {"v": 1, "job": "burst", "steps": [{"key": "s1", "command": ["true"]}, {"key": "s2", "command": ["true"]}]}
+    )
     await env.store.insert_run(launch, max_runtime_seconds=None, priority=0)
     await env.store.dequeue(-1, [])
     async with env.store.tx() as tx:
         await tx.transition([launch.run_id], RunStatus.STARTED)
     run_id = launch.run_id
-    burst = [Event(run_id=run_id, attempt=1, seq=1, type=EventType.STEP_START, step_key="s1", ts=now_iso()),
-             Event(run_id=run_id, attempt=1, seq=2, type=EventType.STEP_SUCCESS, step_key="s1",
-                   data={"output": [1, 2]}, ts=now_iso()),
-             Event(run_id=run_id, attempt=1, seq=3, type=EventType.STEP_START, step_key="s2", ts=now_iso()),
-             Event(run_id=run_id, attempt=1, seq=4, type=EventType.STEP_FAILURE, step_key="s2",
-                   message="exited with code 2", ts=now_iso())]
+    burst = [
+        Event(run_id=run_id, attempt=1, seq=1, type=EventType.STEP_START, step_key="s1", ts=now_iso()),
+        Event(
+            run_id=run_id,
+            attempt=1,
+            seq=2,
+            type=EventType.STEP_SUCCESS,
+            step_key="s1",
+            data={"output": [1, 2]},
+            ts=now_iso(),
+        ),
+        Event(run_id=run_id, attempt=1, seq=3, type=EventType.STEP_START, step_key="s2", ts=now_iso()),
+        Event(
+            run_id=run_id,
+            attempt=1,
+            seq=4,
+            type=EventType.STEP_FAILURE,
+            step_key="s2",
+            message="exited with code 2",
+            ts=now_iso(),
+        ),
+    ]
     for event in [*burst, burst[1]]:  # the success twice
         await env.broker.publish_event(run_id, event.body())
     await env.start({"monitor": 1})  # the backlog arrives as one batch
@@ -188,6 +243,7 @@ async def test_a_burst_of_step_events_applied_together_keeps_every_step_right(en
     async def applied() -> dict[str, dict[str, object]] | None:
         steps = {s["step_key"]: s for s in (await env.run(run_id))["steps_status"]}  # type: ignore[index]
         return steps if len(steps) == 2 else None
+
     steps = await eventually(applied, what="both steps recorded")
     assert steps["s1"]["status"] == "SUCCESS" and steps["s1"]["output"] == [1, 2]
     assert steps["s1"]["started_at"] is not None and steps["s1"]["ended_at"] is not None
@@ -195,4 +251,8 @@ async def test_a_burst_of_step_events_applied_together_keeps_every_step_right(en
     assert steps["s2"]["started_at"] is not None and steps["s2"]["output"] is None
     step_events = [e for e in await env.events(run_id) if e["step_key"]]
     assert [(e["seq"], e["type"]) for e in step_events] == [
-        (1, "STEP_START"), (2, "STEP_SUCCESS"), (3, "STEP_START"), (4, "STEP_FAILURE")]
+        (1, "STEP_START"),
+        (2, "STEP_SUCCESS"),
+        (3, "STEP_START"),
+        (4, "STEP_FAILURE"),
+    ]

@@ -16,7 +16,7 @@ import aiodocker
 import pytest
 from aiodocker.exceptions import DockerError
 
-from shared import config
+from runherd import config
 from tests.harness import PYTHON, Env, eventually
 from tests.launchers.docker_fixtures import (
     launcher_config,
@@ -42,12 +42,14 @@ async def denv(env: Env, engine: aiodocker.Docker) -> AsyncIterator[Env]:
 def use_docker(env: Env, *, run_monitoring: dict[str, Any] | None = None, **launcher: Any) -> None:
     """Configure the services with the Docker launcher running `runherd worker` containers."""
     tmp = str(env.tmp)
-    docker = launcher_config(**{"command": [PYTHON, "-m", "shared.cli", "worker"],
-                                "volumes": [*worker_binds(), f"{tmp}:{tmp}"], **launcher})
+    docker = launcher_config(
+        **{"command": [PYTHON, "-m", "runherd.cli", "worker"], "volumes": [*worker_binds(), f"{tmp}:{tmp}"], **launcher}
+    )
     cfg = env.configure(run_monitoring=run_monitoring or {})
     # The whole section: the harness's process launcher defaults must not be merged into it.
-    env.cfg = replace(cfg, run_launcher=config.from_mapping(
-        {"run_launcher": {"name": "docker", "config": docker}}).run_launcher)
+    env.cfg = replace(
+        cfg, run_launcher=config.from_mapping({"run_launcher": {"name": "docker", "config": docker}}).run_launcher
+    )
 
 
 async def inspect(engine: aiodocker.Docker, container_id: str) -> dict[str, Any] | None:
@@ -72,17 +74,27 @@ def lines(path: Any) -> list[str]:
 
 
 async def test_docker_kill_mid_run_resumes_without_rerunning_completed_steps(
-        denv: Env, engine: aiodocker.Docker) -> None:
+    denv: Env, engine: aiodocker.Docker
+) -> None:
     env = denv
     use_docker(env)
     await env.start()
     effects, started = env.tmp / "effects", env.tmp / "step2-started"
-    run_id = await env.submit([
-        {"key": "one", "command": ["sh", "-c", f"echo one >> {effects}"]},
-        {"key": "two", "command": ["sh", "-c", f'echo two >> {effects}; if [ "$RUNHERD_ATTEMPT" = 1 ]; '
-                                   f'then touch {started}; sleep 600; fi'], "deps": ["one"]},
-        {"key": "three", "command": ["sh", "-c", f"echo three >> {effects}"], "deps": ["two"]},
-    ])
+    run_id = await env.submit(
+        [
+            {"key": "one", "command": ["sh", "-c", f"echo one >> {effects}"]},
+            {
+                "key": "two",
+                "command": [
+                    "sh",
+                    "-c",
+                    f'echo two >> {effects}; if [ "$RUNHERD_ATTEMPT" = 1 ]; then touch {started}; sleep 600; fi',
+                ],
+                "deps": ["one"],
+            },
+            {"key": "three", "command": ["sh", "-c", f"echo three >> {effects}"], "deps": ["two"]},
+        ]
+    )
     await eventually(started.exists, timeout=30, what="step two to start in the container")
     first = await env.handle(run_id, attempt=1)
     assert first["launcher"] == "docker" and first["container_id"]
@@ -102,8 +114,7 @@ async def test_docker_kill_mid_run_resumes_without_rerunning_completed_steps(
     assert state is not None and not state["Running"] and state["ExitCode"] == 137
 
 
-async def test_container_over_its_memory_limit_is_logged_as_oomkilled(
-        denv: Env, engine: aiodocker.Docker) -> None:
+async def test_container_over_its_memory_limit_is_logged_as_oomkilled(denv: Env, engine: aiodocker.Docker) -> None:
     env = denv
     use_docker(env, memory="128m")
     await env.start()
@@ -147,6 +158,7 @@ async def test_max_runtime_fails_the_run_and_stops_the_container(denv: Env, engi
     async def stopped() -> bool:
         state = await inspect(engine, handle["container_id"])
         return state is not None and not state["Running"]
+
     await eventually(stopped, timeout=20, what="the container stopped")
     await eventually(lambda: _terminated(env, run_id, "exceeded max runtime"), what="the termination in the event log")
 

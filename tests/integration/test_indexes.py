@@ -9,9 +9,9 @@ import asyncpg
 import orjson
 import pytest
 
-from shared.store.migrate import SCHEMA_VERSION, migrate, migrations
-from shared.store.queries import q
-from shared.store.store import Store
+from runherd.store.migrate import SCHEMA_VERSION, migrate, migrations
+from runherd.store.queries import q
+from runherd.store.store import Store
 from tests import harness
 from tests.harness import Env
 
@@ -22,8 +22,12 @@ RULES = {
     "over_max_runtime": (60.0, 100),
     "silent_workers": (30.0, 100, 180.0),
     "next_deadline": (30.0, 180.0, 180.0, 180.0, 0.0),
-    "dequeue": (10, orjson.dumps([{"key": "team", "value": "a", "per_unique_value": False, "limit": 2}]).decode(),
-                100, 1000),
+    "dequeue": (
+        10,
+        orjson.dumps([{"key": "team", "value": "a", "per_unique_value": False, "limit": 2}]).decode(),
+        100,
+        1000,
+    ),
     "claim_reaps": (30.0, 5.0, 100),
 }
 INDEXES = {"claim_reaps": ("attempts_to_reap",)}
@@ -36,9 +40,13 @@ async def _fill(env: Env, finished: int, in_flight: int) -> None:
     await env.store.pool.execute(
         "INSERT INTO runs (run_id, job, status, attempt, steps, root_run_id, started_at) "
         "SELECT u, 'j', s, 1, $3::jsonb, u, now() FROM unnest($1::uuid[], $2::text[]) AS x(u, s)",
-        ids, statuses, steps)
-    await env.store.pool.execute("INSERT INTO attempts (run_id, attempt, launched_at) "
-                                 "SELECT run_id, 1, now() FROM runs")
+        ids,
+        statuses,
+        steps,
+    )
+    await env.store.pool.execute(
+        "INSERT INTO attempts (run_id, attempt, launched_at) SELECT run_id, 1, now() FROM runs"
+    )
     await env.store.pool.execute("ANALYZE runs")
     await env.store.pool.execute("ANALYZE attempts")
 
@@ -77,8 +85,10 @@ async def test_migrate_upgrades_an_older_schema() -> None:
     try:
         conn = await asyncpg.connect(url)  # a database left at schema 1 by an older runherd
         version, first, sql = migrations()[0]
-        await conn.execute("CREATE TABLE runherd_schema (version integer PRIMARY KEY, name text NOT NULL, "
-                           "applied_at timestamptz NOT NULL DEFAULT now())")
+        await conn.execute(
+            "CREATE TABLE runherd_schema (version integer PRIMARY KEY, name text NOT NULL, "
+            "applied_at timestamptz NOT NULL DEFAULT now())"
+        )
         await conn.execute(sql)
         await conn.execute("INSERT INTO runherd_schema (version, name) VALUES ($1, $2)", version, first)
         await conn.close()

@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from services.launcher.launching import LAUNCH_ATTEMPTS
-from shared import config
-from shared.launchers.base import WorkerRun
-from shared.launchers.kubernetes import build_job, job_name, validate_config
+from runherd import config
+from runherd.launcher.launching import LAUNCH_ATTEMPTS
+from runherd.launchers.base import WorkerRun
+from runherd.launchers.kubernetes import build_job, job_name, validate_config
 from tests.harness import PYTHON, ROOT, Env, eventually, status_log
 from tests.k8s_emulator import K8sEmulator
 from tests.launchers.docker_fixtures import docker_unavailable_reason, launcher_config
@@ -73,19 +73,24 @@ def assert_backoff(times: list[float]) -> None:
 
 
 def launch_failures_logged(caplog: pytest.LogCaptureFixture, run_id: str) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "shared.launchers.docker"
-            and r.getMessage().startswith(f"docker launch failed run_id={run_id} ")]
+    return [
+        r
+        for r in caplog.records
+        if r.name == "runherd.launchers.docker" and r.getMessage().startswith(f"docker launch failed run_id={run_id} ")
+    ]
 
 
 async def test_docker_engine_down_is_retried_then_fails_with_the_engine_message(
-        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
     socket = env.tmp / "no-docker.sock"  # nothing listens there
     use_launcher(env, "docker", launcher_config(docker_url=f"unix://{socket}", launch_retries=0))
     async with status_log(env.amqp_url) as statuses:
         await env.start()
         run_id = await env.submit(STEPS)
-        run = await failed_launch(env, run_id, "docker engine unreachable", f"Cannot connect to unix socket {socket}",
-                                  transient=True)
+        run = await failed_launch(
+            env, run_id, "docker engine unreachable", f"Cannot connect to unix socket {socket}", transient=True
+        )
         await eventually(lambda: "FAILURE" in statuses.of(run_id), what="the FAILURE status message")
 
     assert_backoff([r.created for r in launch_failures_logged(caplog, run_id)])
@@ -95,7 +100,8 @@ async def test_docker_engine_down_is_retried_then_fails_with_the_engine_message(
 
 
 async def test_docker_missing_image_fails_at_once_with_the_engine_message(
-        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
     reason = docker_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
@@ -115,15 +121,19 @@ async def test_docker_missing_image_fails_at_once_with_the_engine_message(
 async def k8s(env: Env) -> AsyncIterator[K8sEmulator]:
     """The API-server emulator, and the services configured to launch Jobs on it."""
     async with K8sEmulator() as emulator:
-        use_launcher(env, "kubernetes", {
-            "image": K8S_IMAGE,
-            "command": [PYTHON, "-m", "shared.cli", "worker"],
-            "env": {"PYTHONPATH": str(ROOT)},
-            "kubeconfig_file": str(emulator.write_kubeconfig(env.tmp / "kubeconfig")),
-            "context": "emulator",
-            "launch_retries": 0,
-            "request_timeout_seconds": 5,
-        })
+        use_launcher(
+            env,
+            "kubernetes",
+            {
+                "image": K8S_IMAGE,
+                "command": [PYTHON, "-m", "runherd.cli", "worker"],
+                "env": {"PYTHONPATH": str(ROOT)},
+                "kubeconfig_file": str(emulator.write_kubeconfig(env.tmp / "kubeconfig")),
+                "context": "emulator",
+                "launch_retries": 0,
+                "request_timeout_seconds": 5,
+            },
+        )
         yield emulator
         await env.stop_all()  # the services first, while the emulator still answers
 
@@ -188,6 +198,5 @@ async def test_k8s_409_name_held_by_another_run_fails_with_the_api_message(env: 
     await env.start()
     await env.submit(STEPS, run_id=run_id)
 
-    await failed_launch(env, run_id, "(HTTP 409)", "already exists", "belongs to run someone-else",
-                        transient=False)
+    await failed_launch(env, run_id, "(HTTP 409)", "already exists", "belongs to run someone-else", transient=False)
     assert len(creates(k8s)) == 1

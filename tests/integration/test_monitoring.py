@@ -28,12 +28,21 @@ async def test_sigkill_worker_during_step_2_resumes_without_rerunning_step_1(env
     await env.start()
     effects = env.tmp / "effects"
     started = env.tmp / "step2-started"
-    run_id = await env.submit([
-        {"key": "one", "command": count_step(str(effects), "one")},
-        {"key": "two", "command": ["sh", "-c", f'echo two >> {effects}; if [ "$RUNHERD_ATTEMPT" = 1 ]; '
-                                   f'then touch {started}; sleep 600; fi'], "deps": ["one"]},
-        {"key": "three", "command": count_step(str(effects), "three"), "deps": ["two"]},
-    ])
+    run_id = await env.submit(
+        [
+            {"key": "one", "command": count_step(str(effects), "one")},
+            {
+                "key": "two",
+                "command": [
+                    "sh",
+                    "-c",
+                    f'echo two >> {effects}; if [ "$RUNHERD_ATTEMPT" = 1 ]; then touch {started}; sleep 600; fi',
+                ],
+                "deps": ["one"],
+            },
+            {"key": "three", "command": count_step(str(effects), "three"), "deps": ["two"]},
+        ]
+    )
     await eventually(started.exists, what="step two to start")
     handle = await env.handle(run_id, attempt=1)
     os.kill(handle["pid"], signal.SIGKILL)
@@ -100,10 +109,17 @@ async def test_resume_off_makes_a_crash_a_failure(env: Env) -> None:
 
 
 async def test_stuck_starting_worker_that_never_reports_fails_and_is_gone(env: Env) -> None:
-    env.configure(run_monitoring={"start_timeout_seconds": 2},
-                  run_launcher={"name": "process", "config": {
-                      "log_dir": str(env.tmp / "logs"), "worker_command": ["sleep", "600"],
-                      "terminate_grace_seconds": 1}})
+    env.configure(
+        run_monitoring={"start_timeout_seconds": 2},
+        run_launcher={
+            "name": "process",
+            "config": {
+                "log_dir": str(env.tmp / "logs"),
+                "worker_command": ["sleep", "600"],
+                "terminate_grace_seconds": 1,
+            },
+        },
+    )
     await env.start()
     run_id = await env.submit([{"key": "a", "command": ["true"]}])
     handle = await env.handle(run_id)
@@ -113,12 +129,12 @@ async def test_stuck_starting_worker_that_never_reports_fails_and_is_gone(env: E
 
     async def terminated() -> bool:
         return any(e["type"] == "WORKER_TERMINATED" for e in await env.events(run_id))
+
     await eventually(terminated, what="the termination in the event log")
 
 
 async def test_stuck_canceling_worker_ignoring_sigterm_is_killed_and_canceled(env: Env) -> None:
-    env.configure(run_monitoring={"cancel_timeout_seconds": 2},
-                  run_launcher=env.process_launcher(STUBBORN, grace=60))
+    env.configure(run_monitoring={"cancel_timeout_seconds": 2}, run_launcher=env.process_launcher(STUBBORN, grace=60))
     await env.start()
     run_id = await env.submit([{"key": "a", "command": ["sleep", "600"]}])
     await env.wait_status(run_id, "STARTED")
@@ -166,8 +182,9 @@ async def test_sigstop_hung_worker_detected_terminated_resumed(env: Env) -> None
 
 
 async def test_zombie_worker_events_refused_and_terminated(env: Env) -> None:
-    env.configure(run_launcher={"name": "process", "config": {"log_dir": str(env.tmp / "logs"),
-                                                              "terminate_grace_seconds": 60}})
+    env.configure(
+        run_launcher={"name": "process", "config": {"log_dir": str(env.tmp / "logs"), "terminate_grace_seconds": 60}}
+    )
     await env.start()
     run_id = await env.submit([{"key": "a", "command": HANG_ON_FIRST}])
     await eventually(lambda: _step_running(env, run_id, 1), what="step running")
@@ -178,6 +195,7 @@ async def test_zombie_worker_events_refused_and_terminated(env: Env) -> None:
 
     async def refused() -> list[dict[str, object]]:
         return [e for e in await env.events(run_id) if e["attempt"] == 1 and e["refused"]]
+
     rows = await eventually(refused, what="the zombie's events refused")
     assert "attempt 1 is not the current attempt (2)" in str(rows[0]["refused"])
     await eventually(lambda: not pids_alive([old["pid"]]), what="the zombie terminated")
@@ -215,6 +233,7 @@ async def test_max_concurrent_runs_is_never_exceeded(env: Env) -> None:
         counts = {r["status"]: r["n"] for r in rows}
         peak = max(peak, counts.get("STARTING", 0) + counts.get("STARTED", 0) + counts.get("CANCELING", 0))
         return counts.get("SUCCESS") == 10
+
     await eventually(done, timeout=60, interval=0.02, what="all ten runs SUCCESS")
     assert peak == 2, peak  # sampled: never more than 2, and the limit was actually reached
     assert len(run_ids) == 10
@@ -223,9 +242,13 @@ async def test_max_concurrent_runs_is_never_exceeded(env: Env) -> None:
 async def test_a_timeout_fires_on_time_not_a_poll_interval_late(env: Env) -> None:
     """The sweep sleeps until the earliest deadline: with a 60 s poll, a 1 s start timeout still
     fails the run within seconds."""
-    env.configure(run_monitoring={"poll_interval_seconds": 60, "start_timeout_seconds": 1},
-                  run_launcher={"name": "process", "config": {"log_dir": str(env.tmp / "logs"),
-                                                              "worker_command": ["sleep", "600"]}})
+    env.configure(
+        run_monitoring={"poll_interval_seconds": 60, "start_timeout_seconds": 1},
+        run_launcher={
+            "name": "process",
+            "config": {"log_dir": str(env.tmp / "logs"), "worker_command": ["sleep", "600"]},
+        },
+    )
     await env.start()
     run_id = await env.submit([{"key": "a", "command": ["true"]}])
     await env.wait_status(run_id, "STARTING")

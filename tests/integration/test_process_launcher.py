@@ -8,8 +8,8 @@ import time
 
 from prometheus_client import generate_latest
 
-from shared.launchers.base import HealthStatus, WorkerRun
-from shared.launchers.process import ProcessLauncher, start_time
+from runherd.launchers.base import HealthStatus, WorkerRun
+from runherd.launchers.process import ProcessLauncher, start_time
 from tests.harness import Env, eventually, pids_alive
 
 HANG_ON_FIRST = ["sh", "-c", 'if [ "$RUNHERD_ATTEMPT" = 1 ]; then sleep 600; fi']
@@ -30,8 +30,9 @@ async def test_reused_pid_is_never_mistaken_for_the_worker(tmp_path) -> None:  #
 
 async def test_terminate_escalates_to_sigkill_after_the_grace(tmp_path) -> None:  # type: ignore[no-untyped-def]
     launcher = ProcessLauncher({"log_dir": str(tmp_path), "terminate_grace_seconds": 0.5})
-    handle = await launcher.launch(WorkerRun(run_id="r", attempt=1, job="j", env={},
-                                             command=["sh", "-c", "trap '' TERM; echo ready; sleep 30"]))
+    handle = await launcher.launch(
+        WorkerRun(run_id="r", attempt=1, job="j", env={}, command=["sh", "-c", "trap '' TERM; echo ready; sleep 30"])
+    )
     await eventually(lambda: "ready" in open(handle["log_path"]).read(), what="the trap installed")
     began = time.monotonic()
     assert await launcher.terminate(handle) is True
@@ -70,5 +71,6 @@ async def test_monitor_publishes_gauges(env: Env) -> None:
     async def two_queued() -> bool:
         await monitor.refresh_gauges()  # type: ignore[attr-defined]
         return b'runherd_runs{status="QUEUED"} 2.0' in generate_latest()
+
     await eventually(two_queued, what="the queued gauge")
     assert b'runherd_queue_depth{queue="runherd.launcher.commands"}' in generate_latest()

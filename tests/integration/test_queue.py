@@ -12,16 +12,21 @@ from typing import Any
 import orjson
 import yaml
 
-from services.launcher import commands
-from shared.config import Config, TagConcurrencyLimit
-from shared.contract import Launch, Step
+from runherd.config import Config, TagConcurrencyLimit
+from runherd.contract import Launch, Step
+from runherd.launcher import commands
 from tests.harness import PYTHON, ROOT, Env, eventually
 
 IN_FLIGHT = "('STARTING', 'STARTED', 'CANCELING')"
 
 
-async def queue(env: Env, tags: dict[str, Any] | None = None, *, delay: float = 0,
-                steps: tuple[Step, ...] = (Step(key="a", command=["true"]),)) -> str:
+async def queue(
+    env: Env,
+    tags: dict[str, Any] | None = None,
+    *,
+    delay: float = 0,
+    steps: tuple[Step, ...] = (Step(key="a", command=["true"]),),
+) -> str:
     """Insert a QUEUED run straight into the store, as the launcher does for a launch message."""
     launch = Launch(run_id=str(uuid.uuid4()), job="queue-test", steps=steps, tags=tags or {})
     assert await commands.insert_launch(env.store, launch, delay_seconds=delay)
@@ -30,9 +35,16 @@ async def queue(env: Env, tags: dict[str, Any] | None = None, *, delay: float = 
 
 async def cli(*args: str) -> tuple[int, str, str]:
     """`runherd ARGS...` as a subprocess: exit code, stdout, stderr."""
-    proc = await asyncio.create_subprocess_exec(PYTHON, "-m", "shared.cli", *args, cwd=ROOT,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = await asyncio.create_subprocess_exec(
+        PYTHON,
+        "-m",
+        "runherd.cli",
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
@@ -40,8 +52,10 @@ async def cli(*args: str) -> tuple[int, str, str]:
 
 def limits_of(cfg: Config) -> list[dict[str, Any]]:
     """The limits as services/launcher/launching.py hands them to Store.dequeue."""
-    return [{"key": lim.key, "value": lim.value, "per_unique_value": lim.per_unique_value, "limit": lim.limit}
-            for lim in cfg.run_coordinator.tag_concurrency_limits]
+    return [
+        {"key": lim.key, "value": lim.value, "per_unique_value": lim.per_unique_value, "limit": lim.limit}
+        for lim in cfg.run_coordinator.tag_concurrency_limits
+    ]
 
 
 def limit(key: str, cap: int, value: str | None = None, per_unique: bool = False) -> dict[str, Any]:
@@ -49,8 +63,9 @@ def limit(key: str, cap: int, value: str | None = None, per_unique: bool = False
 
 
 async def finish(env: Env, *run_ids: str) -> None:
-    await env.store.fetch("UPDATE runs SET status = 'SUCCESS' WHERE run_id = ANY($1::uuid[])",
-                          [uuid.UUID(r) for r in run_ids])
+    await env.store.fetch(
+        "UPDATE runs SET status = 'SUCCESS' WHERE run_id = ANY($1::uuid[])", [uuid.UUID(r) for r in run_ids]
+    )
 
 
 async def test_tag_limits_by_key_by_key_and_value_and_per_unique_value(env: Env) -> None:
@@ -104,8 +119,14 @@ async def test_blocked_runs_never_hold_back_the_runs_behind_them_even_past_the_w
 
 async def test_priority_then_fifo_and_both_tag_spellings(env: Env) -> None:
     names = {}
-    for name, tags in [("low", {"runherd/priority": -1}), ("plain1", {}), ("dagster5", {"dagster/priority": "5"}),
-                       ("plain2", {}), ("top", {"runherd/priority": 10}), ("runherd5", {"runherd/priority": 5})]:
+    for name, tags in [
+        ("low", {"runherd/priority": -1}),
+        ("plain1", {}),
+        ("dagster5", {"dagster/priority": "5"}),
+        ("plain2", {}),
+        ("top", {"runherd/priority": 10}),
+        ("runherd5", {"runherd/priority": 5}),
+    ]:
         names[await queue(env, tags)] = name
     order = []
     for _ in names:
@@ -123,6 +144,7 @@ async def test_backoff_delays_the_dequeue(env: Env) -> None:
 
     async def dequeued() -> list[str]:
         return await env.store.dequeue(-1, [])
+
     assert await eventually(dequeued, timeout=5, what="the delayed run") == [delayed]
     assert time.monotonic() - began >= 1.0
 
@@ -139,9 +161,13 @@ async def test_a_queued_run_held_by_a_limit_can_be_canceled(env: Env) -> None:
 
 
 async def test_two_launcher_replicas_never_exceed_a_tag_limit_of_2_and_a_global_limit_of_3(env: Env) -> None:
-    env.configure(run_coordinator={"max_concurrent_runs": 3,
-                                   "tag_concurrency_limits": [{"key": "team", "value": "data", "limit": 2}]},
-                  run_monitoring={"heartbeat_interval_seconds": 0.5})
+    env.configure(
+        run_coordinator={
+            "max_concurrent_runs": 3,
+            "tag_concurrency_limits": [{"key": "team", "value": "data", "limit": 2}],
+        },
+        run_monitoring={"heartbeat_interval_seconds": 0.5},
+    )
     await env.start({"launcher": 2, "heartbeat": 1, "monitor": 1})
     step = [{"key": "work", "command": ["sleep", "0.6"]}]
     run_ids = [await env.submit(step, tags={"team": "data"} if i % 3 else {"team": "ml"}) for i in range(10)]
@@ -152,7 +178,8 @@ async def test_two_launcher_replicas_never_exceed_a_tag_limit_of_2_and_a_global_
         while not done.is_set():
             [row] = await env.store.fetch(
                 f"SELECT count(*) AS total, count(*) FILTER (WHERE tags->>'team' = 'data') AS data "
-                f"FROM runs WHERE status IN {IN_FLIGHT}")
+                f"FROM runs WHERE status IN {IN_FLIGHT}"
+            )
             samples.append((row["total"], row["data"]))
             await asyncio.sleep(0.01)
 
@@ -177,27 +204,42 @@ async def test_priority_order_end_to_end(env: Env) -> None:
     await env.start()
     for run_id in ids:
         await env.wait_status(run_id, "SUCCESS", timeout=30)
-    rows = await env.store.fetch("SELECT run_id FROM events WHERE type = 'RUN_STATUS' AND data->>'to' = 'STARTING' "
-                                 "ORDER BY id")
+    rows = await env.store.fetch(
+        "SELECT run_id FROM events WHERE type = 'RUN_STATUS' AND data->>'to' = 'STARTING' ORDER BY id"
+    )
     assert [ids[str(r["run_id"])] for r in rows] == ["p9", "p3", "p0", "p0b", "pm1"]
 
 
 def test_limits_of_matches_config_shape() -> None:
-    from shared.config import from_mapping
-    cfg = from_mapping({"run_coordinator": {"tag_concurrency_limits": [
-        {"key": "database", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}]}})
+    from runherd.config import from_mapping
+
+    cfg = from_mapping(
+        {
+            "run_coordinator": {
+                "tag_concurrency_limits": [{"key": "database", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}]
+            }
+        }
+    )
     assert cfg.run_coordinator.tag_concurrency_limits == (TagConcurrencyLimit("database", 1, None, True),)
     assert limits_of(cfg) == [limit("database", 1, per_unique=True)]
 
 
 async def test_runs_status_queued_says_why_each_waits(env: Env) -> None:
-    cfg = {"database_url": env.db_url, "amqp_url": env.amqp_url,
-           "run_coordinator": {"max_concurrent_runs": 3, "tag_concurrency_limits": [
-               {"key": "team", "value": "data", "limit": 1},
-               {"key": "database", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}]}}
+    cfg = {
+        "database_url": env.db_url,
+        "amqp_url": env.amqp_url,
+        "run_coordinator": {
+            "max_concurrent_runs": 3,
+            "tag_concurrency_limits": [
+                {"key": "team", "value": "data", "limit": 1},
+                {"key": "database", "value": {"applyLimitPerUniqueValue": True}, "limit": 1},
+            ],
+        },
+    }
     path = env.tmp / "runherd.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    from shared.config import load
+    from runherd.config import load
+
     limits = limits_of(load(path, environ={}))
     running = [await queue(env, {"team": "data"}), await queue(env, {"database": "a"})]
     assert set(await env.store.dequeue(3, limits)) == set(running)

@@ -12,7 +12,7 @@ from typing import Any
 import aio_pika
 import orjson
 
-from shared.broker import ERROR_HEADER
+from runherd.broker import ERROR_HEADER
 from tests.harness import PYTHON, ROOT, Env, eventually
 
 # --- `call` steps of these tests (run by the worker: `tests.integration.test_reexecute:produce`) -------
@@ -41,9 +41,11 @@ def consume(inputs: dict[str, Any]) -> int:
 
 def plan(env: Env) -> tuple[list[dict[str, Any]], dict[str, str]]:
     module = "tests.integration.test_reexecute"
-    steps = [{"key": "produce", "call": f"{module}:produce"},
-             {"key": "consume", "call": f"{module}:consume", "deps": ["produce"]},
-             {"key": "report", "command": ["sh", "-c", f"echo report >> {env.tmp / 'effects'}"], "deps": ["consume"]}]
+    steps = [
+        {"key": "produce", "call": f"{module}:produce"},
+        {"key": "consume", "call": f"{module}:consume", "deps": ["produce"]},
+        {"key": "report", "command": ["sh", "-c", f"echo report >> {env.tmp / 'effects'}"], "deps": ["consume"]},
+    ]
     return steps, {"EFFECTS": str(env.tmp / "effects"), "PYTHONPATH": str(ROOT)}
 
 
@@ -55,9 +57,21 @@ def effects(env: Env) -> list[str]:
 async def cli(env: Env, *args: str) -> tuple[int, str, str]:
     """`runherd ARGS...` against the test's database and vhost: exit code, stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
-        PYTHON, "-m", "shared.cli", *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "RUNHERD_DATABASE_URL": env.db_url,
-             "RUNHERD_AMQP_URL": env.amqp_url, "RUNHERD_CONFIG": os.devnull})
+        PYTHON,
+        "-m",
+        "runherd.cli",
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "RUNHERD_DATABASE_URL": env.db_url,
+            "RUNHERD_AMQP_URL": env.amqp_url,
+            "RUNHERD_CONFIG": os.devnull,
+        },
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
@@ -82,6 +96,7 @@ async def dead_letter(amqp_url: str, timeout: float = 15) -> aio_pika.abc.Abstra
             if message is not None:
                 await message.ack()
             return message
+
         return await eventually(one, timeout, what="a dead letter")
 
 
@@ -92,8 +107,12 @@ async def test_reexecute_message_from_failure_reuses_outputs_and_never_reruns_su
     await env.start()
     origin = await failed_origin(env)
     new_id = str(uuid.uuid4())
-    await env.broker.publish_command("reexecute", orjson.dumps(
-        {"v": 1, "run_id": origin, "strategy": "FROM_FAILURE", "tags": {"note": "fixed"}, "new_run_id": new_id}))
+    await env.broker.publish_command(
+        "reexecute",
+        orjson.dumps(
+            {"v": 1, "run_id": origin, "strategy": "FROM_FAILURE", "tags": {"note": "fixed"}, "new_run_id": new_id}
+        ),
+    )
     run = await env.wait_status(new_id, "SUCCESS", "FAILURE")
     assert run["status"] == "SUCCESS", run["reason"]
     assert effects(env) == ["produce", "consume", "consume", "report"]  # produce never ran again
@@ -123,8 +142,9 @@ async def test_reexecute_message_from_failure_reuses_outputs_and_never_reruns_su
 async def test_cli_reexecute_all_steps_with_tags_and_max_runtime_then_again_keeps_the_root(env: Env) -> None:
     await env.start()
     origin = await failed_origin(env)
-    code, out, err = await cli(env, "reexecute", origin, "--strategy", "ALL_STEPS", "--tag", "k=v",
-                               "--max-runtime", "30")
+    code, out, err = await cli(
+        env, "reexecute", origin, "--strategy", "ALL_STEPS", "--tag", "k=v", "--max-runtime", "30"
+    )
     assert code == 0, err
     first = out.strip()
     run = await env.wait_status(first, "SUCCESS", "FAILURE")
@@ -158,8 +178,10 @@ async def test_reexecute_refuses_a_missing_or_unfinished_origin(env: Env) -> Non
     code, _, err = await cli(env, "reexecute", queued, "--strategy", "SOME")
     assert code == 2 and "invalid choice" in err
 
-    for origin, reason in ((missing, f"reexecute: no run {missing}"),
-                           (queued, f"reexecute: run {queued} is QUEUED, not finished")):
+    for origin, reason in (
+        (missing, f"reexecute: no run {missing}"),
+        (queued, f"reexecute: run {queued} is QUEUED, not finished"),
+    ):
         await env.broker.publish_command("reexecute", orjson.dumps({"v": 1, "run_id": origin}))
         dead = await dead_letter(env.amqp_url)
         assert dead.headers[ERROR_HEADER].startswith(reason), dead.headers[ERROR_HEADER]

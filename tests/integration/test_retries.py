@@ -28,22 +28,24 @@ def lines(path: os.PathLike[str]) -> list[str]:
 
 
 async def children(env: Env, run_id: str) -> list[dict[str, Any]]:
-    return await env.store.fetch("SELECT * FROM runs WHERE parent_run_id = $1 ORDER BY created_at",
-                                 uuid.UUID(run_id))
+    return await env.store.fetch("SELECT * FROM runs WHERE parent_run_id = $1 ORDER BY created_at", uuid.UUID(run_id))
 
 
 async def retry_of(env: Env, run_id: str, timeout: float = 20) -> str:
     async def child() -> str | None:
         rows = await children(env, run_id)
         return str(rows[0]["run_id"]) if rows else None
+
     return await eventually(child, timeout, what=f"the retry of {run_id}")
 
 
 async def decided(env: Env, run_id: str, timeout: float = 20) -> None:
     """Wait until the monitor has taken its retry decision on a failed run."""
+
     async def check() -> bool:
         rows = await env.store.fetch("SELECT retried FROM runs WHERE run_id = $1", uuid.UUID(run_id))
         return bool(rows and rows[0]["retried"])
+
     await eventually(check, timeout, what=f"the retry decision on {run_id}")
 
 
@@ -55,8 +57,11 @@ def three_steps(tmp: os.PathLike[str]) -> list[dict[str, Any]]:
     effects, flag = f"{tmp}/effects", f"{tmp}/flag"
     return [
         {"key": "one", "command": counted(effects, "one")},
-        {"key": "two", "command": ["sh", "-c", f"echo two >> {effects}; " + FAIL_FIRST_TIME.format(flag=flag)],
-         "deps": ["one"]},
+        {
+            "key": "two",
+            "command": ["sh", "-c", f"echo two >> {effects}; " + FAIL_FIRST_TIME.format(flag=flag)],
+            "deps": ["one"],
+        },
         {"key": "three", "command": counted(effects, "three"), "deps": ["two"]},
     ]
 
@@ -88,8 +93,9 @@ async def test_step_failure_retried_from_failure_reuses_the_steps_that_succeeded
 
 async def test_all_steps_strategy_runs_every_step_again(env: Env) -> None:
     await env.start()
-    origin = await env.submit(three_steps(env.tmp),
-                              tags={"dagster/max_retries": "1", "runherd/retry_strategy": "ALL_STEPS"})
+    origin = await env.submit(
+        three_steps(env.tmp), tags={"dagster/max_retries": "1", "runherd/retry_strategy": "ALL_STEPS"}
+    )
     await env.wait_status(origin, "FAILURE")
     retry = await retry_of(env, origin)
     run = await env.wait_status(retry, "SUCCESS", "FAILURE")
@@ -115,8 +121,9 @@ async def test_retries_stop_at_max_retries_and_respect_the_backoff(env: Env) -> 
     runs = [await env.run(r) for r in chain]
     assert [r["retry_number"] for r in runs] == [0, 1, 2]  # type: ignore[index]
     # `runherd show` lists the lineage: the root, then each retry of its parent.
-    from shared.store import retries as retry_store
-    from shared.views import _lineage_lines, _show_json
+    from runherd.store import retries as retry_store
+    from runherd.views import _lineage_lines, _show_json
+
     view = _show_json(last, await retry_store.lineage(env.store, origin))
     assert [r["run_id"] for r in view["lineage"]] == chain and view["children"] == []
     shown = _lineage_lines(view)
@@ -127,21 +134,26 @@ async def test_retries_stop_at_max_retries_and_respect_the_backoff(env: Env) -> 
     for parent, child, delay in ((runs[0], runs[1], 0.6), (runs[1], runs[2], 0.9)):
         assert child is not None and parent is not None
         assert abs((child["not_before"] - parent["ended_at"]).total_seconds() - delay) < 0.01
-        starting = [e for e in await env.events(str(child["run_id"]))
-                    if e["type"] == "RUN_STATUS" and e["data"].get("to") == "STARTING"]
+        starting = [
+            e
+            for e in await env.events(str(child["run_id"]))
+            if e["type"] == "RUN_STATUS" and e["data"].get("to") == "STARTING"
+        ]
         waited = (starting[0]["ts"] - parent["ended_at"]).total_seconds()
         assert waited >= delay, (waited, delay)
         print(f"retry {child['retry_number']}: backoff {delay} s, dequeued {waited:.2f} s after the failure")
 
 
 async def test_no_step_retries_skips_a_step_failure_but_retries_a_crash_limit_failure(env: Env) -> None:
-    env.configure(run_retries={"max_retries": 1, "retry_on_step_failure": False},
-                  run_monitoring={"max_resume_run_attempts": 0})
+    env.configure(
+        run_retries={"max_retries": 1, "retry_on_step_failure": False}, run_monitoring={"max_resume_run_attempts": 0}
+    )
     await env.start()
     step_failure = await env.submit([{"key": "a", "command": ["sh", "-c", "exit 1"]}])
     flag = env.tmp / "crash-flag"
-    crash = await env.submit([{"key": "a", "command": [
-        "sh", "-c", f"if [ -e {flag} ]; then exit 0; fi; touch {flag}; sleep 600"]}])
+    crash = await env.submit(
+        [{"key": "a", "command": ["sh", "-c", f"if [ -e {flag} ]; then exit 0; fi; touch {flag}; sleep 600"]}]
+    )
     assert (await env.wait_status(step_failure, "FAILURE"))["failure_kind"] == "step"
     await decided(env, step_failure)
     assert await children(env, step_failure) == []
@@ -159,14 +171,22 @@ async def test_no_step_retries_skips_a_step_failure_but_retries_a_crash_limit_fa
 async def test_a_run_that_timed_out_starting_is_retried(env: Env) -> None:
     flag = env.tmp / "start-flag"
     # The first worker never reports (it sleeps); the next one is a real worker.
-    worker = ["sh", "-c", f'if [ -e {flag} ]; then exec "{sys.executable}" -m shared.cli worker; fi; '
-                          f"touch {flag}; exec sleep 600"]
-    env.configure(run_monitoring={"start_timeout_seconds": 1.5},
-                  run_launcher={"name": "process", "config": {
-                      "log_dir": str(env.tmp / "logs"), "worker_command": worker, "terminate_grace_seconds": 1}})
+    worker = [
+        "sh",
+        "-c",
+        f'if [ -e {flag} ]; then exec "{sys.executable}" -m runherd.cli worker; fi; touch {flag}; exec sleep 600',
+    ]
+    env.configure(
+        run_monitoring={"start_timeout_seconds": 1.5},
+        run_launcher={
+            "name": "process",
+            "config": {"log_dir": str(env.tmp / "logs"), "worker_command": worker, "terminate_grace_seconds": 1},
+        },
+    )
     await env.start()
-    origin = await env.submit([{"key": "a", "command": ["true"]}], tags={"runherd/max_retries": 1,
-                                                                       "runherd/retry_on_step_failure": False})
+    origin = await env.submit(
+        [{"key": "a", "command": ["true"]}], tags={"runherd/max_retries": 1, "runherd/retry_on_step_failure": False}
+    )
     failed = await env.wait_status(origin, "FAILURE")
     assert "did not start within 1.5 s" in failed["reason"] and failed["failure_kind"] == "infrastructure"
     retry = await retry_of(env, origin)
@@ -175,9 +195,13 @@ async def test_a_run_that_timed_out_starting_is_retried(env: Env) -> None:
 
 
 async def test_a_launch_failure_is_retried(env: Env) -> None:
-    env.configure(run_retries={"max_retries": 1},
-                  run_launcher={"name": "process", "config": {
-                      "log_dir": str(env.tmp / "logs"), "worker_command": [str(env.tmp / "no-such-worker")]}})
+    env.configure(
+        run_retries={"max_retries": 1},
+        run_launcher={
+            "name": "process",
+            "config": {"log_dir": str(env.tmp / "logs"), "worker_command": [str(env.tmp / "no-such-worker")]},
+        },
+    )
     await env.start()
     origin = await env.submit([{"key": "a", "command": ["true"]}])
     failed = await env.wait_status(origin, "FAILURE")
@@ -198,29 +222,35 @@ async def test_three_monitor_replicas_retry_each_failed_run_exactly_once(env: En
             await env.wait_status(r, "FAILURE")
             await decided(env, r)
         await eventually(lambda: len(queued.messages) >= 16, what="16 QUEUED messages")
-    rows = await env.store.fetch("SELECT parent_run_id, count(*) AS n FROM runs WHERE parent_run_id IS NOT NULL "
-                                 "GROUP BY parent_run_id")
+    rows = await env.store.fetch(
+        "SELECT parent_run_id, count(*) AS n FROM runs WHERE parent_run_id IS NOT NULL GROUP BY parent_run_id"
+    )
     assert sorted(str(r["parent_run_id"]) for r in rows) == sorted(origins)
     assert all(r["n"] == 1 for r in rows)  # one retry per failed run, none for the retries themselves
     assert (await env.store.fetch("SELECT count(*) AS n FROM runs"))[0]["n"] == 16
     assert sorted(m["run_id"] for m in queued.messages) == sorted(origins + retries)  # each published once
-    retried_events = await env.store.fetch("SELECT run_id, count(*) AS n FROM events WHERE type = 'RUN_RETRIED' "
-                                           "GROUP BY run_id")
+    retried_events = await env.store.fetch(
+        "SELECT run_id, count(*) AS n FROM events WHERE type = 'RUN_RETRIED' GROUP BY run_id"
+    )
     assert len(retried_events) == 8 and all(r["n"] == 1 for r in retried_events)
 
 
 async def test_concurrent_claims_retry_each_failed_run_once(env: Env) -> None:
     """Six monitors' retry sweeps racing on one database, in small batches: one retry per run."""
-    from services.launcher.commands import insert_launch
-    from services.monitor.retries import retry_failed_runs
-    from shared.config import RunRetries
-    from shared.contract import Launch, RunStatus, Step
-    from shared.store import Store
+    from runherd.config import RunRetries
+    from runherd.contract import Launch, RunStatus, Step
+    from runherd.launcher.commands import insert_launch
+    from runherd.monitor.retries import retry_failed_runs
+    from runherd.store import Store
 
     ids = []
     for i in range(60):
-        launch = Launch(run_id=str(uuid.uuid4()), job="race", steps=(Step(key="a", command=["true"]),),
-                        tags={"runherd/retry_on_step_failure": i % 2 == 0})
+        launch = Launch(
+            run_id=str(uuid.uuid4()),
+            job="race",
+            steps=(Step(key="a", command=["true"]),),
+            tags={"runherd/retry_on_step_failure": i % 2 == 0},
+        )
         await insert_launch(env.store, launch)
         ids.append(launch.run_id)
     assert len(await env.store.dequeue(-1, [])) == 60
@@ -241,8 +271,9 @@ async def test_concurrent_claims_retry_each_failed_run_once(env: Env) -> None:
         for s in stores:
             await s.close()
     assert sum(counts) == 30, counts  # the odd runs said no retry on a step failure
-    rows = await env.store.fetch("SELECT parent_run_id, count(*) AS n FROM runs WHERE parent_run_id IS NOT NULL "
-                                 "GROUP BY parent_run_id")
+    rows = await env.store.fetch(
+        "SELECT parent_run_id, count(*) AS n FROM runs WHERE parent_run_id IS NOT NULL GROUP BY parent_run_id"
+    )
     assert sorted(str(r["parent_run_id"]) for r in rows) == sorted(ids[::2]) and {r["n"] for r in rows} == {1}
     pending = await env.store.fetch("SELECT count(*) AS n FROM runs WHERE status = 'FAILURE' AND NOT retried")
     assert pending[0]["n"] == 0

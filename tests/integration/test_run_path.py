@@ -18,10 +18,16 @@ async def test_three_step_job_published_with_plain_aio_pika(env: Env) -> None:
         async with connection:
             channel = await connection.channel()
             commands = await channel.get_exchange("runherd.commands")
-            body = {"v": 1, "run_id": run_id, "job": "nightly.etl", "steps": [
-                {"key": "extract", "command": ["sh", "-c", "echo extracting"]},
-                {"key": "transform", "command": ["sh", "-c", "echo transforming"], "deps": ["extract"]},
-                {"key": "load", "command": ["sh", "-c", "echo loading"], "deps": ["transform"]}]}
+            body = {
+                "v": 1,
+                "run_id": run_id,
+                "job": "nightly.etl",
+                "steps": [
+                    {"key": "extract", "command": ["sh", "-c", "echo extracting"]},
+                    {"key": "transform", "command": ["sh", "-c", "echo transforming"], "deps": ["extract"]},
+                    {"key": "load", "command": ["sh", "-c", "echo loading"], "deps": ["transform"]},
+                ],
+            }
             await commands.publish(aio_pika.Message(orjson.dumps(body)), routing_key="launch")
         await env.wait_status(run_id, "SUCCESS")
         await eventually(lambda: len(statuses.of(run_id)) >= 4, what="four status messages")
@@ -43,11 +49,13 @@ async def test_three_step_job_published_with_plain_aio_pika(env: Env) -> None:
 async def test_failing_step_fails_run_and_downstream_never_starts(env: Env) -> None:
     await env.start()
     marker = env.tmp / "downstream-ran"
-    run_id = await env.submit([
-        {"key": "ok", "command": ["true"]},
-        {"key": "boom", "command": ["sh", "-c", "echo 'disk full' >&2; exit 7"], "deps": ["ok"]},
-        {"key": "after", "command": ["touch", str(marker)], "deps": ["boom"]},
-    ])
+    run_id = await env.submit(
+        [
+            {"key": "ok", "command": ["true"]},
+            {"key": "boom", "command": ["sh", "-c", "echo 'disk full' >&2; exit 7"], "deps": ["ok"]},
+            {"key": "after", "command": ["touch", str(marker)], "deps": ["boom"]},
+        ]
+    )
     run = await env.wait_status(run_id, "FAILURE")
     assert "boom" in run["reason"]
     events = await env.events(run_id)
@@ -60,11 +68,14 @@ async def test_failing_step_fails_run_and_downstream_never_starts(env: Env) -> N
 
 async def test_call_step_outputs_reach_downstream_call_steps(env: Env) -> None:
     await env.start()
-    run_id = await env.submit([
-        {"key": "numbers", "call": "tests.fixtures.steps:numbers"},
-        {"key": "total", "call": "tests.fixtures.steps:total", "deps": ["numbers"]},
-        {"key": "report", "call": "tests.fixtures.steps:report", "deps": ["total", "numbers"]},
-    ], env={"PYTHONPATH": str(env.tmp.parent.parent)})
+    run_id = await env.submit(
+        [
+            {"key": "numbers", "call": "tests.fixtures.steps:numbers"},
+            {"key": "total", "call": "tests.fixtures.steps:total", "deps": ["numbers"]},
+            {"key": "report", "call": "tests.fixtures.steps:report", "deps": ["total", "numbers"]},
+        ],
+        env={"PYTHONPATH": str(env.tmp.parent.parent)},
+    )
     await env.wait_status(run_id, "SUCCESS")
     steps = {s["step_key"]: s for s in (await env.run(run_id))["steps_status"]}  # type: ignore[index]
     assert steps["numbers"]["output"] == [1, 2, 3, 4]
@@ -82,8 +93,10 @@ async def test_cancel_running_run_leaves_no_process(env: Env) -> None:
     await env.cancel(run_id)
     run = await env.wait_status(run_id, "CANCELED")
     assert run["reason"]
-    await eventually(lambda: not group_members(handle["pid"]) and not group_members(step_pid),
-                     what="worker and step process groups gone")
+    await eventually(
+        lambda: not group_members(handle["pid"]) and not group_members(step_pid),
+        what="worker and step process groups gone",
+    )
     types = [e["type"] for e in await env.events(run_id)]
     assert "RUN_CANCELED" in types
 
@@ -103,12 +116,19 @@ async def test_independent_steps_run_concurrently(env: Env) -> None:
 
     def rendezvous(mine: str, theirs: str) -> list[str]:
         """Succeeds only if the other step is running at the same time (each waits for the other)."""
-        return ["sh", "-c", f"touch {env.tmp / mine}; for i in $(seq 50); do [ -e {env.tmp / theirs} ] && exit 0;"
-                            " sleep 0.1; done; exit 1"]
-    run_id = await env.submit([
-        {"key": "left", "command": rendezvous("left", "right")},
-        {"key": "right", "command": rendezvous("right", "left")},
-        {"key": "join", "command": ["true"], "deps": ["left", "right"]},
-    ])
+        return [
+            "sh",
+            "-c",
+            f"touch {env.tmp / mine}; for i in $(seq 50); do [ -e {env.tmp / theirs} ] && exit 0;"
+            " sleep 0.1; done; exit 1",
+        ]
+
+    run_id = await env.submit(
+        [
+            {"key": "left", "command": rendezvous("left", "right")},
+            {"key": "right", "command": rendezvous("right", "left")},
+            {"key": "join", "command": ["true"], "deps": ["left", "right"]},
+        ]
+    )
     run = await env.wait_status(run_id, "SUCCESS", "FAILURE")
     assert run["status"] == "SUCCESS", run["reason"]

@@ -8,11 +8,11 @@ import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from shared.broker import HEARTBEATS_QUEUE
-from shared.contract import RunStatus, heartbeat_body, parse_launch
-from shared.outbox import relay
-from shared.store import Store, migrate
-from shared.store.migrate import migrations
+from runherd.broker import HEARTBEATS_QUEUE
+from runherd.contract import RunStatus, heartbeat_body, parse_launch
+from runherd.outbox import relay
+from runherd.store import Store, migrate
+from runherd.store.migrate import migrations
 from tests import harness
 from tests.harness import Env, eventually, status_log
 
@@ -38,8 +38,14 @@ async def test_service_on_unmigrated_database_says_so_and_exits_nonzero() -> Non
     await conn.close()
     try:
         proc = await asyncio.to_thread(
-            subprocess.run, [harness.PYTHON, "-m", "shared.cli", "monitor"], capture_output=True, text=True,
-            timeout=60, env={**os.environ, "RUNHERD_DATABASE_URL": f"{harness.PG}/{name}"}, cwd=harness.ROOT)
+            subprocess.run,
+            [harness.PYTHON, "-m", "runherd.cli", "monitor"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "RUNHERD_DATABASE_URL": f"{harness.PG}/{name}"},
+            cwd=harness.ROOT,
+        )
         assert proc.returncode != 0
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "not migrated" in lines[0] and "runherd migrate" in lines[0]
@@ -66,6 +72,7 @@ async def test_heartbeats_batched_written_once_and_stale_attempts_ignored(env: E
     async def seen() -> datetime | None:
         rows = await env.store.fetch("SELECT last_heartbeat_at FROM attempts WHERE run_id = $1", uuid.UUID(run_id))
         return rows[0]["last_heartbeat_at"]
+
     first = await eventually(seen, what="the heartbeat written")
     assert datetime.now(UTC) - first < timedelta(seconds=10)
     await eventually(lambda: _depth(env, HEARTBEATS_QUEUE), what="every heartbeat acked")
@@ -80,7 +87,8 @@ async def _depth(env: Env, queue: str) -> bool:
 async def test_heartbeats_are_not_acked_before_the_commit(env: Env) -> None:
     """With the database unreachable the heartbeat service keeps the messages (requeues)."""
     run_id = await _started_run(env)
-    from services.heartbeat.service import HeartbeatService
+    from runherd.heartbeat.service import HeartbeatService
+
     dead = await Store.connect(env.db_url)
     await dead.pool.close()  # every query on it now fails like a lost connection
     service = HeartbeatService(dead, env.broker)
@@ -136,12 +144,24 @@ async def test_only_one_outbox_relay_is_active(env: Env) -> None:
 async def test_status_message_body_and_routing_key(env: Env) -> None:
     """The one place the status message of DESIGN.md is built: SQL functions used by every outbox write."""
     from datetime import UTC, datetime
+
     run_id = uuid.uuid4()
     [row] = await env.store.fetch(
         "SELECT runherd_status_key('FAILURE', 'nightly.etl') AS key, runherd_status_body($1, 'nightly.etl', "
         "'FAILURE', 'STARTED', 2, 'exceeded max runtime of 5 s', $2, '{\"team\": \"data\"}'::jsonb, NULL) AS body",
-        run_id, datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC))
+        run_id,
+        datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+    )
     assert row["key"] == "FAILURE.nightly_etl"
-    assert row["body"] == {"v": 1, "run_id": str(run_id), "job": "nightly.etl", "status": "FAILURE",
-                           "previous_status": "STARTED", "attempt": 2, "reason": "exceeded max runtime of 5 s",
-                           "ts": "2026-01-02T03:04:05.000006Z", "tags": {"team": "data"}, "parent_run_id": None}
+    assert row["body"] == {
+        "v": 1,
+        "run_id": str(run_id),
+        "job": "nightly.etl",
+        "status": "FAILURE",
+        "previous_status": "STARTED",
+        "attempt": 2,
+        "reason": "exceeded max runtime of 5 s",
+        "ts": "2026-01-02T03:04:05.000006Z",
+        "tags": {"team": "data"},
+        "parent_run_id": None,
+    }

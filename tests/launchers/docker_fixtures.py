@@ -25,8 +25,8 @@ from urllib.parse import urlparse
 
 import aiodocker
 
-from shared.launchers.base import WorkerExit, WorkerRun
-from shared.launchers.docker import DEFAULT_DOCKER_URL, DockerLauncher
+from runherd.launchers.base import WorkerExit, WorkerRun
+from runherd.launchers.docker import DEFAULT_DOCKER_URL, DockerLauncher
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERD_SCRIPT = REPO_ROOT / "scripts" / "ci" / "dockerd.sh"

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from shared.launchers.kubernetes import KubernetesLauncher
+from runherd.launchers.kubernetes import KubernetesLauncher
 
 try:
     from tests.k8s_emulator import K8sEmulator, wait_for

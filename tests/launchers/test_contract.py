@@ -24,8 +24,8 @@ import orjson
 import pytest
 
 from examples.custom_launcher import NiceLauncher
-from shared.launchers.base import Handle, HealthStatus, RunLauncher, WorkerExit, WorkerRun
-from shared.launchers.process import ProcessLauncher
+from runherd.launchers.base import Handle, HealthStatus, RunLauncher, WorkerExit, WorkerRun
+from runherd.launchers.process import ProcessLauncher
 from tests.launchers import k8s_fixtures
 from tests.launchers.docker_fixtures import (
     launcher_config,
@@ -99,8 +99,7 @@ class Backend:
         return launcher, exits
 
     def run(self, command: list[str]) -> WorkerRun:
-        return WorkerRun(run_id=str(uuid.uuid4()), attempt=1, job="contract", env={"CONTRACT": "yes"},
-                         command=command)
+        return WorkerRun(run_id=str(uuid.uuid4()), attempt=1, job="contract", env={"CONTRACT": "yes"}, command=command)
 
     def waiting_worker(self, code: int = 0) -> tuple[WorkerRun, Path]:
         """A worker that runs until the returned file is created, then exits with ``code``."""
@@ -112,8 +111,6 @@ class Backend:
             await exits.stop()
         for launcher in self.launchers:
             await launcher.close()
-
-
 
 
 def _process(tmp: Path) -> Backend:
@@ -191,8 +188,9 @@ async def docker_backend(tmp_path: Path, docker_engine: aiodocker.Docker) -> Asy
 
 
 @pytest.fixture
-async def kubernetes_backend(tmp_path: Path, k8s_launcher_factory: LauncherFactory,
-                             k8s_emulator: K8sEmulator) -> AsyncIterator[Backend]:
+async def kubernetes_backend(
+    tmp_path: Path, k8s_launcher_factory: LauncherFactory, k8s_emulator: K8sEmulator
+) -> AsyncIterator[Backend]:
     made = _kubernetes(tmp_path, k8s_launcher_factory, k8s_emulator)
     yield made
     await made.close()

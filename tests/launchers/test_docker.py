@@ -13,9 +13,9 @@ from typing import Any
 import aiodocker
 import pytest
 
-from shared.errors import ConfigError, LaunchError
-from shared.launchers.base import Health, HealthStatus
-from shared.launchers.docker import DockerLauncher, build_container_spec, container_name
+from runherd.errors import ConfigError, LaunchError
+from runherd.launchers.base import Health, HealthStatus
+from runherd.launchers.docker import DockerLauncher, build_container_spec, container_name
 from tests.launchers.docker_fixtures import (
     BASE_IMAGE,
     PYTHON,
@@ -379,7 +379,7 @@ async def test_remove_after_exit_keeps_exit_code_and_log(launch_env: LauncherFac
 async def test_venv_module_runs_inside_the_container(launch_env: LauncherFactory) -> None:
     # The binds make `<venv>/bin/python -m <module>` of the checkout work in the container.
     launcher, exits = await launch_env()
-    run = new_run([PYTHON, "-m", "shared.launchers.base"])
+    run = new_run([PYTHON, "-m", "runherd.launchers.base"])
     handle = await launcher.launch(run)
     worker_exit = await exits.wait_for(run.run_id)
     assert worker_exit.exit_code == 0, await launcher.debug_info(handle)

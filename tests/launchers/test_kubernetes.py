@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from shared.errors import ConfigError, LaunchError
-from shared.launchers.base import HealthStatus, WorkerExit, WorkerRun
-from shared.launchers.kubernetes import KubernetesLauncher, health_from, job_name
+from runherd.errors import ConfigError, LaunchError
+from runherd.launchers.base import HealthStatus, WorkerExit, WorkerRun
+from runherd.launchers.kubernetes import KubernetesLauncher, health_from, job_name
 from tests.launchers import k8s_fixtures
 from tests.launchers.k8s_fixtures import K8sEmulator, LauncherFactory, wait_for
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from shared.cli import VERBS, _parser
+from runherd.cli import VERBS, _parser
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,6 +34,19 @@ def test_dockerfile_entrypoint_is_runherd() -> None:
 
 def test_help_lists_every_verb_of_the_design() -> None:
     help_text = _parser().format_help()
-    for verb in ("migrate", "up", "launcher", "heartbeat", "monitor", "worker", "submit", "runs", "show",
-                 "events", "cancel", "reexecute", "watch"):
+    for verb in (
+        "migrate",
+        "up",
+        "launcher",
+        "heartbeat",
+        "monitor",
+        "worker",
+        "submit",
+        "runs",
+        "show",
+        "events",
+        "cancel",
+        "reexecute",
+        "watch",
+    ):
         assert verb in VERBS and verb in help_text

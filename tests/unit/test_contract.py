@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from shared import contract
-from shared.contract import RunStatus, can_transition
-from shared.errors import InvalidMessage
+from runherd import contract
+from runherd.contract import RunStatus, can_transition
+from runherd.errors import InvalidMessage
 
 
 def launch(**fields: object) -> dict[str, object]:
@@ -14,25 +14,37 @@ def launch(**fields: object) -> dict[str, object]:
 
 
 def test_valid_launch_gets_a_run_id_and_keeps_steps_in_order() -> None:
-    parsed = contract.parse_launch(launch(steps=[
-        {"key": "a", "command": ["true"]}, {"key": "b", "call": "m:f", "deps": ["a"], "timeout_seconds": 5}]))
+    parsed = contract.parse_launch(
+        launch(
+            steps=[{"key": "a", "command": ["true"]}, {"key": "b", "call": "m:f", "deps": ["a"], "timeout_seconds": 5}]
+        )
+    )
     assert len(parsed.run_id) == 36
     assert [s.key for s in parsed.steps] == ["a", "b"] and parsed.steps[1].timeout_seconds == 5
 
 
-@pytest.mark.parametrize(("steps", "error"), [
-    ([{"key": "a", "command": ["true"], "deps": ["a"]}], "cycle: a -> a"),
-    ([{"key": "a", "command": ["t"], "deps": ["c"]}, {"key": "b", "command": ["t"], "deps": ["a"]},
-      {"key": "c", "command": ["t"], "deps": ["b"]}], "cycle"),
-    ([{"key": "a", "call": "nocolon"}], "module:function"),
-    ([{"key": "a", "command": []}], "non-empty list"),
-    ([{"key": "a", "command": ["x", 1]}], "list of strings"),
-    ([{"key": "", "command": ["x"]}], "must not be empty"),
-    ([{"key": "a", "command": ["x"], "timeout_seconds": -1}], "positive"),
-    ([{"key": "a", "command": ["x"], "deps": "b"}], "deps: expected a list"),
-    (["a"], "steps[0]: expected an object"),
-    ([], "at least one step"),
-])
+@pytest.mark.parametrize(
+    ("steps", "error"),
+    [
+        ([{"key": "a", "command": ["true"], "deps": ["a"]}], "cycle: a -> a"),
+        (
+            [
+                {"key": "a", "command": ["t"], "deps": ["c"]},
+                {"key": "b", "command": ["t"], "deps": ["a"]},
+                {"key": "c", "command": ["t"], "deps": ["b"]},
+            ],
+            "cycle",
+        ),
+        ([{"key": "a", "call": "nocolon"}], "module:function"),
+        ([{"key": "a", "command": []}], "non-empty list"),
+        ([{"key": "a", "command": ["x", 1]}], "list of strings"),
+        ([{"key": "", "command": ["x"]}], "must not be empty"),
+        ([{"key": "a", "command": ["x"], "timeout_seconds": -1}], "positive"),
+        ([{"key": "a", "command": ["x"], "deps": "b"}], "deps: expected a list"),
+        (["a"], "steps[0]: expected an object"),
+        ([], "at least one step"),
+    ],
+)
 def test_bad_steps_are_refused_with_a_reason(steps: list[object], error: str) -> None:
     with pytest.raises(InvalidMessage, match=None) as info:
         contract.parse_launch(launch(steps=steps))
@@ -60,21 +72,24 @@ def test_tags_accept_both_spellings_and_runherd_wins() -> None:
         contract.validate_tags({"runherd/retry_on_step_failure": "maybe"})
 
 
-@pytest.mark.parametrize(("current", "target", "allowed"), [
-    (RunStatus.QUEUED, RunStatus.STARTING, True),
-    (RunStatus.STARTING, RunStatus.STARTED, True),
-    (RunStatus.STARTING, RunStatus.FAILURE, True),
-    (RunStatus.STARTED, RunStatus.SUCCESS, True),
-    (RunStatus.QUEUED, RunStatus.CANCELED, True),
-    (RunStatus.STARTED, RunStatus.CANCELING, True),
-    (RunStatus.CANCELING, RunStatus.CANCELED, True),
-    (RunStatus.QUEUED, RunStatus.SUCCESS, False),
-    (RunStatus.STARTED, RunStatus.CANCELED, False),
-    (RunStatus.SUCCESS, RunStatus.FAILURE, False),
-    (RunStatus.FAILURE, RunStatus.SUCCESS, False),
-    (RunStatus.CANCELED, RunStatus.STARTED, False),
-    (RunStatus.CANCELING, RunStatus.SUCCESS, False),
-])
+@pytest.mark.parametrize(
+    ("current", "target", "allowed"),
+    [
+        (RunStatus.QUEUED, RunStatus.STARTING, True),
+        (RunStatus.STARTING, RunStatus.STARTED, True),
+        (RunStatus.STARTING, RunStatus.FAILURE, True),
+        (RunStatus.STARTED, RunStatus.SUCCESS, True),
+        (RunStatus.QUEUED, RunStatus.CANCELED, True),
+        (RunStatus.STARTED, RunStatus.CANCELING, True),
+        (RunStatus.CANCELING, RunStatus.CANCELED, True),
+        (RunStatus.QUEUED, RunStatus.SUCCESS, False),
+        (RunStatus.STARTED, RunStatus.CANCELED, False),
+        (RunStatus.SUCCESS, RunStatus.FAILURE, False),
+        (RunStatus.FAILURE, RunStatus.SUCCESS, False),
+        (RunStatus.CANCELED, RunStatus.STARTED, False),
+        (RunStatus.CANCELING, RunStatus.SUCCESS, False),
+    ],
+)
 def test_state_machine(current: RunStatus, target: RunStatus, allowed: bool) -> None:
     assert can_transition(current, target) is allowed
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from shared.config import RunCoordinator, TagConcurrencyLimit
-from shared.rules.coordinator import NEXT, group, tag_text, why_waiting
+from runherd.config import RunCoordinator, TagConcurrencyLimit
+from runherd.rules.coordinator import NEXT, group, tag_text, why_waiting
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 DATA = TagConcurrencyLimit(key="team", value="data", limit=2)
@@ -29,8 +29,13 @@ def test_groups_follow_the_dequeue_query() -> None:
 def test_each_limit_is_named_with_its_counts() -> None:
     coordinator = RunCoordinator(max_concurrent_runs=10, tag_concurrency_limits=(DATA, POOL, DB))
     in_flight = [run("f1", {"team": "data"}), run("f2", {"team": "data", "pool": "x"}), run("f3", {"database": "a"})]
-    queued = [run("data", {"team": "data"}), run("pool", {"pool": "y"}), run("db-a", {"database": "a"}),
-              run("db-b", {"database": "b"}), run("ml", {"team": "ml"})]
+    queued = [
+        run("data", {"team": "data"}),
+        run("pool", {"pool": "y"}),
+        run("db-a", {"database": "a"}),
+        run("db-b", {"database": "b"}),
+        run("ml", {"team": "ml"}),
+    ]
     why = why_waiting(queued, in_flight, coordinator, now=T0)
     assert why["data"] == "tag limit team=data: 2/2 in flight"
     assert why["pool"] == "tag limit pool: 1/1 in flight"
@@ -48,14 +53,19 @@ def test_global_limit_and_several_reasons_at_once() -> None:
 
 def test_runs_ahead_take_the_free_slots_in_priority_then_fifo_order() -> None:
     coordinator = RunCoordinator(max_concurrent_runs=2, tag_concurrency_limits=(DATA,))
-    queued = [run("old", minute=0), run("new", minute=1), run("urgent", {"runherd/priority": 5}, minute=2),
-              run("data1", {"team": "data", "dagster/priority": "9"}, minute=3)]
+    queued = [
+        run("old", minute=0),
+        run("new", minute=1),
+        run("urgent", {"runherd/priority": 5}, minute=2),
+        run("data1", {"team": "data", "dagster/priority": "9"}, minute=3),
+    ]
     why = why_waiting(queued, [], coordinator, now=T0)
     assert why["data1"] == NEXT and why["urgent"] == NEXT  # priority 9, then 5
     assert why["old"] == why["new"] == "max_concurrent_runs: 2/2 in flight"
     # An explicit priority column (from the database) wins over the tags.
-    why = why_waiting([run("a", minute=0), run("b", minute=1, priority=1)],
-                      [], RunCoordinator(max_concurrent_runs=1), now=T0)
+    why = why_waiting(
+        [run("a", minute=0), run("b", minute=1, priority=1)], [], RunCoordinator(max_concurrent_runs=1), now=T0
+    )
     assert why == {"b": NEXT, "a": "max_concurrent_runs: 1/1 in flight"}
 
 

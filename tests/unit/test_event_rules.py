@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import pytest
 
-from shared.contract import Event, EventType, RunStatus
-from shared.rules.events import Action, describe_exit, on_worker_event, on_worker_exit
+from runherd.contract import Event, EventType, RunStatus
+from runherd.rules.events import Action, describe_exit, on_worker_event, on_worker_exit
 
 
 def ev(kind: EventType, attempt: int = 1) -> Event:
     return Event(run_id="r", attempt=attempt, seq=1, type=kind)
 
 
-@pytest.mark.parametrize(("status", "kind", "actions"), [
-    (RunStatus.STARTING, EventType.RUN_START, (Action.MARK_STARTED,)),
-    (RunStatus.STARTING, EventType.RUN_SUCCESS, (Action.MARK_STARTED, Action.SUCCEED)),
-    (RunStatus.STARTED, EventType.STEP_START, (Action.STEP_START,)),
-    (RunStatus.STARTED, EventType.STEP_FAILURE, (Action.STEP_END,)),
-    (RunStatus.STARTED, EventType.RUN_FAILURE, (Action.FAIL,)),
-    (RunStatus.CANCELING, EventType.RUN_CANCELED, (Action.CANCELED,)),
-    (RunStatus.CANCELING, EventType.RUN_SUCCESS, ()),  # a cancel wins over a late success
-    (RunStatus.STARTED, EventType.RUN_CANCELED, ()),  # nobody canceled: the exit decides (a crash)
-])
+@pytest.mark.parametrize(
+    ("status", "kind", "actions"),
+    [
+        (RunStatus.STARTING, EventType.RUN_START, (Action.MARK_STARTED,)),
+        (RunStatus.STARTING, EventType.RUN_SUCCESS, (Action.MARK_STARTED, Action.SUCCEED)),
+        (RunStatus.STARTED, EventType.STEP_START, (Action.STEP_START,)),
+        (RunStatus.STARTED, EventType.STEP_FAILURE, (Action.STEP_END,)),
+        (RunStatus.STARTED, EventType.RUN_FAILURE, (Action.FAIL,)),
+        (RunStatus.CANCELING, EventType.RUN_CANCELED, (Action.CANCELED,)),
+        (RunStatus.CANCELING, EventType.RUN_SUCCESS, ()),  # a cancel wins over a late success
+        (RunStatus.STARTED, EventType.RUN_CANCELED, ()),  # nobody canceled: the exit decides (a crash)
+    ],
+)
 def test_current_attempt_events(status: RunStatus, kind: EventType, actions: tuple[Action, ...]) -> None:
     decision = on_worker_event(status, 1, ev(kind))
     assert decision.refused is None and decision.actions == actions
@@ -38,14 +41,17 @@ def test_older_attempt_is_refused_and_fenced() -> None:
     assert decision.fence and "attempt 1 is not the current attempt (2)" in (decision.refused or "")
 
 
-@pytest.mark.parametrize(("status", "current", "exited", "actions"), [
-    (RunStatus.STARTED, 1, 1, (Action.CRASHED,)),
-    (RunStatus.STARTING, 1, 1, (Action.FAIL_BEFORE_START,)),
-    (RunStatus.CANCELING, 1, 1, (Action.CANCELED,)),  # a user's cancel is never a crash
-    (RunStatus.STARTED, 2, 1, ()),  # an old attempt's exit: already resumed
-    (RunStatus.SUCCESS, 1, 1, ()),
-    (RunStatus.FAILURE, 1, 1, ()),
-])
+@pytest.mark.parametrize(
+    ("status", "current", "exited", "actions"),
+    [
+        (RunStatus.STARTED, 1, 1, (Action.CRASHED,)),
+        (RunStatus.STARTING, 1, 1, (Action.FAIL_BEFORE_START,)),
+        (RunStatus.CANCELING, 1, 1, (Action.CANCELED,)),  # a user's cancel is never a crash
+        (RunStatus.STARTED, 2, 1, ()),  # an old attempt's exit: already resumed
+        (RunStatus.SUCCESS, 1, 1, ()),
+        (RunStatus.FAILURE, 1, 1, ()),
+    ],
+)
 def test_worker_exit(status: RunStatus, current: int, exited: int, actions: tuple[Action, ...]) -> None:
     assert on_worker_exit(status, current, exited).actions == actions
 

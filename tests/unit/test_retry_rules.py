@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from shared.config import RunRetries
-from shared.contract import RetryStrategy
-from shared.rules.retries import backoff, decide, retry_tags
+from runherd.config import RunRetries
+from runherd.contract import RetryStrategy
+from runherd.rules.retries import backoff, decide, retry_tags
 
 ON = RunRetries(enabled=True, max_retries=2)
 NO_STEP = RunRetries(enabled=True, max_retries=2, retry_on_step_failure=False)
@@ -36,8 +36,17 @@ TABLE: list[tuple[str, dict[str, Any], str | None, int, RunRetries, bool, int, s
     ("no step retries: unknown kind", {}, None, 0, NO_STEP, False, 0, "", 0),
     ("unknown kind retried with step retries", {}, None, 0, ON, True, 1, "FROM_FAILURE", 0),
     ("tag turns step retries off", {"runherd/retry_on_step_failure": False}, STEP, 0, ON, False, 0, "", 0),
-    ("tag turns step retries on", {"dagster/retry_on_step_failure": "true"}, STEP, 0, NO_STEP,
-     True, 1, "FROM_FAILURE", 0),
+    (
+        "tag turns step retries on",
+        {"dagster/retry_on_step_failure": "true"},
+        STEP,
+        0,
+        NO_STEP,
+        True,
+        1,
+        "FROM_FAILURE",
+        0,
+    ),
     ("strategy from config", {}, STEP, 0, ALL, True, 1, "ALL_STEPS", 0),
     ("strategy tag", {"runherd/retry_strategy": "ALL_STEPS"}, STEP, 0, ON, True, 1, "ALL_STEPS", 0),
     ("dagster strategy tag", {"dagster/retry_strategy": "FROM_FAILURE"}, STEP, 0, ALL, True, 1, "FROM_FAILURE", 0),
@@ -51,10 +60,21 @@ TABLE: list[tuple[str, dict[str, Any], str | None, int, RunRetries, bool, int, s
 ]
 
 
-@pytest.mark.parametrize(("tags", "kind", "number", "config", "retry", "new_number", "strategy", "delay"),
-                         [t[1:] for t in TABLE], ids=[t[0] for t in TABLE])
-def test_decide(tags: dict[str, Any], kind: str | None, number: int, config: RunRetries, retry: bool,
-                new_number: int, strategy: str, delay: float) -> None:
+@pytest.mark.parametrize(
+    ("tags", "kind", "number", "config", "retry", "new_number", "strategy", "delay"),
+    [t[1:] for t in TABLE],
+    ids=[t[0] for t in TABLE],
+)
+def test_decide(
+    tags: dict[str, Any],
+    kind: str | None,
+    number: int,
+    config: RunRetries,
+    retry: bool,
+    new_number: int,
+    strategy: str,
+    delay: float,
+) -> None:
     decision = decide(tags, kind, number, config)
     assert decision.retry is retry, decision.reason
     assert decision.reason
@@ -72,18 +92,36 @@ def test_reasons_say_why_not() -> None:
     assert "infrastructure failure" in decide({}, INFRA, 0, ON).reason
 
 
-@pytest.mark.parametrize(("number", "base", "cap", "expected"), [
-    (1, 0, 300, 0), (1, 1.5, 300, 1.5), (2, 1.5, 300, 3), (5, 1, 300, 16), (20, 1, 300, 300),
-    (10_000, 1, 60, 60), (0, 5, 300, 0),
-])
+@pytest.mark.parametrize(
+    ("number", "base", "cap", "expected"),
+    [
+        (1, 0, 300, 0),
+        (1, 1.5, 300, 1.5),
+        (2, 1.5, 300, 3),
+        (5, 1, 300, 16),
+        (20, 1, 300, 300),
+        (10_000, 1, 60, 60),
+        (0, 5, 300, 0),
+    ],
+)
 def test_backoff(number: int, base: float, cap: float, expected: float) -> None:
     assert backoff(number, base, cap) == expected
 
 
 def test_retry_tags_replace_lineage_in_either_spelling() -> None:
-    tags = {"team": "data", "dagster/retry_number": "3", "runherd/parent_run_id": "old", "dagster/root_run_id": "x",
-            "runherd/max_retries": 2}
+    tags = {
+        "team": "data",
+        "dagster/retry_number": "3",
+        "runherd/parent_run_id": "old",
+        "dagster/root_run_id": "x",
+        "runherd/max_retries": 2,
+    }
     out = retry_tags(tags, retry_number=4, parent_run_id="p", root_run_id="r")
-    assert out == {"team": "data", "runherd/max_retries": 2, "runherd/retry_number": 4,
-                   "runherd/parent_run_id": "p", "runherd/root_run_id": "r"}
+    assert out == {
+        "team": "data",
+        "runherd/max_retries": 2,
+        "runherd/retry_number": 4,
+        "runherd/parent_run_id": "p",
+        "runherd/root_run_id": "r",
+    }
     assert "runherd/retry_number" not in retry_tags(tags, retry_number=0, parent_run_id="p", root_run_id="r")

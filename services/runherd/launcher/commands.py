@@ -1,0 +1,113 @@
+"""The launcher's commands: launch, terminate, reexecute. Each is validated, then applied."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from runherd import contract
+from runherd.contract import Launch, RetryStrategy, RunStatus
+from runherd.errors import InvalidMessage
+from runherd.rules.retries import retry_tags
+from runherd.store import RunRef, Store
+
+log = logging.getLogger("runherd.launcher.commands")
+
+
+@dataclass
+class Outcome:
+    """What a command left to do once its transaction committed."""
+
+    terminate: list[RunRef] = field(default_factory=list)
+
+
+async def insert_launch(
+    store: Store,
+    launch: Launch,
+    *,
+    parent_run_id: str | None = None,
+    root_run_id: str | None = None,
+    retry_number: int = 0,
+    delay_seconds: float = 0,
+    reused_steps: dict[str, Any] | None = None,
+) -> bool:
+    max_runtime = contract.tag(launch.tags, "max_runtime")
+    inserted = await store.insert_run(
+        launch,
+        max_runtime_seconds=float(max_runtime) if max_runtime is not None else None,
+        priority=contract.priority(launch.tags),
+        parent_run_id=parent_run_id,
+        root_run_id=root_run_id,
+        retry_number=retry_number,
+        delay_seconds=delay_seconds,
+        reused_steps=reused_steps,
+    )
+    log.info("%s run_id=%s job=%s", "queued" if inserted else "duplicate launch ignored", launch.run_id, launch.job)
+    return inserted
+
+
+async def apply(store: Store, key: str, data: dict[str, Any], *, launcher: str | None = None) -> Outcome:
+    """``launcher``: the run launcher this service runs; a launch naming another is refused."""
+    if key == "launch":
+        launch = contract.parse_launch(data)
+        if launch.launcher is not None and launcher is not None and launch.launcher != launcher:
+            raise InvalidMessage(
+                f"launcher: {launch.launcher!r} is not configured here (this runherd launches with {launcher!r})"
+            )
+        await insert_launch(store, launch)
+        return Outcome()
+    if key == "terminate":
+        return await cancel(store, contract.parse_terminate(data))
+    if key == "reexecute":
+        await reexecute(store, contract.parse_reexecute(data))
+        return Outcome()
+    raise InvalidMessage(f"unknown command {key!r} (expected launch, terminate or reexecute)")
+
+
+async def cancel(store: Store, run_id: str) -> Outcome:
+    """QUEUED -> CANCELED at once; STARTING/STARTED -> CANCELING and the worker gets SIGTERM."""
+    async with store.tx() as tx:
+        run = await tx.run_for_update(run_id)
+        if run is None:
+            raise InvalidMessage(f"terminate: no run {run_id}")
+        status = RunStatus(run["status"])
+        if status is RunStatus.QUEUED:
+            await tx.transition([run_id], RunStatus.CANCELED, "canceled while queued", source="launcher")
+            return Outcome()
+        if status not in (RunStatus.STARTING, RunStatus.STARTED):
+            log.info("terminate ignored run_id=%s status=%s", run_id, status.value)
+            return Outcome()
+        await tx.transition([run_id], RunStatus.CANCELING, "cancel requested", source="launcher")
+        handles = [h for h in await tx.handles([run_id]) if h.attempt == run["attempt"]]
+    return Outcome(terminate=handles)
+
+
+async def reexecute(store: Store, request: contract.Reexecute) -> None:
+    """A new run linked to its origin; under FROM_FAILURE the origin's successful steps (its own and
+    those it reused) are copied to the new run as reused: the worker gets their outputs and never
+    executes them again. ALL_STEPS runs every step. Not a retry: the new run's retry number is 0."""
+    origin = await store.get_run(request.run_id)
+    if origin is None:
+        raise InvalidMessage(f"reexecute: no run {request.run_id}")
+    if not RunStatus(origin["status"]).terminal:
+        raise InvalidMessage(
+            f"reexecute: run {request.run_id} is {origin['status']}, not finished "
+            "(only a SUCCESS, FAILURE or CANCELED run can be re-executed)"
+        )
+    reused = {}
+    if request.strategy is RetryStrategy.FROM_FAILURE:
+        reused = {s["step_key"]: s["output"] for s in origin["steps_status"] if s["status"] == "SUCCESS"}
+    root = str(origin["root_run_id"] or request.run_id)
+    tags = retry_tags(
+        {**origin["tags"], **request.tags}, retry_number=0, parent_run_id=request.run_id, root_run_id=root
+    )
+    launch = Launch(
+        run_id=request.new_run_id,
+        job=origin["job"],
+        steps=contract.parse_steps(origin["steps"]),
+        tags=tags,
+        launcher=origin["launcher"],
+        env=origin["env"],
+    )
+    await insert_launch(store, launch, parent_run_id=request.run_id, root_run_id=root, reused_steps=reused)

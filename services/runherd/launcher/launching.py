@@ -1,0 +1,166 @@
+"""Turns claimed attempts into workers: builds each worker's plan and calls the run launcher."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from runherd import contract, metrics
+from runherd.config import Config
+from runherd.contract import RunStatus
+from runherd.errors import LaunchError
+from runherd.launchers import Handle, RunLauncher, WorkerRun
+from runherd.plan import PLAN_ENV, Plan
+from runherd.store import LaunchClaim, Store
+
+log = logging.getLogger("runherd.launcher")
+
+LAUNCH_ATTEMPTS = 4  # a transient launch error is retried this many times in all, with backoff
+
+
+def worker_run(claim: LaunchClaim, config: Config) -> WorkerRun:
+    """The worker's whole contract: its plan (steps, completed outputs) and broker credentials."""
+    plan = Plan(
+        run_id=claim.run_id,
+        attempt=claim.attempt,
+        job=claim.job,
+        steps=contract.parse_steps(claim.steps),
+        completed=claim.completed,
+        heartbeat_interval_seconds=config.run_monitoring.heartbeat_interval_seconds,
+    )
+    env = {**claim.env, PLAN_ENV: plan.to_json(), "RUNHERD_AMQP_URL": config.amqp_url}
+    max_runtime = contract.max_runtime(claim.tags, config.run_monitoring.max_runtime_seconds)
+    return WorkerRun(
+        run_id=claim.run_id,
+        attempt=claim.attempt,
+        job=claim.job,
+        env=env,
+        tags=claim.tags,
+        max_runtime_seconds=int(max_runtime) if max_runtime > 0 else None,
+    )
+
+
+async def launch_with_retries(
+    launcher: RunLauncher,
+    run: WorkerRun,
+    backoff: float = 0.5,
+    on_retry: Callable[[int, float, LaunchError], Awaitable[None]] | None = None,
+) -> Handle:
+    for attempt in range(1, LAUNCH_ATTEMPTS + 1):
+        try:
+            return await launcher.launch(run)
+        except LaunchError as exc:
+            if not exc.transient or attempt == LAUNCH_ATTEMPTS:
+                raise
+            delay = backoff * 2 ** (attempt - 1)
+            log.warning("transient launch error run_id=%s attempt=%s try=%s: %s", run.run_id, run.attempt, attempt, exc)
+            if on_retry is not None:
+                await on_retry(attempt, delay, exc)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class Launching:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        launcher: RunLauncher,
+        handles: dict[tuple[str, int], Handle],
+        concurrency: int = 16,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.launcher = launcher
+        self.handles = handles
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def tick(self) -> int:
+        """One round: dequeue what fits, then launch every attempt waiting for a worker."""
+        coordinator = self.config.run_coordinator
+        limits = [
+            {"key": lim.key, "value": lim.value, "per_unique_value": lim.per_unique_value, "limit": lim.limit}
+            for lim in coordinator.tag_concurrency_limits
+        ]
+        await self.store.dequeue(coordinator.max_concurrent_runs, limits)
+        claims = await self.store.claim_launches(64, lease_seconds=60)
+        for claim in claims:
+            task = asyncio.ensure_future(self._launch(claim))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return len(claims)
+
+    async def drain(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _launch(self, claim: LaunchClaim) -> None:
+        async with self._slots:
+            if claim.attempt != claim.current_attempt or claim.status not in (RunStatus.STARTING, RunStatus.STARTED):
+                await self._never_launched(claim)
+                return
+
+            async def note_retry(try_: int, delay: float, exc: LaunchError) -> None:
+                # While a launch is retried the run is STARTING: its event log says why.
+                async with self.store.tx() as tx:
+                    await tx.log(
+                        [
+                            (
+                                claim.run_id,
+                                claim.attempt,
+                                f"launch try {try_} of {LAUNCH_ATTEMPTS} failed: {exc}; retrying in {delay:g} s",
+                            )
+                        ],
+                        type_="LAUNCH_RETRY",
+                        source="launcher",
+                    )
+
+            try:
+                handle = await launch_with_retries(self.launcher, worker_run(claim, self.config), on_retry=note_retry)
+            except Exception as exc:
+                await self._failed(claim, exc)
+                return
+            self.handles[(claim.run_id, claim.attempt)] = handle
+            now = await self.store.record_launch(claim.run_id, claim.attempt, handle, self.launcher.name)
+            metrics.LAUNCHES.labels(self.launcher.name, "ok").inc()
+            log.info("launched run_id=%s attempt=%s handle=%s", claim.run_id, claim.attempt, handle)
+            if now is not None and (now[0] is RunStatus.CANCELING or now[0].terminal or now[1] != claim.attempt):
+                # A cancel (or a timeout) that arrived while we were launching found no handle.
+                await self.launcher.terminate(handle)
+
+    async def _never_launched(self, claim: LaunchClaim) -> None:
+        """The run moved on before its worker started (canceled, or failed by a timeout)."""
+        async with self.store.tx() as tx:
+            await tx.record_exit(claim.run_id, claim.attempt, None, "never launched")
+            if claim.status is RunStatus.CANCELING:
+                await tx.transition(
+                    [claim.run_id],
+                    RunStatus.CANCELED,
+                    "canceled before its worker started",
+                    attempt=claim.attempt,
+                    source="launcher",
+                )
+
+    async def _failed(self, claim: LaunchClaim, exc: Exception) -> None:
+        reason = f"launch failed: {exc}"
+        log.error("%s run_id=%s attempt=%s", reason, claim.run_id, claim.attempt)
+        metrics.LAUNCHES.labels(self.launcher.name, "error").inc()
+        async with self.store.tx() as tx:
+            await tx.log(
+                [(claim.run_id, claim.attempt, reason)],
+                type_="LAUNCH_FAILED",
+                source="launcher",
+                data=[{"error": str(exc), "transient": getattr(exc, "transient", False)}],
+            )
+            await tx.transition(
+                [claim.run_id],
+                RunStatus.FAILURE,
+                reason,
+                attempt=claim.attempt,
+                from_=[RunStatus.STARTING, RunStatus.STARTED],
+                failure_kind="infrastructure",
+                source="launcher",
+            )
+            await tx.record_exit(claim.run_id, claim.attempt, None, "launch failed")

@@ -1,0 +1,153 @@
+"""`runherd launcher`: consumes commands, dequeues under the coordinator's limits, launches
+workers, and reports every worker exit its run launcher sees as a WORKER_EXITED event."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from runherd import broker as topology
+from runherd import metrics, outbox
+from runherd.broker import Broker, Delivery
+from runherd.config import Config
+from runherd.contract import Event, EventType, decode, now_iso
+from runherd.errors import InvalidMessage
+from runherd.launcher import commands
+from runherd.launcher.launching import Launching
+from runherd.launchers import Handle, RunLauncher, WorkerExit
+from runherd.rules.events import describe_exit
+from runherd.runtime import Supervisor, retrying, sleep_or_stop
+from runherd.store import Store
+from runherd.store.store import LAUNCH_CHANNEL, TransientDbError
+
+log = logging.getLogger("runherd.launcher")
+
+
+class LauncherService:
+    def __init__(self, config: Config, store: Store, broker: Broker, launcher: RunLauncher) -> None:
+        self.config = config
+        self.store = store
+        self.broker = broker
+        self.launcher = launcher
+        self.handles: dict[tuple[str, int], Handle] = {}
+        self.launching = Launching(config, store, launcher, self.handles)
+        self.wake = asyncio.Event()
+        self._background: set[asyncio.Task[bool]] = set()
+
+    async def run(self, supervisor: Supervisor, *, relay: bool = True) -> None:
+        stop = supervisor.stop
+        await self._adopt()
+        supervisor.spawn("launcher.commands", retrying("command consumer", lambda: self._commands(stop), stop))
+        supervisor.spawn("launcher.launch-loop", self._launch_loop(stop))
+        supervisor.spawn("launcher.exits", retrying("exit watcher", lambda: self._exits(stop), stop))
+        if relay:
+            supervisor.spawn("launcher.outbox", outbox.relay(self.store, self.broker, stop))
+
+    async def _adopt(self) -> None:
+        """Workers launched before a restart are watched again, so no exit goes unreported."""
+        refs = [
+            r for r in await self.store.live_handles() if r.handle and r.handle.get("launcher") == self.launcher.name
+        ]
+        for ref in refs:
+            assert ref.handle is not None
+            self.handles[(ref.run_id, ref.attempt)] = ref.handle
+        if refs:
+            await self.launcher.adopt([r.handle for r in refs if r.handle])
+            log.info("adopted %d live workers", len(refs))
+
+    # --- commands ---------------------------------------------------------------------------
+
+    async def _commands(self, stop: asyncio.Event) -> None:
+        async for batch in self.broker.batches(topology.COMMANDS_QUEUE, max_size=50, max_wait=0.02, stop=stop):
+            for delivery in batch:
+                await self._command(delivery)
+
+    async def _command(self, delivery: Delivery) -> None:
+        try:
+            outcome = await commands.apply(
+                self.store, delivery.routing_key, decode(delivery.body), launcher=self.launcher.name
+            )
+        except InvalidMessage as exc:
+            metrics.DEAD_LETTERS.labels(topology.COMMANDS_QUEUE).inc()
+            await self.broker.dead_letter(delivery, str(exc))
+            return
+        except TransientDbError:
+            await self.broker.requeue([delivery])
+            raise
+        except Exception as exc:
+            log.exception("command %s failed", delivery.routing_key)
+            if delivery.deliveries >= topology.MAX_DELIVERIES - 1:
+                await self.broker.dead_letter(delivery, f"command failed {delivery.deliveries} times: {exc!r}")
+            else:
+                await self.broker.requeue([delivery])
+            return
+        await delivery.message.ack()
+        self.wake.set()
+        for ref in outcome.terminate:
+            if ref.handle:
+                task = asyncio.ensure_future(self.launcher.terminate(ref.handle))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    # --- launching --------------------------------------------------------------------------
+
+    async def _launch_loop(self, stop: asyncio.Event) -> None:
+        unlisten = await self.store.listen(LAUNCH_CHANNEL, self.wake.set)
+        try:
+            while not stop.is_set():
+                try:
+                    if await self.launching.tick():
+                        continue
+                except TransientDbError as exc:
+                    log.warning("launch round failed: %r", exc)
+                await sleep_or_stop(stop, self.config.run_coordinator.dequeue_interval_seconds, self.wake)
+            await self.launching.drain()
+        finally:
+            await unlisten()
+
+    # --- exits ------------------------------------------------------------------------------
+
+    async def _exits(self, stop: asyncio.Event) -> None:
+        stream = self.launcher.watch()
+        if stream is None:
+            await stop.wait()
+            return
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while True:
+                next_exit = asyncio.ensure_future(anext(stream))
+                await asyncio.wait({next_exit, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if not next_exit.done():
+                    next_exit.cancel()
+                    return
+                await self.report_exit(next_exit.result())
+        finally:
+            stopped.cancel()
+
+    async def report_exit(self, exit_: WorkerExit) -> None:
+        handle = self.handles.pop((exit_.run_id, exit_.attempt), None)
+        debug = ""
+        if handle is not None:
+            try:
+                debug = await self.launcher.debug_info(handle)
+            except Exception as exc:
+                debug = f"(debug_info failed: {exc!r})"
+        event = Event(
+            run_id=exit_.run_id,
+            attempt=exit_.attempt,
+            seq=0,
+            source="launcher",
+            type=EventType.WORKER_EXITED,
+            message=describe_exit(exit_.exit_code, exit_.signal, exit_.reason),
+            data={
+                "exit_code": exit_.exit_code,
+                "signal": exit_.signal,
+                "reason": exit_.reason,
+                "detail": exit_.message,
+                "debug_info": debug[-4000:],
+                "exited_at": now_iso(),
+            },
+            ts=now_iso(),
+        )
+        await self.broker.publish_event(exit_.run_id, event.body())
+        log.info("worker exited run_id=%s attempt=%s %s", exit_.run_id, exit_.attempt, event.message)

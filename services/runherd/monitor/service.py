@@ -1,0 +1,150 @@
+"""`runherd monitor`: ingests lifecycle events and sweeps for violators. Any number of replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+from runherd import broker as topology
+from runherd import metrics, outbox
+from runherd.broker import Broker, Delivery
+from runherd.config import Config
+from runherd.contract import Event, decode, parse_event
+from runherd.errors import InvalidMessage
+from runherd.launchers import RunLauncher
+from runherd.monitor.actions import Actions
+from runherd.monitor.ingest import Effects, LockedRuns, apply_event
+from runherd.monitor.sweeper import Sweeper
+from runherd.runtime import Supervisor, retrying, sleep_or_stop
+from runherd.store import Store
+from runherd.store.store import TransientDbError
+
+log = logging.getLogger("runherd.monitor")
+
+
+class MonitorService:
+    def __init__(self, config: Config, store: Store, broker: Broker, launcher: RunLauncher) -> None:
+        self.config = config
+        self.store = store
+        self.broker = broker
+        self.launcher = launcher
+        self.actions = Actions(store, launcher)
+        self.sweeper = Sweeper(config, store, launcher, self.actions)
+        self.sweep_now = asyncio.Event()
+
+    async def run(self, supervisor: Supervisor, *, relay: bool = True) -> None:
+        stop = supervisor.stop
+        supervisor.spawn("monitor.ingest", retrying("event ingest", lambda: self._ingest(stop), stop))
+        if self.config.run_monitoring.enabled:
+            supervisor.spawn("monitor.sweep", self._sweep_loop(stop))
+        if relay:
+            supervisor.spawn("monitor.outbox", outbox.relay(self.store, self.broker, stop))
+        supervisor.spawn("monitor.actions", self._close_on_stop(stop))
+
+    async def _close_on_stop(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        await self.actions.close()
+
+    async def _sweep_loop(self, stop: asyncio.Event) -> None:
+        gauges_due = 0.0
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            pause = self.config.run_monitoring.poll_interval_seconds
+            try:
+                await self.sweeper.sweep()
+                if loop.time() >= gauges_due:
+                    await self.refresh_gauges()
+                    gauges_due = loop.time() + pause
+                pause = await self.sweeper.seconds_to_next_deadline()
+            except TransientDbError as exc:
+                log.warning("sweep failed: %r", exc)
+            await sleep_or_stop(stop, pause, self.sweep_now)
+
+    async def refresh_gauges(self) -> None:
+        counts = await self.store.count_active()
+        for status in ("QUEUED", "STARTING", "STARTED", "CANCELING"):
+            metrics.RUNS_BY_STATUS.labels(status).set(counts.get(status, 0))
+        for queue, depth in (await self.broker.queue_depths()).items():
+            metrics.QUEUE_DEPTH.labels(queue).set(depth)
+
+    async def _ingest(self, stop: asyncio.Event) -> None:
+        async for batch in self.broker.batches(topology.EVENTS_QUEUE, max_size=200, max_wait=0.01, stop=stop):
+            await self.apply_batch(batch)
+
+    async def apply_batch(self, batch: list[Delivery]) -> None:
+        parsed: list[tuple[Delivery, Event]] = []
+        rejected: list[tuple[Delivery, str]] = []
+        for delivery in batch:
+            try:
+                parsed.append((delivery, parse_event(decode(delivery.body))))
+            except InvalidMessage as exc:
+                rejected.append((delivery, str(exc)))
+        try:
+            try:
+                outcome = await self._apply(parsed, careful=False)
+            except TransientDbError:
+                raise
+            except Exception:
+                log.warning("a batch of %d events failed; applying them one by one", len(parsed), exc_info=True)
+                outcome = await self._apply(parsed, careful=True)
+        except TransientDbError:
+            await self.broker.requeue(batch)
+            raise
+        applied, failed, retry, effects = outcome
+        for delivery, reason in rejected + failed:
+            metrics.DEAD_LETTERS.labels(topology.EVENTS_QUEUE).inc()
+            await self.broker.dead_letter(delivery, reason)
+        await self.broker.requeue(retry)
+        await self.broker.ack(applied)
+        await self._after(effects)
+
+    async def _apply(
+        self, parsed: list[tuple[Delivery, Event]], *, careful: bool
+    ) -> tuple[list[Delivery], list[tuple[Delivery, str]], list[Delivery], Effects]:
+        """One transaction for the batch; ``careful`` puts each event in a savepoint, so a failing
+        one is retried alone (and dead-lettered after its last delivery) while the others commit."""
+        effects = Effects()
+        applied: list[Delivery] = []
+        rejected: list[tuple[Delivery, str]] = []
+        retry: list[Delivery] = []
+        async with self.store.tx() as tx:
+            runs = LockedRuns(tx, gather_steps=not careful)
+            await runs.lock([event.run_id for _, event in parsed])
+            for delivery, event in parsed:
+                try:
+                    if careful:
+                        async with tx.conn.transaction():  # a savepoint per event
+                            await apply_event(tx, event, self.config, effects, runs)
+                    else:
+                        await apply_event(tx, event, self.config, effects, runs)
+                    applied.append(delivery)
+                except InvalidMessage as exc:
+                    rejected.append((delivery, str(exc)))
+                except TransientDbError:
+                    raise
+                except Exception as exc:
+                    if not careful:
+                        raise
+                    runs.stale.add(event.run_id)  # its savepoint rolled back whatever it changed
+                    log.exception("event could not be applied (delivery %d)", delivery.deliveries)
+                    if delivery.deliveries >= topology.MAX_DELIVERIES - 1:
+                        rejected.append((delivery, f"event could not be applied: {exc!r}"))
+                    else:
+                        retry.append(delivery)
+            await runs.flush()
+        return applied, rejected, retry, effects
+
+    async def _after(self, effects: Effects) -> None:
+        if effects.failed:
+            self.sweep_now.set()
+        now = datetime.now(UTC)
+        for _, exited_at in effects.exits:
+            metrics.DETECTION_LATENCY.labels("exit").observe(max(0.0, (now - exited_at).total_seconds()))
+        if effects.fence:
+            async with self.store.tx() as tx:
+                refs = await tx.handles([run_id for run_id, _ in effects.fence])
+            wanted = set(effects.fence)
+            self.actions.terminate_soon(
+                [r for r in refs if (r.run_id, r.attempt) in wanted], "fenced: its events are refused"
+            )

@@ -1,0 +1,195 @@
+"""The monitor's sweeps. Each rule finds its violators with one indexed query (rows locked with
+SKIP LOCKED, so replicas share the work) and acts on them as a compare-and-set. Timeouts are
+decided in seconds in the SQL of shared/store/queries.sql: stuck_starting, stuck_canceling,
+over_max_runtime, silent_workers, claim_reaps."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from runherd import metrics
+from runherd.config import Config
+from runherd.contract import RunStatus
+from runherd.launchers import RunLauncher
+from runherd.monitor.actions import Actions
+from runherd.monitor.ingest import crash
+from runherd.monitor.retries import retry_failed_runs
+from runherd.store import RunRef, Store
+
+log = logging.getLogger("runherd.monitor.sweeper")
+
+BATCH = 200
+
+
+class Sweeper:
+    def __init__(self, config: Config, store: Store, launcher: RunLauncher, actions: Actions) -> None:
+        self.config = config
+        self.mon = config.run_monitoring
+        self.store = store
+        self.launcher = launcher
+        self.actions = actions
+        self._health_slots = asyncio.Semaphore(16)
+
+    async def sweep(self) -> dict[str, int]:
+        """Every rule once; returns how many runs each acted on."""
+        rules: dict[str, Callable[[], Awaitable[int]]] = {
+            "start_timeout": self.start_timeout,
+            "cancel_timeout": self.cancel_timeout,
+            "max_runtime": self.max_runtime,
+            "heartbeat_timeout": self.heartbeat_timeout,
+            "reap": self.reap,
+            "retries": self.retries,
+        }
+        counts = {}
+        for name, rule in rules.items():
+            began = time.perf_counter()
+            counts[name] = await rule()
+            metrics.SWEEP_DURATION.labels(name).observe(time.perf_counter() - began)
+        return counts
+
+    async def start_timeout(self) -> int:
+        limit = self.mon.start_timeout_seconds
+        async with self.store.tx() as tx:
+            rows = await tx.violators("stuck_starting", float(limit), BATCH)
+            if not rows:
+                return 0
+            ids = [str(r["run_id"]) for r in rows]
+            moved = await tx.transition(
+                ids,
+                RunStatus.FAILURE,
+                f"run did not start within {limit:g} s (start_timeout_seconds)",
+                from_=[RunStatus.STARTING],
+                failure_kind="infrastructure",
+                source="monitor",
+            )
+            handles = await tx.handles([m.run_id for m in moved])
+        metrics.MONITOR_ACTIONS.labels("start_timeout").inc(len(moved))
+        self.actions.terminate_soon(handles, "start timeout")
+        return len(moved)
+
+    async def cancel_timeout(self) -> int:
+        """Force-kill, then CANCELED. The rows stay locked while killing, so a replica that dies
+        mid-way leaves them to the next sweep of another."""
+        limit = self.mon.cancel_timeout_seconds
+        async with self.store.tx() as tx:
+            rows = await tx.violators("stuck_canceling", float(limit), BATCH)
+            if not rows:
+                return 0
+            ids = [str(r["run_id"]) for r in rows]
+            await self.actions.terminate(await tx.handles(ids), f"cancel did not finish within {limit:g} s", grace=0)
+            moved = await tx.transition(
+                ids,
+                RunStatus.CANCELED,
+                f"cancel did not finish within {limit:g} s: worker force-killed",
+                from_=[RunStatus.CANCELING],
+                source="monitor",
+            )
+        metrics.MONITOR_ACTIONS.labels("cancel_timeout").inc(len(moved))
+        return len(moved)
+
+    async def max_runtime(self) -> int:
+        async with self.store.tx() as tx:
+            rows = await tx.violators("over_max_runtime", float(self.mon.max_runtime_seconds), BATCH)
+            if not rows:
+                return 0
+            moved = []
+            for limit in sorted({r["limit_seconds"] for r in rows}):
+                ids = [str(r["run_id"]) for r in rows if r["limit_seconds"] == limit]
+                moved += await tx.transition(
+                    ids,
+                    RunStatus.FAILURE,
+                    f"exceeded max runtime of {limit:g} s",
+                    from_=[RunStatus.STARTED],
+                    failure_kind="infrastructure",
+                    source="monitor",
+                )
+            handles = await tx.handles([m.run_id for m in moved])
+        metrics.MONITOR_ACTIONS.labels("max_runtime").inc(len(moved))
+        self.actions.terminate_soon(handles, "exceeded max runtime")
+        return len(moved)
+
+    async def heartbeat_timeout(self) -> int:
+        """STARTED with no heartbeat of its current attempt for the timeout: hung or dead.
+        The deadline alone makes it a crash (an UNKNOWN health never does)."""
+        limit = self.mon.heartbeat_timeout_seconds
+        async with self.store.tx() as tx:
+            rows = await tx.violators("silent_workers", float(limit), BATCH, self.start_grace)
+            if not rows:
+                return 0
+            handles = {h.run_id: h for h in await tx.handles([str(r["run_id"]) for r in rows])}
+            healths = await asyncio.gather(*(self._health(handles.get(str(r["run_id"]))) for r in rows))
+            crashed = []
+            for row, health in zip(rows, healths, strict=True):
+                run_id = str(row["run_id"])
+                never = " (it never sent one)" if row["never_heartbeated"] else ""
+                crashed.append(
+                    (run_id, row["attempt"], f"no heartbeat for {row['silent_seconds']:.0f} s{never}, worker {health}")
+                )
+                metrics.DETECTION_LATENCY.labels("heartbeat").observe(max(0.0, row["silent_seconds"] - limit))
+            resumes = {
+                str(r["run_id"]): r["resumes"]
+                for r in await tx.conn.fetch(
+                    "SELECT run_id, resumes FROM runs WHERE run_id = ANY($1::uuid[])", [r["run_id"] for r in rows]
+                )
+            }
+            await crash(tx, crashed, resumes, self.mon.max_resume_run_attempts)
+        # The superseded (or failed) attempts' workers are stopped at once; reap is the safety net.
+        self.actions.terminate_soon(list(handles.values()), "no heartbeat (hung or dead)")
+        return len(crashed)
+
+    @property
+    def start_grace(self) -> float:
+        """An attempt that has not heartbeated yet is still booting: it gets the start timeout."""
+        return max(float(self.mon.heartbeat_timeout_seconds), float(self.mon.start_timeout_seconds))
+
+    async def seconds_to_next_deadline(self) -> float:
+        """How long the sweep loop may sleep: until the earliest timeout of any run (plus a little,
+        so the row is past it). Timeouts fire on time, not a poll late. A run that appears while we
+        sleep cannot fall due sooner than the shortest timeout, so that caps the sleep too (a
+        `runherd/max_runtime` tag shorter than it may fire up to that much late)."""
+        mon = self.mon
+        seconds = await self.store.next_deadline(
+            mon.heartbeat_timeout_seconds,
+            self.start_grace,
+            mon.start_timeout_seconds,
+            mon.cancel_timeout_seconds,
+            mon.max_runtime_seconds,
+        )
+        timeouts = [
+            mon.poll_interval_seconds,
+            mon.heartbeat_timeout_seconds,
+            mon.start_timeout_seconds,
+            mon.cancel_timeout_seconds,
+        ] + ([mon.max_runtime_seconds] if mon.max_runtime_seconds > 0 else [])
+        ceiling = float(min(timeouts))
+        if seconds is None:
+            return ceiling
+        return min(ceiling, max(0.05, seconds + 0.02))
+
+    async def _health(self, ref: RunRef | None) -> str:
+        if ref is None or ref.handle is None:
+            return "has no handle"
+        try:
+            async with self._health_slots:
+                health = await self.launcher.check_health(ref.handle)
+        except Exception as exc:
+            return f"health unknown ({exc!r})"
+        return {"RUNNING": "still running (hung)", "NOT_FOUND": "is gone"}.get(
+            health.status.value, f"health {health.status.value}" + (f": {health.message}" if health.message else "")
+        )
+
+    async def retries(self) -> int:
+        """Failed runs with retries left become new runs (services/monitor/retries.py)."""
+        if not self.config.run_retries.enabled:
+            return 0
+        return await retry_failed_runs(self.store, self.config.run_retries, BATCH)
+
+    async def reap(self) -> int:
+        """Workers that must not run any more (superseded attempts, finished runs) are stopped."""
+        lease = max(2 * self.mon.poll_interval_seconds, 5.0)
+        refs = await self.store.claim_reaps(self.mon.heartbeat_timeout_seconds, lease, BATCH)
+        self.actions.terminate_soon(refs, "its attempt is superseded or its run finished")
+        return len(refs)

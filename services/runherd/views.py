@@ -1,0 +1,311 @@
+"""The CLI's client verbs: submit, runs, show, events, cancel, reexecute, watch."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from runherd import client, contract
+from runherd.broker import STATUS, Broker
+from runherd.config import Config
+from runherd.contract import RunStatus
+from runherd.errors import UsageError
+from runherd.store import Store
+
+
+async def run(args: argparse.Namespace, cfg: Config) -> int:
+    handler = {
+        "submit": submit,
+        "runs": runs,
+        "show": show,
+        "events": events,
+        "cancel": cancel,
+        "reexecute": reexecute,
+        "watch": watch,
+    }[args.verb]
+    return await handler(args, cfg)
+
+
+def _json(value: Any) -> None:
+    print(orjson.dumps(value, default=str, option=orjson.OPT_INDENT_2).decode())
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    for row in [header, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=False)).rstrip())
+
+
+async def submit(args: argparse.Namespace, cfg: Config) -> int:
+    data = load_launch_file(args.file, args.tag)
+    broker = await Broker.connect(cfg.amqp_url)
+    try:
+        run_id = await client.submit(broker, data)
+    finally:
+        await broker.close()
+    print(run_id)
+    if not args.wait:
+        return 0
+    store = await Store.connect(cfg.database_url)
+    try:
+        status = await client.wait_for_terminal(store, run_id)
+    finally:
+        await store.close()
+    print(status.value)
+    return 0 if status is RunStatus.SUCCESS else 1
+
+
+def load_launch_file(path: str, tags: list[str]) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML or JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a launch message (an object with job and steps)")
+    data.setdefault("v", contract.VERSION)
+    data["tags"] = {**(data.get("tags") or {}), **contract.parse_tag_args(tags)}
+    contract.parse_launch(data)
+    return data
+
+
+async def runs(args: argparse.Namespace, cfg: Config) -> int:
+    store = await Store.connect(cfg.database_url)
+    try:
+        rows = await store.list_runs(args.status, args.job, args.limit)
+        waiting = {}
+        if args.status == "QUEUED" and rows:
+            from runherd.rules.coordinator import why_waiting
+            from runherd.store import retries as retry_store
+
+            details = await retry_store.queued_details(store, [r["run_id"] for r in rows])
+            queued = [{**r, **details.get(str(r["run_id"]), {})} for r in rows]
+            waiting = why_waiting(queued, await store.in_flight(), cfg.run_coordinator)
+    finally:
+        await store.close()
+    if args.json:
+        _json([{**r, "waiting_for": waiting.get(str(r["run_id"]))} if waiting else r for r in rows])
+        return 0
+    header = ["RUN_ID", "JOB", "STATUS", "ATTEMPT", "CREATED", "WAITING FOR" if waiting else "REASON"]
+    width = 90 if waiting else 60
+    _table(
+        [
+            [
+                str(r["run_id"]),
+                r["job"],
+                r["status"],
+                str(r["attempt"]),
+                r["created_at"].strftime("%H:%M:%S"),
+                (waiting.get(str(r["run_id"])) or r["reason"] or "")[:width],
+            ]
+            for r in rows
+        ],
+        header,
+    )
+    return 0
+
+
+def _show_json(run: dict[str, Any], lineage: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    run_id = str(run["run_id"])
+    steps = sorted(run["steps_status"], key=lambda s: s["step_key"])
+    return {
+        "run_id": run_id,
+        "job": run["job"],
+        "status": run["status"],
+        "attempt": run["attempt"],
+        "tags": run["tags"],
+        "parent_run_id": _s(run["parent_run_id"]),
+        "root_run_id": _s(run["root_run_id"]),
+        "retry_number": run["retry_number"],
+        "resumes": run["resumes"],
+        "reason": run["reason"],
+        "failure_kind": run["failure_kind"],
+        "steps": [
+            {
+                "key": s["step_key"],
+                "status": s["status"],
+                "attempt": s["attempt"],
+                "reused": s["reused"],
+                "error": s["error"],
+            }
+            for s in steps
+        ],
+        "reused_steps": [s["step_key"] for s in steps if s["reused"]],
+        "worker": run["handle"],
+        # Every run with the same root: the original, its retries and re-executions, oldest first.
+        "lineage": [
+            {
+                "run_id": str(r["run_id"]),
+                "status": r["status"],
+                "retry_number": r["retry_number"],
+                "parent_run_id": _s(r["parent_run_id"]),
+                "failure_kind": r["failure_kind"],
+                "reused_steps": r["reused_steps"],
+                "created_at": r["created_at"],
+            }
+            for r in lineage or []
+        ],
+        "children": [str(r["run_id"]) for r in lineage or [] if _s(r["parent_run_id"]) == run_id],
+    }
+
+
+def _s(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _lineage_lines(view: dict[str, Any]) -> list[str]:
+    """One line per run of the lineage, marking this run, the root and how each came to be."""
+    lines = []
+    for r in view["lineage"]:
+        if r["parent_run_id"] is None:
+            how = "root"
+        elif r["retry_number"]:
+            how = f"retry {r['retry_number']} of {r['parent_run_id']}"
+        else:
+            how = f"re-execution of {r['parent_run_id']}"
+        n = r["reused_steps"]
+        reused = f", {n} step{'s' if n != 1 else ''} reused" if n else ""
+        mark = "  <- this run" if r["run_id"] == view["run_id"] else ""
+        lines.append(f"  {r['run_id']}  {r['status']:<9} {how}{reused}{mark}")
+    return lines
+
+
+async def show(args: argparse.Namespace, cfg: Config) -> int:
+    from runherd.store import retries as retry_store
+
+    store = await Store.connect(cfg.database_url)
+    try:
+        run = await store.get_run(args.run_id)
+        lineage = await retry_store.lineage(store, str(run["root_run_id"] or run["run_id"])) if run else []
+    finally:
+        await store.close()
+    if run is None:
+        print(f"runherd: no run {args.run_id}", file=sys.stderr)
+        return 2
+    view = _show_json(run, lineage)
+    if args.json:
+        _json(view)
+        return 0
+    print(
+        f"run      {view['run_id']}\njob      {view['job']}\nstatus   {view['status']}"
+        f"{'  (' + view['reason'] + ')' if view['reason'] else ''}\nattempt  {view['attempt']} "
+        f"(resumes {view['resumes']})"
+    )
+    print(
+        f"lineage  root {view['root_run_id']}  parent {view['parent_run_id'] or '-'}  "
+        f"retry {view['retry_number']}  re-run as {', '.join(view['children']) or '-'}"
+    )
+    if len(view["lineage"]) > 1:
+        print("\n".join(_lineage_lines(view)))
+    if view["reused_steps"]:
+        print(f"reused   {', '.join(view['reused_steps'])} (outputs from run {view['parent_run_id']}, not executed)")
+    print(f"tags     {orjson.dumps(view['tags']).decode()}\nworker   {orjson.dumps(view['worker']).decode()}")
+    _table(
+        [
+            [s["key"], s["status"], str(s["attempt"]), "reused" if s["reused"] else "", s["error"] or ""]
+            for s in view["steps"]
+        ],
+        ["STEP", "STATUS", "ATTEMPT", "", "ERROR"],
+    )
+    return 0
+
+
+def _event_line(e: dict[str, Any]) -> str:
+    step = f" [{e['step_key']}]" if e["step_key"] else ""
+    if e["type"] == "RUN_STATUS":
+        change = f"{e['data'].get('from') or '-'} -> {e['data'].get('to')}"
+        e = {**e, "message": f"{change}: {e['message']}" if e["message"] else change}
+    refused = f"  REFUSED: {e['refused']}" if e["refused"] else ""
+    return (
+        f"{e['ts'].strftime('%H:%M:%S.%f')[:-3]}  a{e['attempt']}  {e['source']:<8} {e['type']:<17}"
+        f"{step} {e['message'] or ''}{refused}"
+    ).rstrip()
+
+
+async def events(args: argparse.Namespace, cfg: Config) -> int:
+    store = await Store.connect(cfg.database_url)
+    last = 0
+    try:
+        while True:
+            rows = await store.list_events(args.run_id, last)
+            for e in rows:
+                last = e["id"]
+                if args.json:
+                    print(orjson.dumps(e, default=str).decode(), flush=True)
+                else:
+                    print(_event_line(e), flush=True)
+                    tail = (e["data"] or {}).get("debug_info") if e["type"] == "WORKER_EXITED" else None
+                    for line in (tail or "").splitlines()[-8:]:
+                        print(f"      | {line}", flush=True)
+            if not args.follow:
+                return 0
+            run = await store.get_run(args.run_id)
+            if run is not None and RunStatus(run["status"]).terminal and not rows:
+                return 0
+            await asyncio.sleep(0.5)
+    finally:
+        await store.close()
+
+
+async def cancel(args: argparse.Namespace, cfg: Config) -> int:
+    broker = await Broker.connect(cfg.amqp_url)
+    try:
+        await client.cancel(broker, args.run_id)
+    finally:
+        await broker.close()
+    print(f"cancel requested for {args.run_id}")
+    return 0
+
+
+async def reexecute(args: argparse.Namespace, cfg: Config) -> int:
+    store = await Store.connect(cfg.database_url)
+    try:
+        origin = await store.get_run(args.run_id)
+    finally:
+        await store.close()
+    if origin is None:
+        print(f"runherd: no run {args.run_id}", file=sys.stderr)
+        return 2
+    if not RunStatus(origin["status"]).terminal:
+        print(
+            f"runherd: run {args.run_id} is {origin['status']}: only a finished run can be re-executed", file=sys.stderr
+        )
+        return 2
+    tags: dict[str, Any] = dict(contract.parse_tag_args(args.tag))
+    if args.max_runtime is not None:
+        tags["runherd/max_runtime"] = args.max_runtime
+    broker = await Broker.connect(cfg.amqp_url)
+    try:
+        new_id = await client.reexecute(broker, args.run_id, args.strategy, tags)
+    finally:
+        await broker.close()
+    print(new_id)
+    return 0
+
+
+async def watch(args: argparse.Namespace, cfg: Config) -> int:
+    binding = f"{args.status or '*'}.{(args.job or '#').replace('.', '_')}"
+    broker = await Broker.connect(cfg.amqp_url)
+    try:
+        async for delivery in broker.subscribe(STATUS, binding):
+            body = orjson.loads(delivery.body)
+            if args.json:
+                print(delivery.body.decode(), flush=True)
+            else:
+                print(
+                    f"{body['ts']}  {body['status']:<9} {body['job']}  {body['run_id']}  a{body['attempt']}"
+                    f"  {body.get('reason') or ''}".rstrip(),
+                    flush=True,
+                )
+    finally:
+        await broker.close()
+    return 0

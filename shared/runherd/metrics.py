@@ -1,0 +1,31 @@
+"""Prometheus metrics of runherd (served on `metrics_port` when it is set)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+RUNS_BY_STATUS = Gauge("runherd_runs", "Runs by status (in-flight and queued)", ["status"])
+QUEUE_DEPTH = Gauge("runherd_queue_depth", "Messages waiting in a runherd queue", ["queue"])
+HEARTBEAT_LAG = Histogram(
+    "runherd_heartbeat_lag_seconds",
+    "From a heartbeat's send to its commit",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+SWEEP_DURATION = Histogram("runherd_sweep_duration_seconds", "One monitor sweep, all rules", ["rule"])
+DETECTION_LATENCY = Histogram(
+    "runherd_detection_latency_seconds",
+    "From a worker's exit (or heartbeat deadline) to the monitor's decision",
+    ["kind"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+)
+EVENTS_APPLIED = Counter("runherd_events_applied_total", "Lifecycle events applied", ["type"])
+EVENTS_REFUSED = Counter("runherd_events_refused_total", "Lifecycle events refused (stale attempt...)")
+DEAD_LETTERS = Counter("runherd_dead_letters_total", "Messages dead-lettered", ["queue"])
+MONITOR_ACTIONS = Counter("runherd_monitor_actions_total", "Monitor actions taken", ["action"])
+LAUNCHES = Counter("runherd_launches_total", "Workers launched", ["launcher", "outcome"])
+STATUS_PUBLISHED = Counter("runherd_status_published_total", "Status messages published")
+
+
+def serve(port: int) -> None:
+    if port:
+        start_http_server(port)

@@ -1,0 +1,437 @@
+"""PostgreSQL state of runherd: the only module that imports asyncpg.
+
+Services call domain methods (``insert_run``, ``dequeue``, ``record_heartbeats``...); the SQL is
+in queries.sql. Driver errors are converted to RunherdError subclasses here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+
+from runherd.config import redact
+from runherd.contract import ALLOWED_FROM, Launch, RunStatus
+from runherd.errors import NotMigrated, RunherdError
+from runherd.store.migrate import SCHEMA_VERSION, current_version
+from runherd.store.queries import q
+
+log = logging.getLogger("runherd.store")
+
+LAUNCH_CHANNEL = "runherd_launch"
+OUTBOX_CHANNEL = "runherd_outbox"
+_DEQUEUE_LOCK = 0x52484451  # "RHDQ": one dequeue at a time across launcher replicas
+_OUTBOX_LOCK = 0x5248424F  # "RHBO": one outbox relay at a time, so status order per run holds
+
+TransientDbError = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+
+
+class StoreError(RunherdError):
+    pass
+
+
+async def _init(conn: asyncpg.Connection) -> None:
+    for typ in ("jsonb", "json"):
+        await conn.set_type_codec(
+            typ, encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads, schema="pg_catalog"
+        )
+
+
+@dataclass(frozen=True)
+class Transitioned:
+    run_id: str
+    job: str
+    status: RunStatus
+    previous_status: RunStatus
+    attempt: int
+
+
+@dataclass(frozen=True)
+class LaunchClaim:
+    run_id: str
+    attempt: int
+    job: str
+    status: RunStatus
+    current_attempt: int
+    tags: dict[str, Any]
+    steps: list[dict[str, Any]]
+    env: dict[str, str]
+    launcher: str | None
+    max_runtime_seconds: float | None
+    completed: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunRef:
+    run_id: str
+    attempt: int
+    handle: dict[str, Any] | None = None
+
+
+def _ids(run_ids: Sequence[str | UUID]) -> list[UUID]:
+    return [r if isinstance(r, UUID) else UUID(str(r)) for r in run_ids]
+
+
+class Tx:
+    """Domain operations on one connection, usually inside one transaction."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def transition(
+        self,
+        run_ids: Sequence[str | UUID],
+        to: RunStatus,
+        reason: str | None = None,
+        *,
+        from_: Sequence[RunStatus] | None = None,
+        attempt: int | None = None,
+        failure_kind: str | None = None,
+        source: str = "runherd",
+    ) -> list[Transitioned]:
+        """Compare-and-set: only runs in an allowed from-status (and the given attempt) move."""
+        allowed = [s.value for s in (from_ if from_ is not None else ALLOWED_FROM[to])]
+        rows = await self.conn.fetch(
+            q("transition"), _ids(run_ids), allowed, to.value, reason, failure_kind, attempt, source
+        )
+        if rows:
+            await self.conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
+        return [
+            Transitioned(
+                str(r["run_id"]), r["job"], RunStatus(r["status"]), RunStatus(r["previous_status"]), r["attempt"]
+            )
+            for r in rows
+        ]
+
+    async def log(
+        self,
+        refs: Sequence[tuple[str, int, str]],
+        *,
+        type_: str,
+        source: str,
+        data: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
+        """Write runherd's own lines into the event log: (run_id, attempt, message) each."""
+        if not refs:
+            return
+        await self.conn.execute(
+            q("log_event"),
+            _ids([r[0] for r in refs]),
+            [r[1] for r in refs],
+            [r[2] for r in refs],
+            source,
+            type_,
+            list(data) if data is not None else [{} for _ in refs],
+        )
+
+    async def notify_launcher(self) -> None:
+        await self.conn.execute("SELECT pg_notify($1, '')", LAUNCH_CHANNEL)
+
+    async def run_for_update(self, run_id: str) -> asyncpg.Record | None:
+        return await self.conn.fetchrow(q("run_for_update"), UUID(run_id))
+
+    async def lock_runs(self, run_ids: Sequence[str]) -> dict[str, asyncpg.Record]:
+        """Lock these runs (in run_id order, so two lockers never deadlock) and return them."""
+        rows = await self.conn.fetch(q("runs_for_update"), _ids(sorted(set(run_ids))))
+        return {str(r["run_id"]): r for r in rows}
+
+    async def insert_event(
+        self,
+        *,
+        run_id: str,
+        attempt: int,
+        source: str,
+        seq: int | None,
+        type_: str,
+        step_key: str | None,
+        message: str | None,
+        data: dict[str, Any],
+        refused: str | None,
+        ts: datetime,
+    ) -> bool:
+        """False when the event is a redelivery (already in the log)."""
+        row = await self.conn.fetchval(
+            q("insert_event"), UUID(run_id), attempt, source, seq, type_, step_key, message, data, refused, ts
+        )
+        return row is not None
+
+    async def step_events(self, rows: Sequence[tuple[Any, ...]]) -> dict[str, int]:
+        """step_event for many: rows of (run_id, attempt, source, seq, type, step_key, message, data, ts,
+        status, output). Returns how many new events of each type were applied."""
+        columns = list(zip(*rows, strict=True))
+        data = [orjson.dumps(d).decode() for d in columns[7]]
+        outputs = [None if o is None else orjson.dumps(o).decode() for o in columns[10]]
+        result = await self.conn.fetch(q("step_events"), _ids(columns[0]), *columns[1:7], data, *columns[8:10], outputs)
+        return {r["type"]: r["n"] for r in result}
+
+    async def record_exit(self, run_id: str, attempt: int, exit_code: int | None, reason: str | None) -> None:
+        await self.conn.execute(q("record_exit"), UUID(run_id), attempt, exit_code, reason)
+
+    async def resume(self, crashed: Sequence[tuple[str, int, str]], max_resumes: int) -> list[RunRef]:
+        """Resume each (run_id, crashed attempt, why) with resumes left; returns the new attempts."""
+        if not crashed:
+            return []
+        rows = await self.conn.fetch(
+            q("resume"), _ids([c[0] for c in crashed]), [c[1] for c in crashed], max_resumes, [c[2] for c in crashed]
+        )
+        if rows:
+            await self.notify_launcher()
+        return [RunRef(str(r["run_id"]), r["attempt"]) for r in rows]
+
+    async def handles(self, run_ids: Sequence[str | UUID]) -> list[RunRef]:
+        rows = await self.conn.fetch(q("attempt_handles"), _ids(run_ids))
+        return [RunRef(str(r["run_id"]), r["attempt"], r["handle"]) for r in rows]
+
+    async def violators(self, rule: str, *args: Any) -> list[asyncpg.Record]:
+        """Runs breaking a monitor rule (locked, SKIP LOCKED): stuck_starting, stuck_canceling,
+        over_max_runtime, silent_workers."""
+        return await self.conn.fetch(q(rule), *args)
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool, url: str) -> None:
+        self.pool = pool
+        self.url = url
+
+    @classmethod
+    async def connect(cls, url: str, *, min_size: int = 1, max_size: int = 10, check_schema: bool = True) -> Store:
+        try:
+            pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StoreError(f"cannot connect to PostgreSQL at {redact(url)}: {exc}") from exc
+        assert pool is not None
+        store = cls(pool, url)
+        if check_schema:
+            async with pool.acquire() as conn:
+                version = await current_version(conn)
+            if version < SCHEMA_VERSION:
+                await pool.close()
+                raise NotMigrated(
+                    f"database {redact(url)} is not migrated (schema {version}, "
+                    f"need {SCHEMA_VERSION}): run `runherd migrate`"
+                )
+        return store
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @contextlib.asynccontextmanager
+    async def tx(self) -> AsyncIterator[Tx]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            yield Tx(conn)
+
+    # --- launches ------------------------------------------------------------------------
+
+    async def insert_run(
+        self,
+        launch: Launch,
+        *,
+        max_runtime_seconds: float | None,
+        priority: int,
+        parent_run_id: str | None = None,
+        root_run_id: str | None = None,
+        retry_number: int = 0,
+        delay_seconds: float = 0,
+        reused_steps: dict[str, Any] | None = None,
+    ) -> bool:
+        """Insert a QUEUED run; False when the run_id exists already (a duplicate launch)."""
+        async with self.tx() as tx:
+            inserted = await tx.conn.fetchval(
+                q("insert_run"),
+                UUID(launch.run_id),
+                launch.job,
+                priority,
+                launch.tags,
+                [s.to_json() for s in launch.steps],
+                launch.env,
+                launch.launcher,
+                max_runtime_seconds,
+                UUID(parent_run_id) if parent_run_id else None,
+                UUID(root_run_id) if root_run_id else None,
+                retry_number,
+                float(delay_seconds),
+            )
+            if inserted is None:
+                return False
+            if reused_steps:
+                await tx.conn.executemany(
+                    "INSERT INTO steps (run_id, step_key, status, attempt, output, reused, ended_at) "
+                    "VALUES ($1, $2, 'SUCCESS', 0, $3, true, now())",
+                    [(UUID(launch.run_id), key, out) for key, out in reused_steps.items()],
+                )
+            await tx.notify_launcher()
+            await tx.conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
+            return True
+
+    async def dequeue(
+        self, max_concurrent: int, limits: list[dict[str, Any]], batch: int = 100, window: int = 1000
+    ) -> list[str]:
+        """QUEUED -> STARTING for the next runs that fit every limit; one replica at a time."""
+        moved: list[str] = []
+        async with self.tx() as tx:
+            await tx.conn.execute("SELECT pg_advisory_xact_lock($1)", _DEQUEUE_LOCK)
+            while len(moved) < batch:
+                ids = await tx.conn.fetch(q("dequeue"), max_concurrent, limits, batch - len(moved), window)
+                if not ids:
+                    break
+                run_ids = [r["run_id"] for r in ids]
+                await tx.conn.execute(q("bump_first_attempt"), run_ids)
+                done = await tx.transition(run_ids, RunStatus.STARTING, None, source="launcher")
+                await tx.conn.execute(q("new_attempts"), [UUID(d.run_id) for d in done])
+                moved.extend(d.run_id for d in done)
+        return moved
+
+    async def claim_launches(self, limit: int, lease_seconds: float) -> list[LaunchClaim]:
+        async with self.tx() as tx:
+            rows = await tx.conn.fetch(q("claim_launches"), limit, float(lease_seconds))
+            if not rows:
+                return []
+            done = await tx.conn.fetch(q("completed_steps"), [r["run_id"] for r in rows])
+        completed: dict[str, dict[str, Any]] = {}
+        for row in done:
+            completed.setdefault(str(row["run_id"]), {})[row["step_key"]] = row["output"]
+        return [
+            LaunchClaim(
+                run_id=str(r["run_id"]),
+                attempt=r["attempt"],
+                job=r["job"],
+                status=RunStatus(r["status"]),
+                current_attempt=r["current_attempt"],
+                tags=r["tags"],
+                steps=r["steps"],
+                env=r["env"],
+                launcher=r["launcher"],
+                max_runtime_seconds=r["max_runtime_seconds"],
+                completed=completed.get(str(r["run_id"]), {}),
+            )
+            for r in rows
+        ]
+
+    async def record_launch(
+        self, run_id: str, attempt: int, handle: dict[str, Any], launcher: str
+    ) -> tuple[RunStatus, int] | None:
+        """Store the handle; returns the run's status and current attempt as they are now."""
+        row = await self.pool.fetchrow(q("record_launch"), UUID(run_id), attempt, handle, launcher)
+        return None if row is None else (RunStatus(row["status"]), row["current_attempt"])
+
+    async def live_handles(self) -> list[RunRef]:
+        rows = await self.pool.fetch(q("live_handles"))
+        return [RunRef(str(r["run_id"]), r["attempt"], r["handle"]) for r in rows]
+
+    # --- heartbeats -----------------------------------------------------------------------
+
+    async def record_heartbeats(self, beats: Sequence[tuple[str, int, datetime]]) -> int:
+        """One set-based statement per batch; returns how many attempts were touched."""
+        if not beats:
+            return 0
+        status = await self.pool.execute(
+            q("record_heartbeats"), _ids([b[0] for b in beats]), [b[1] for b in beats], [b[2] for b in beats]
+        )
+        return int(status.split()[-1])
+
+    # --- monitor --------------------------------------------------------------------------
+
+    async def claim_reaps(self, grace_seconds: float, lease_seconds: float, limit: int) -> list[RunRef]:
+        rows = await self.pool.fetch(q("claim_reaps"), float(grace_seconds), float(lease_seconds), limit)
+        return [RunRef(str(r["run_id"]), r["attempt"], r["handle"]) for r in rows]
+
+    async def mark_exited(self, run_id: str, attempt: int, exit_code: int | None, reason: str | None) -> None:
+        await self.pool.execute(q("record_exit"), UUID(run_id), attempt, exit_code, reason)
+
+    # --- outbox -----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def outbox_leadership(self) -> AsyncIterator[asyncpg.Connection | None]:
+        """Yields a connection if this process is the outbox relay (session advisory lock)."""
+        async with self.pool.acquire() as conn:
+            got = await conn.fetchval("SELECT pg_try_advisory_lock($1)", _OUTBOX_LOCK)
+            try:
+                yield conn if got else None
+            finally:
+                if got:
+                    with contextlib.suppress(*TransientDbError):
+                        await conn.execute("SELECT pg_advisory_unlock($1)", _OUTBOX_LOCK)
+
+    @staticmethod
+    async def outbox_batch(conn: asyncpg.Connection, limit: int) -> list[tuple[int, str, bytes]]:
+        rows = await conn.fetch(q("outbox_batch"), limit)
+        return [(r["id"], r["routing_key"], r["body"].encode()) for r in rows]
+
+    @staticmethod
+    async def outbox_delete(conn: asyncpg.Connection, ids: list[int]) -> None:
+        await conn.execute(q("outbox_delete"), ids)
+
+    async def listen(self, channel: str, callback: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+        """Call ``callback`` on each NOTIFY; returns an async function that stops listening."""
+        conn = await asyncpg.connect(self.url)
+
+        def on_notify(*_: Any) -> None:
+            callback()
+
+        await conn.add_listener(channel, on_notify)
+
+        async def stop() -> None:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=2)
+
+        return stop
+
+    # --- reading ----------------------------------------------------------------------------
+
+    async def get_run(self, run_id: str) -> dict[str, Any] | None:
+        row = await self.pool.fetchrow(q("get_run"), UUID(run_id))
+        if row is None:
+            return None
+        run = dict(row)
+        run["steps_status"] = [dict(r) for r in await self.pool.fetch(q("get_steps"), UUID(run_id))]
+        return run
+
+    async def list_runs(self, status: str | None, job: str | None, limit: int) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self.pool.fetch(q("list_runs"), status, job, limit)]
+
+    async def list_events(self, run_id: str, after_id: int = 0) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self.pool.fetch(q("list_events"), UUID(run_id), after_id)]
+
+    async def count_attempts(self, run_ids: Sequence[str]) -> dict[str, int]:
+        rows = await self.pool.fetch(q("count_attempts"), _ids(run_ids))
+        return {str(r["run_id"]): r["n"] for r in rows}
+
+    async def next_deadline(
+        self,
+        heartbeat_timeout: float,
+        start_grace: float,
+        start_timeout: float,
+        cancel_timeout: float,
+        max_runtime: float,
+    ) -> float | None:
+        """Seconds until the earliest rule deadline (negative: overdue); None when nothing is due."""
+        return await self.pool.fetchval(
+            q("next_deadline"),
+            float(heartbeat_timeout),
+            float(start_grace),
+            float(start_timeout),
+            float(cancel_timeout),
+            float(max_runtime),
+        )
+
+    async def count_active(self) -> dict[str, int]:
+        return {r["status"]: r["n"] for r in await self.pool.fetch(q("count_active"))}
+
+    async def in_flight(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self.pool.fetch(q("in_flight_by_limit"))]
+
+    async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        """For tests and the CLI's ad-hoc reads only; services use the domain methods."""
+        return [dict(r) for r in await self.pool.fetch(sql, *args)]
