@@ -47,8 +47,13 @@ async def insert_launch(
     return inserted
 
 
-async def apply(store: Store, key: str, data: dict[str, Any], *, launcher: str | None = None) -> Outcome:
-    """``launcher``: the run launcher this service runs; a launch naming another is refused."""
+async def apply(
+    store: Store, key: str, data: dict[str, Any], *, launcher: str | None = None, message_id: str | None = None
+) -> Outcome:
+    """``launcher``: the run launcher this service runs; a launch naming another is refused.
+    ``message_id``: the AMQP message id; a launch (or reexecute) without a run id of its own gets
+    one derived from it, so a redelivery after the commit makes no second run."""
+    data = with_derived_ids(key, data, message_id)
     if key == "launch":
         launch = contract.parse_launch(data)
         if launch.launcher is not None and launcher is not None and launch.launcher != launcher:
@@ -63,6 +68,16 @@ async def apply(store: Store, key: str, data: dict[str, Any], *, launcher: str |
         await reexecute(store, contract.parse_reexecute(data))
         return Outcome()
     raise InvalidMessage(f"unknown command {key!r} (expected launch, terminate or reexecute)")
+
+
+def with_derived_ids(key: str, data: dict[str, Any], message_id: str | None) -> dict[str, Any]:
+    if not message_id or not isinstance(data, dict):
+        return data
+    if key == "launch" and not data.get("run_id"):
+        return {**data, "run_id": contract.run_id_from_message_id(key, message_id)}
+    if key == "reexecute" and not data.get("new_run_id"):
+        return {**data, "new_run_id": contract.run_id_from_message_id(key, message_id)}
+    return data
 
 
 async def cancel(store: Store, run_id: str) -> Outcome:

@@ -30,11 +30,20 @@ OUTBOX_CHANNEL = "runherd_outbox"
 _DEQUEUE_LOCK = 0x52484451  # "RHDQ": one dequeue at a time across launcher replicas
 _OUTBOX_LOCK = 0x5248424F  # "RHBO": one outbox relay at a time, so status order per run holds
 
-TransientDbError = (
+# Errors after which the same work, tried again later, can succeed: the database restarting, failing
+# over or unreachable (AdminShutdown, CannotConnectNow, connection lost, read-only after a failover),
+# out of connections, a statement that hit its timeout, and concurrency (deadlock, serialization).
+# Callers hold their work and retry with backoff; none of these may end a service.
+TransientDbError: tuple[type[BaseException], ...] = (
     OSError,
+    TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.LockNotAvailableError,
 )
 
 
