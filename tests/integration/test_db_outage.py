@@ -160,3 +160,27 @@ async def test_a_launch_without_run_id_redelivered_makes_one_run(env: Env) -> No
     rows = await env.store.fetch("SELECT run_id FROM runs WHERE job = 'no-id'")
     assert len(rows) == 1
     assert str(rows[0]["run_id"]) == run_id_from_message_id("launch", "client-msg-1")
+
+
+async def test_a_stuck_statement_times_out_as_a_transient_error(env: Env) -> None:
+    """A statement stuck behind a lock fails after the pool's statement timeout (and is retried by
+    its caller like any transient error) instead of holding the service."""
+    import asyncpg
+
+    from runherd.store import Store
+
+    await env.start({"launcher": 1})
+    run_id = await env.submit([{"key": "a", "command": ["true"]}])
+    await eventually(lambda: env.run(run_id), timeout=30, what="the run stored")
+    store = await Store.connect(env.db_url, statement_timeout=1)
+    blocker = await asyncpg.connect(env.db_url)
+    try:
+        async with blocker.transaction():
+            await blocker.execute("SELECT 1 FROM runs WHERE run_id = $1 FOR UPDATE", uuid.UUID(run_id))
+            with pytest.raises(TransientDbError) as caught:
+                async with store.tx() as tx:
+                    await tx.lock_runs([run_id])
+            assert isinstance(caught.value, asyncpg.exceptions.QueryCanceledError)
+    finally:
+        await blocker.close()
+        await store.close()

@@ -198,8 +198,14 @@ FROM unnest($1::uuid[], $2::integer[], $3::text[], $6::jsonb[]) AS u(run_id, att
 SELECT run_id, job, status, attempt, resumes, tags FROM runs WHERE run_id = $1 FOR UPDATE;
 
 -- name: runs_for_update
+-- Lock order, everywhere: runs before attempts, each by (run_id, attempt). The heartbeat batch
+-- locks only attempts, in the same order, so the two never deadlock.
 SELECT run_id, job, status, attempt, resumes, tags FROM runs
 WHERE run_id = ANY($1::uuid[]) ORDER BY run_id FOR UPDATE;
+
+-- name: current_attempts_for_update
+SELECT a.run_id FROM attempts a JOIN runs r ON r.run_id = a.run_id AND r.attempt = a.attempt
+WHERE a.run_id = ANY($1::uuid[]) ORDER BY a.run_id, a.attempt FOR UPDATE OF a;
 
 -- name: step_events
 -- Steps' events (a batch's run of them between two run-changing events), appended and applied in one
