@@ -131,7 +131,8 @@ class ProcessLauncher(RunLauncher):
     async def _start(self, run: WorkerRun, record_fd: int, log_path: Path) -> Handle:
         plan_path = log_path.with_name(f"attempt-{run.attempt}.plan.json")
         try:
-            write_private(plan_path, run.plan.encode())
+            if run.plan:
+                write_private(plan_path, run.plan.encode())
             log_file = open(log_path, "ab")  # noqa: SIM115, ASYNC230 - a local file, handed to the child
         except OSError as exc:
             raise LaunchError(f"cannot write the worker's files in {log_path.parent}: {exc.strerror}") from exc
@@ -139,11 +140,12 @@ class ProcessLauncher(RunLauncher):
             **os.environ,
             **self.env,
             **run.env,
-            "RUNHERD_PLAN_FILE": str(plan_path.resolve()),
             LOG_MAX_ENV: str(self.max_log_bytes),
             RECORD_ENV: str(log_path.with_name(f"attempt-{run.attempt}.worker").resolve()),
         }
-        env.pop("RUNHERD_PLAN", None)
+        if run.plan:
+            env.pop("RUNHERD_PLAN", None)
+            env["RUNHERD_PLAN_FILE"] = str(plan_path.resolve())
         try:
             proc = await asyncio.create_subprocess_exec(
                 *(run.command or self.worker_command),
