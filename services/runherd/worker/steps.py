@@ -120,7 +120,7 @@ def _killpg(pid: int, sig: int) -> None:
 def output_too_large(size: int) -> str:
     return (
         f"output too large: {size} bytes of JSON, over the limit of {MAX_OUTPUT_BYTES} bytes "
-        f"({MAX_OUTPUT_BYTES // 1024} KiB) per step output; return a reference (a path, a URL) instead"
+        f"({MAX_OUTPUT_BYTES / 1048576:g} MiB) per step output; return a reference (a path, a URL) instead"
     )
 
 
