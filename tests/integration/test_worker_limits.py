@@ -10,18 +10,24 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from runherd.launcher import commands
+from runherd.launcher import launching as launching_module
 from runherd.launcher.launching import HandleMap, Launching, claims_to_take
 from runherd.launchers.base import Handle, WorkerRun
 from runherd.launchers.process import ProcessLauncher
 from runherd.plan import MAX_OUTPUT_BYTES
-from tests.harness import Env
+from tests.harness import Env, eventually
+from tests.launchers.test_process_one_worker import MARK, workers_of
 
 CRASH_ON_FIRST = ["sh", "-c", 'if [ "$RUNHERD_ATTEMPT" = 1 ]; then kill -9 $PPID; sleep 30; fi']
 
@@ -150,3 +156,43 @@ def test_the_handle_map_is_bounded() -> None:
     for n in range(5):
         handles[("run", n)] = {"n": n}
     assert list(handles) == [("run", 2), ("run", 3), ("run", 4)]
+
+
+async def test_a_failed_handle_record_never_makes_a_second_worker(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database blip between starting the worker and recording its handle: once the claim's
+    lease runs out the attempt is launched again, and the launch adopts the first worker."""
+    monkeypatch.setattr(launching_module, "LAUNCH_LEASE_SECONDS", 1)
+    run_id = str(uuid.uuid4())
+    body = {"v": 1, "run_id": run_id, "job": "j", "steps": [{"key": "a", "command": ["true"]}], "env": {MARK: run_id}}
+    await commands.apply(env.store, "launch", body)
+    launcher = ProcessLauncher({"log_dir": str(env.tmp / "logs"), "worker_command": ["sleep", "60"]})
+    record_launch = env.store.record_launch
+    blips = []
+
+    async def blip_once(*args: Any) -> Any:
+        if not blips:
+            blips.append(args)
+            raise ConnectionResetError("the database went away")
+        return await record_launch(*args)
+
+    monkeypatch.setattr(env.store, "record_launch", blip_once)
+    launching = Launching(env.cfg, env.store, launcher, HandleMap())
+    try:
+        assert await launching.tick() == 1
+        await launching.drain()
+        assert blips and len(workers_of(run_id)) == 1
+        first_pid = workers_of(run_id)[0]
+
+        async def relaunched() -> bool:
+            await launching.tick()
+            await launching.drain()
+            rows = await env.store.fetch("SELECT handle FROM attempts WHERE handle IS NOT NULL")
+            return bool(rows)
+
+        await eventually(relaunched, timeout=15, what="the attempt launched again after its lease")
+        handle = await env.handle(run_id, attempt=1)
+        assert handle["pid"] == first_pid and workers_of(run_id) == [first_pid]
+    finally:
+        for pid in workers_of(run_id):
+            os.kill(pid, signal.SIGKILL)
+        await launcher.close()
