@@ -156,3 +156,27 @@ async def test_kubernetes_refuses_a_plan_over_the_secret_limit(k8s_launcher: Kub
         assert "a Kubernetes Secret holds at most 1048576" in str(exc)
     else:
         raise AssertionError("an oversized plan was launched")
+
+
+async def test_kubernetes_a_launch_cut_between_job_and_secret_is_completed_by_the_next(
+    k8s_launcher: KubernetesLauncher, k8s_emulator: k8s_fixtures.K8sEmulator
+) -> None:
+    """A launcher that dies (here: fails) after creating the Job and before its Secret: the pod
+    waits for its volume, and the next launch of the attempt adopts the Job and adds the Secret."""
+    exits = k8s_launcher.watch()
+    assert exits is not None
+    run, digest = big_run()
+    k8s_emulator.inject(500, times=100, method="POST", path="/secrets$")
+    try:
+        await k8s_launcher.launch(run)
+    except LaunchError as exc:
+        assert "plan Secret" in str(exc)
+    else:
+        raise AssertionError("the Secret's creation was meant to fail")
+    k8s_emulator.server.injections.clear()
+    handle = await k8s_launcher.launch(run)
+    exit_ = await k8s_fixtures.wait_for(lambda: anext(exits), 20, "the worker's exit")
+    log = await k8s_launcher.debug_info(handle)
+    assert exit_.exit_code == 0 and f"sha={digest}" in log, log
+    assert len(k8s_emulator.jobs()) == 1 and len(k8s_emulator.pods(handle["job_name"])) == 1
+    await exits.aclose()
