@@ -14,8 +14,8 @@ from runherd.consume import APPLIED, Reject, Verdict, consume, each
 from runherd.contract import Event, EventType, decode, now_iso
 from runherd.errors import InvalidMessage
 from runherd.launcher import commands
-from runherd.launcher.launching import Launching
-from runherd.launchers import Handle, RunLauncher, WorkerExit
+from runherd.launcher.launching import HandleMap, Launching
+from runherd.launchers import RunLauncher, WorkerExit
 from runherd.rules.events import describe_exit
 from runherd.runtime import Supervisor, retrying, sleep_or_stop
 from runherd.store import Store
@@ -30,7 +30,7 @@ class LauncherService:
         self.store = store
         self.broker = broker
         self.launcher = launcher
-        self.handles: dict[tuple[str, int], Handle] = {}
+        self.handles = HandleMap()
         self.launching = Launching(config, store, launcher, self.handles)
         self.wake = asyncio.Event()
         self._background: set[asyncio.Task[bool]] = set()
