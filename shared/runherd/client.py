@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -94,7 +95,7 @@ class Launch:
     job: str
     steps: Sequence[Step | Mapping[str, Any]]
     tags: Mapping[str, Any] = field(default_factory=dict)
-    run_id: str | None = None
+    run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     env: Mapping[str, str] = field(default_factory=dict)
     launcher: str | None = None
 
@@ -135,6 +136,10 @@ class RunResult:
     @property
     def ok(self) -> bool:
         return self.status is RunStatus.SUCCESS
+
+    def __str__(self) -> str:
+        why = f": {self.reason}" if self.reason else ""
+        return f"{self.status}{why} (attempt {self.attempt})"
 
 
 @dataclass(frozen=True)
@@ -206,19 +211,28 @@ class Client:
 
     @classmethod
     async def connect(
-        cls, amqp_url: str = DEFAULT_AMQP_URL, database_url: str | None = None, *, timeout: float = 10
+        cls,
+        amqp_url: str = DEFAULT_AMQP_URL,
+        database_url: str | None = None,
+        *,
+        timeout: float = 10,
+        patience: float = PUBLISH_PATIENCE_SECONDS,
     ) -> Client:
+        """``timeout``: seconds to connect; ``patience``: seconds a command is retried through an outage."""
         broker = await Broker.connect(amqp_url, timeout=timeout)
         try:
             store = await Store.connect(database_url, min_size=1, max_size=2) if database_url else None
         except BaseException:
             await broker.close()
             raise
-        return cls(broker, store)
+        return cls(broker, store, patience=patience)
 
     @classmethod
-    async def from_config(cls, config: Config, *, timeout: float = 10) -> Client:
-        return await cls.connect(config.amqp_url, config.database_url, timeout=timeout)
+    async def from_config(
+        cls, config: Config, *, timeout: float = 10, patience: float = PUBLISH_PATIENCE_SECONDS
+    ) -> Client:
+        """The URLs of a loaded ``runherd.yaml`` (``runherd.config.load()``)."""
+        return await cls.connect(config.amqp_url, config.database_url, timeout=timeout, patience=patience)
 
     async def close(self) -> None:
         await self.broker.close()
@@ -248,9 +262,8 @@ class Client:
         """Publish a launch (a Launch, or its parts) and return the run id. Raises InvalidMessage,
         sending nothing, when the service would refuse it. The same run_id twice makes one run."""
         if not isinstance(job, Launch):
-            job = Launch(job, steps, tags=tags or {}, run_id=run_id, env=env or {}, launcher=launcher)
+            job = Launch(job, steps, tags=tags or {}, env=env or {}, launcher=launcher, **_given(run_id=run_id))
         await self._send("launch", job.body())
-        assert job.run_id is not None  # set by Launch.__post_init__
         return job.run_id
 
     async def cancel(self, run_id: str) -> None:
@@ -436,6 +449,11 @@ async def reexecute(
     body, new_run_id = _reexecute_body(run_id, strategy, tags or {})
     await broker.publish_command("reexecute", body)
     return new_run_id
+
+
+def _given(**kwargs: Any) -> dict[str, Any]:
+    """The keyword arguments that were given (not None), so a dataclass default applies to the rest."""
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def _terminate_body(run_id: str) -> bytes:
