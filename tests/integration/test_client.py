@@ -73,7 +73,7 @@ async def test_wait_without_a_database_follows_the_status_topic(env: Env) -> Non
     await env.start()
     async with await Client.connect(env.amqp_url) as client:
         launch = Launch("client-topic", [Step("a", command=["true"])], env={"K": "V"})
-        waiter = asyncio.ensure_future(client.wait(launch.run_id or "", timeout=30))
+        waiter = asyncio.ensure_future(client.wait(launch.run_id, timeout=30))
         await asyncio.sleep(0.5)  # let the waiter subscribe: without a database it sees only later finishes
         assert await client.launch(launch) == launch.run_id
         result = await waiter
