@@ -14,11 +14,13 @@ import aio_pika
 import orjson
 import pytest
 
+from runherd import config
 from runherd.broker import ERROR_HEADER
 from runherd.client import Client, Launch, RunResult, StatusChange, StatusStream, Step, status_bindings
 from runherd.contract import RunStatus
 from runherd.errors import InvalidMessage
 from tests.harness import Env, eventually
+from tests.private_rabbit import PrivateRabbit, available
 from tests.proxy import Proxy
 
 # A step that blocks forever on the first attempt only: a resumed attempt gets through.
@@ -266,6 +268,44 @@ async def test_statuses_survive_the_broker_closing_every_connection(env: Env) ->
 
         await eventually(launched_and_seen, 60, interval=0, what="a full run seen after the restart")
         await seen.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not available(), reason="no RabbitMQ server binary here to start a private node")
+async def test_statuses_survive_a_restart_of_a_private_rabbitmq_node(env: Env) -> None:
+    """A RabbitMQ node of the test's own (never the machine's), stopped and started again under the
+    services and the client."""
+    node = PrivateRabbit(env.tmp / "rabbit")
+    try:
+        await node.start()
+        await env.start(cfg=config.from_mapping({**env.raw_config(), "amqp_url": node.url}))
+        async with (
+            await Client.connect(node.url, env.db_url) as client,
+            client.statuses(job="client-node") as stream,
+        ):
+            seen = Collector(stream)
+            before = await client.launch("client-node", [Step("a", command=["true"])])
+            await seen.until(lambda: "SUCCESS" in seen.of(before), "the first run's statuses")
+            down_at = time.monotonic()
+            await node.stop()
+            await node.start()
+            restarted_in = time.monotonic() - down_at
+            await eventually(lambda: stream.reconnects >= 1, 60, what="the stream to notice the restart")
+
+            async def launched_and_seen() -> bool:
+                run_id = await client.launch("client-node", [Step("a", command=["true"])])
+                await client.wait(run_id, timeout=60)  # the services reconnected too
+                await asyncio.sleep(0.5)
+                return seen.of(run_id) == ["QUEUED", "STARTING", "STARTED", "SUCCESS"]
+
+            await eventually(launched_and_seen, 90, interval=0, what="a full run seen after the restart")
+            back_in = time.monotonic() - down_at
+            await seen.close()
+        assert seen.of(before) == ["QUEUED", "STARTING", "STARTED", "SUCCESS"]
+        print(f"node back in {restarted_in:.1f} s; a whole run seen {back_in:.1f} s after the stop")
+    finally:
+        await env.stop_all()
+        await node.remove()
 
 
 async def test_a_resume_is_published_as_started_to_started(env: Env, client: Client) -> None:
