@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
@@ -308,18 +309,22 @@ class Client:
             await feed.close()
 
     async def _wait(self, feed: StatusStream, run_id: str) -> RunResult:
+        loop = asyncio.get_running_loop()
         while True:
-            if self.store is not None and (result := await self._read_result(run_id)) is not None:
+            # Read the run at the start and every RECHECK_SECONDS, however busy the topic is.
+            if (result := await self._read_result(run_id)) is not None:
                 return result
-            try:
-                change = await asyncio.wait_for(feed.__anext__(), RECHECK_SECONDS if self.store is not None else None)
-            except TimeoutError:
-                continue
-            if change.run_id == run_id:
-                return RunResult(change.run_id, change.status, change.reason, change.attempt)
+            recheck_at = loop.time() + RECHECK_SECONDS
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    remaining = recheck_at - loop.time() if self.store is not None else None
+                    change = await asyncio.wait_for(feed.__anext__(), remaining)
+                    if change.run_id == run_id:
+                        return RunResult(change.run_id, change.status, change.reason, change.attempt)
 
     async def _read_result(self, run_id: str) -> RunResult | None:
-        assert self.store is not None
+        if self.store is None:
+            return None
         run = await self.store.get_run(run_id)
         if run is None or not RunStatus(run["status"]).terminal:
             return None

@@ -156,6 +156,32 @@ async def test_statuses_filtered_by_job_and_status(env: Env, client: Client) -> 
     assert all(c.message_id and c.message_id.startswith("status-") for c in jobs.changes)
 
 
+async def test_a_status_published_twice_is_yielded_once(env: Env, client: Client) -> None:
+    """As after a relay crash between publishing and deleting an outbox row: same message_id."""
+    body = {
+        "v": 1,
+        "run_id": "6c0d6a70-64b4-4a53-9a5a-1c2b8e3a1f00",
+        "job": "dup",
+        "status": "SUCCESS",
+        "previous_status": "STARTED",
+        "attempt": 1,
+        "reason": None,
+        "ts": "2026-01-01T00:00:00.000000Z",
+        "tags": {},
+        "parent_run_id": None,
+    }
+    async with client.statuses(job="dup") as stream:
+        for message_id in ("status-7", "status-7", "status-8"):
+            await env.broker.publish_status("SUCCESS.dup", orjson.dumps(body), message_id=message_id)
+        await env.broker.publish_status("SUCCESS.dup", b"{not json", message_id="status-9")  # skipped, logged
+        first = await asyncio.wait_for(anext(stream), 10)
+        second = await asyncio.wait_for(anext(stream), 10)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(stream), 1)
+    assert [first.message_id, second.message_id] == ["status-7", "status-8"]
+    assert first.status is RunStatus.SUCCESS and first.previous_status is RunStatus.STARTED and not first.resumed
+
+
 def test_status_bindings() -> None:
     assert status_bindings() == ["#"]
     assert status_bindings(job="a.b") == ["*.a_b"]
