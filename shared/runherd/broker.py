@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -305,6 +306,21 @@ class Broker:
             with contextlib.suppress(Exception):
                 await channel.close()
 
+    async def follow(self, exchange: str, bindings: list[str]) -> Subscription:
+        """A private queue (exclusive, auto-delete, named here: aio-pika cannot re-declare a
+        server-named one) bound to ``exchange``, consumed without acks. Bound when this returns,
+        so nothing published afterwards is missed while the connection lasts. When the connection
+        is lost the queue is gone with it and the subscription raises BrokerError: the caller
+        follows again once reconnected (the client's ``statuses()`` does)."""
+        channel = await self.connection.channel()
+        inbox: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        channel.close_callbacks.add(lambda *_: inbox.put_nowait(None))
+        queue = await channel.declare_queue(f"runherd.follow.{uuid.uuid4().hex}", exclusive=True, auto_delete=True)
+        for binding in bindings:
+            await queue.bind(exchange, routing_key=binding)
+        await queue.consume(inbox.put, no_ack=True)
+        return Subscription(channel, inbox)
+
     async def queue_depths(self) -> dict[str, int]:
         depths = {}
         for name in _QUEUES:
@@ -313,6 +329,35 @@ class Broker:
                 result = await queue.declare()  # a fresh passive-style declare: current counts
                 depths[name] = result.message_count or 0
         return depths
+
+
+@dataclass(frozen=True)
+class Received:
+    body: bytes
+    routing_key: str
+    message_id: str | None
+
+
+class Subscription:
+    """What ``Broker.follow`` returns: an async iterator of Received, until its channel is lost."""
+
+    def __init__(self, channel: AbstractChannel, inbox: asyncio.Queue[AbstractIncomingMessage | None]) -> None:
+        self._channel = channel
+        self._inbox = inbox
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Received:
+        message = await self._inbox.get()
+        if message is None:
+            self._inbox.put_nowait(None)  # stays lost for every later call
+            raise BrokerError("subscription lost: the connection to RabbitMQ was closed")
+        return Received(message.body, message.routing_key or "", message.message_id)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._channel.close()
 
 
 async def _gather(

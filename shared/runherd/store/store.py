@@ -200,6 +200,7 @@ class Tx:
         )
         if rows:
             await self.notify_launcher()
+            await self.conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
         return [RunRef(str(r["run_id"]), r["attempt"]) for r in rows]
 
     async def handles(self, run_ids: Sequence[str | UUID]) -> list[RunRef]:
