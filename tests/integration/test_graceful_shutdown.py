@@ -14,6 +14,9 @@ SHUTDOWN_BOUND_SECONDS = 20  # the supervisor's grace (10 s) plus the outbox flu
 
 
 async def test_sigterm_exits_0_promptly_and_nothing_is_lost_or_doubled(env: Env) -> None:
+    # Generous timeouts: this test is about shutdown, not about the monitor's rules (a loaded
+    # machine boots 20 workers slowly).
+    env.configure(run_monitoring={"start_timeout_seconds": 60, "heartbeat_timeout_seconds": 60})
     async with status_log(env.amqp_url) as statuses:
         up = env.spawn("up")
         steps = [
@@ -35,7 +38,7 @@ async def test_sigterm_exits_0_promptly_and_nothing_is_lost_or_doubled(env: Env)
         assert took < SHUTDOWN_BOUND_SECONDS
         print(f"SIGTERM to exit: {took:.2f} s")
 
-        await env.start()  # the next deployment: adopts live workers, takes the queued rest
+        await env.start(cfg=env.cfg)  # the next deployment: adopts live workers, takes the queued rest
         for run_id in run_ids:
             run = await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=60)
             assert run["status"] == "SUCCESS", run["reason"]
