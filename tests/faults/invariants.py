@@ -100,6 +100,7 @@ class Report:
     status_without_transition: int = 0
     dead_lettered: int = 0
     service_exits: int = 0
+    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
     # reported, not a promise of the list (a fault may legitimately fail a run)
     status_redelivered: int = 0  # same message_id twice: allowed by the outbox contract
     unexpected_outcomes: int = 0
@@ -138,6 +139,8 @@ class Report:
             f"  invariants ({len(self.INVARIANTS)} checked): {counts}",
             f"  also: unexpected outcomes {self.unexpected_outcomes}, leftover workers {self.leftover_workers}",
         ]
+        if self.dead_letter_reasons:
+            lines.append(f"  dead letters by reason: {self.dead_letter_reasons}")
         for name, examples in self.examples.items():
             for example in examples:
                 lines.append(f"    {name}: {example}")
@@ -365,9 +368,18 @@ async def _dead_letters(report: Report, amqp_url: str, limit: int = 1000) -> Non
             message = await queue.get(no_ack=False, fail=False)
             if message is None:
                 break
-            reason = (message.headers or {}).get(ERROR_HEADER)
-            report.note("dead_lettered", f"{message.routing_key}: {reason!s:.200}")
+            reason = _dead_reason(message.headers or {})
+            report.dead_letter_reasons[reason] = report.dead_letter_reasons.get(reason, 0) + 1
+            report.note("dead_lettered", f"{message.routing_key}: {reason}")
             await message.nack(requeue=False)  # the dead-letter queue has no dead-letter exchange
+
+
+def _dead_reason(headers: dict[str, Any]) -> str:
+    """runherd's own reason, or the broker's (a message over the queue's delivery limit)."""
+    if headers.get(ERROR_HEADER):
+        return f"runherd: {str(headers[ERROR_HEADER])[:160]}"
+    reason, queue = headers.get("x-first-death-reason"), headers.get("x-first-death-queue")
+    return f"broker: {reason!s} in {queue!s}" if reason else "unknown"
 
 
 def _outcomes(report: Report, load: Load, runs: list[dict[str, Any]], attempts: list[dict[str, Any]]) -> None:

@@ -67,7 +67,17 @@ class PgCluster:
         command = [str(self.bin / argv[0]), *argv[1:]]
         if self._as_root:
             command = ["runuser", "-u", "postgres", "--", *command]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        # A session of its own, no terminal: the server and its tools stay apart from the test's
+        # process group and whatever signals reach it.
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            timeout=timeout,
+            check=False,
+            start_new_session=True,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"{argv[0]} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
         return result

@@ -129,7 +129,9 @@ class Scenario:
             [harness.PYTHON, "-m", "runherd.cli", "--config", str(self.config_file(service)), service],
             stdout=log,
             stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             cwd=harness.ROOT,
+            start_new_session=True,  # killed by pid, never by group or terminal
         )
         log.close()
         self.procs[service] = proc

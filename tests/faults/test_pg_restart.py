@@ -33,6 +33,7 @@ async def test_postgres_restart_during_load(scenario: Scenario) -> None:
     outage = time.monotonic() - began
     report = await scenario.verdict(
         f"PostgreSQL stopped (fast) for {outage:.1f} s with {in_flight} runs in flight, "
-        f"{len(during)} launches published during the outage"
+        f"{len(during)} launches published during the outage",
+        finish_timeout=60,
     )
     assert report.violations() == {}
