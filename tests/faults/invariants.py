@@ -192,6 +192,7 @@ async def check(
     report.runs = len(runs)
     report.outcomes = dict(Counter(r["status"] for r in runs))
     _lost_and_stuck(report, load, runs, attempts, now, limits)
+    _stuck_on_the_way(report, events, limits)
     _two_workers(report, recorder, attempts)
     _terminal_changed(report, recorder, events)
     _spurious_resumes(report, recorder, events)
@@ -230,6 +231,24 @@ def _lost_and_stuck(
             silent = (now - seen).total_seconds()
             if silent > max(lim.heartbeat_timeout, lim.start_timeout) + slack:
                 report.note("stuck", f"{run_id}: STARTED, silent for {silent:.0f} s")
+
+
+def _stuck_on_the_way(report: Report, events: list[dict[str, Any]], lim: Limits) -> None:
+    """A run that stayed STARTING or CANCELING longer than its timeout (plus two sweeps), even if it
+    finished in the end: the timeout did not fire when it should have."""
+    slack = 2 * lim.poll_interval + 2
+    limit = {"STARTING": lim.start_timeout, "CANCELING": lim.cancel_timeout}
+    since: dict[str, tuple[str, datetime]] = {}
+    for e in events:
+        if e["type"] != "RUN_STATUS":
+            continue
+        run_id = str(e["run_id"])
+        previous = since.get(run_id)
+        if previous is not None and previous[0] in limit:
+            held = (e["ts"] - previous[1]).total_seconds()
+            if held > limit[previous[0]] + slack:
+                report.note("stuck", f"{run_id}: {previous[0]} for {held:.0f} s before {e['data'].get('to')}")
+        since[run_id] = (e["data"].get("to"), e["ts"])
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -290,16 +309,20 @@ def _outbox_id(message_id: str | None) -> int:
 def _spurious_resumes(report: Report, recorder: Recorder, events: list[dict[str, Any]]) -> None:
     """A resume is spurious when the resumed attempt's worker was alive and talking: it sent a
     heartbeat or an event stamped after the resume decision (a crashed worker sends nothing; a
-    worker stopped because of the resume says at most RUN_CANCELED on its way out). The load has
-    no hung worker, so every such resume is runherd not hearing a live one."""
+    worker stopped because of the resume says at most RUN_CANCELED on its way out), or it had
+    reported its own end (RUN_SUCCESS / RUN_FAILURE, still queued when the sweep decided). The load
+    has no hung worker, so every such resume is runherd not hearing a live one."""
     resumes = [e for e in events if e["type"] == "RUN_RESUMED"]
     report.resumes = len(resumes)
     report.resume_reasons = dict(Counter(_gist(e["message"]) for e in resumes))
     if not resumes:
         return
     last_word: dict[tuple[str, int], float] = {}
+    reported_end: dict[tuple[str, int], str] = {}
     for rec in [*recorder.heartbeats, *recorder.events]:
         body = rec.body
+        if body.get("type") in ("RUN_SUCCESS", "RUN_FAILURE") and body.get("source", "worker") == "worker":
+            reported_end[(str(body.get("run_id")), body.get("attempt"))] = body["type"]
         if body.get("type") in ("RUN_CANCELED", "WORKER_EXITED") or body.get("source", "worker") != "worker":
             continue
         key = (str(body.get("run_id")), body.get("attempt"))
@@ -308,8 +331,16 @@ def _spurious_resumes(report: Report, recorder: Recorder, events: list[dict[str,
             last_word[key] = ts
     for e in resumes:
         decided = e["ts"].timestamp()
-        spoke = last_word.get((str(e["run_id"]), e["attempt"]))
-        if spoke is not None and spoke > decided + 0.2:
+        key = (str(e["run_id"]), e["attempt"])
+        spoke = last_word.get(key)
+        if key in reported_end:
+            # The worker finished and said so; its event was still queued when the sweep decided.
+            report.note(
+                "spurious_resumes",
+                f"{e['run_id']} attempt {e['attempt']}: {e['message']!r}, yet its worker had reported "
+                f"{reported_end[key]}" + (f" ({decided - spoke:.1f} s before)" if spoke and spoke < decided else ""),
+            )
+        elif spoke is not None and spoke > decided + 0.2:
             report.note(
                 "spurious_resumes",
                 f"{e['run_id']} attempt {e['attempt']}: {e['message']!r}, yet its worker spoke "

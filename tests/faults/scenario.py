@@ -138,10 +138,19 @@ class Scenario:
         return proc
 
     async def start_services(self) -> None:
-        for service in SERVICES:
+        """The launcher first, so it takes the outbox relay's lock (a scenario knows who holds it),
+        then the others."""
+        self.spawn("launcher")
+        await self.ready("launcher")
+        with contextlib.suppress(AssertionError):
+            await harness.eventually(self._launcher_relays, 15, interval=0.2, what="the launcher to hold the relay")
+        for service in SERVICES[1:]:
             self.spawn(service)
-        for service in SERVICES:
+        for service in SERVICES[1:]:
             await self.ready(service)
+
+    async def _launcher_relays(self) -> bool:
+        return await self.relay_holder() == "launcher"
 
     async def ready(self, service: str, timeout: float = 30) -> None:
         """The service consumes its queue (RabbitMQ counts its consumer)."""
