@@ -60,9 +60,10 @@ class Scenario:
 
     # --- setup and teardown -------------------------------------------------------------------
 
-    async def setup(self) -> Scenario:
+    async def setup(self, vhost: str) -> Scenario:
+        """``vhost``: an empty vhost of the session's pool (rabbitmqctl takes seconds a call)."""
         self.db_url = await self.cluster.new_database(self.db_name)
-        self.vhost = await harness.new_vhost()
+        self.vhost = vhost
         self.amqp_url = f"{harness.AMQP}/{self.vhost}"
         amqp = urlsplit(harness.AMQP)
         for service in SERVICES:
@@ -88,8 +89,6 @@ class Scenario:
             await proxy.close()
         with contextlib.suppress(Exception):
             await self.cluster.drop_database(self.db_name)
-        if self.vhost:
-            await asyncio.to_thread(harness.delete_vhosts, [self.vhost])
 
     # --- services ---------------------------------------------------------------------------
 
