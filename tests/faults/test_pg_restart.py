@@ -34,6 +34,6 @@ async def test_postgres_restart_during_load(scenario: Scenario) -> None:
     report = await scenario.verdict(
         f"PostgreSQL stopped (fast) for {outage:.1f} s with {in_flight} runs in flight, "
         f"{len(during)} launches published during the outage",
-        finish_timeout=60,
+        finish_timeout=50,
     )
     assert report.violations() == {}
