@@ -18,7 +18,6 @@ OUTAGE_SECONDS = 12.0
 DURING_OUTAGE = 20
 
 
-@pytest.mark.xfail(reason="database outage handling lands with the consume-loop fix", strict=False)
 async def test_postgres_restart_during_load(scenario: Scenario) -> None:
     await scenario.start_services()
     assert scenario.broker is not None
