@@ -22,7 +22,7 @@ from runherd.errors import UsageError
 from runherd.store import Store
 
 # A run not stored this long after its launch was published: no launcher is consuming.
-NOT_ACCEPTED_AFTER = 5.0
+NOT_ACCEPTED_AFTER = 3.0
 # After a failure, how long to wait for the worker's exit report (it carries the log tail).
 EXIT_REPORT_WAIT = 5.0
 POLL = 0.25
