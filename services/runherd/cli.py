@@ -155,8 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"runherd: {exc}", file=sys.stderr)
         return 3
     except RunherdError as exc:
-        print(f"runherd: {_hint(str(exc))}", file=sys.stderr)
-        return 1
+        hinted = _hint(str(exc))
+        print(f"runherd: {hinted}", file=sys.stderr)
+        # A database that does not exist is one that was never migrated: the same exit code.
+        return 3 if hinted != str(exc) else 1
     except KeyboardInterrupt:
         return 130
 

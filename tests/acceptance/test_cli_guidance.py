@@ -178,7 +178,7 @@ async def test_up_on_a_database_never_migrated_says_run_migrate(env: Env, tmp_pa
         for db in (name, name + "_missing"):
             env.configure(database_url=f"{harness.PG}/{db}")
             result = await runherd(env, "up", timeout=60)
-            assert result.returncode != 0
+            assert result.returncode == 3, result
             assert "run `runherd migrate`" in _one_line(result.stderr), result.stderr
     finally:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

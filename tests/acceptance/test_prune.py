@@ -34,7 +34,7 @@ async def _age(env: Env, run_id: str, days: int) -> None:
 async def test_prune_dry_run_then_yes_deletes_only_old_finished_runs(env: Env) -> None:
     await env.start()
     two_steps = [{"key": "a", "command": ["true"]}, {"key": "b", "command": ["true"], "deps": ["a"]}]
-    old = [await env.submit(two_steps, job="old") for _ in range(3)]
+    old = [await env.submit(two_steps, job="old") for _ in range(4)]
     old_failed = await env.submit([{"key": "a", "command": ["false"]}], job="old")
     recent = await env.submit(two_steps, job="recent")
     live = await env.submit([{"key": "a", "command": ["sleep", "600"]}], job="live")
@@ -50,8 +50,16 @@ async def test_prune_dry_run_then_yes_deletes_only_old_finished_runs(env: Env) -
         return True
 
     await eventually(all_exited, timeout=30, what="every finished worker's exit report")
+    # Stop the services (the live worker keeps running): prune works on the database alone, and the
+    # reaper must not re-record the exit that the fixture below erases.
+    while env.running:
+        await env.running.pop().close(grace=2)
     for run_id in [*old, old_failed, live]:
         await _age(env, run_id, days=10)
+    # An old finished run whose worker's exit was never recorded: the reaper may still need its
+    # handle, so prune keeps it.
+    unreaped = old.pop()
+    await env.store.fetch("UPDATE attempts SET exited_at = NULL WHERE run_id = $1", uuid.UUID(unreaped))
     doomed = [*old, old_failed]
     before = {run_id: await _rows(env, run_id) for run_id in [*doomed, recent, live]}
     assert all(before[r]["events"] > 0 and before[r]["steps"] > 0 and before[r]["attempts"] > 0 for r in doomed)
@@ -71,6 +79,7 @@ async def test_prune_dry_run_then_yes_deletes_only_old_finished_runs(env: Env) -
     for run_id in doomed:
         assert await _rows(env, run_id) == dict.fromkeys(TABLES, 0)
     assert await _rows(env, recent) == before[recent]
+    assert (await _rows(env, unreaped))["runs"] == 1
     # The live run keeps every row (it may have gained events meanwhile).
     after_live = await _rows(env, live)
     assert all(after_live[table] >= before[live][table] > 0 for table in TABLES), after_live
