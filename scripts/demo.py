@@ -3,18 +3,33 @@ in the middle of a step, and the monitor resuming it from its last completed ste
 
     bash scripts/demo.sh          (installs everything first)
     .venv/bin/python scripts/demo.py
+
+The demo never touches a deployment of yours: it makes its own RabbitMQ vhost and PostgreSQL
+database (``runherd-demo-<random>``), and removes both when it ends, however it ends. It needs
+the servers' addresses only: $RUNHERD_DEMO_AMQP (default amqp://guest:guest@127.0.0.1:5672) and
+$RUNHERD_DEMO_PG (default postgresql://postgres@127.0.0.1:5432); the vhost is made with
+`rabbitmqctl`, or the management HTTP API (port 15672) when rabbitmqctl is not on this host.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,9 +40,74 @@ from runherd.broker import STATUS, Broker  # noqa: E402
 from runherd.runtime import setup_logging  # noqa: E402
 from runherd.store import Store, migrate  # noqa: E402
 
-DB = os.environ.get("RUNHERD_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/runherd_demo")
-AMQP = os.environ.get("RUNHERD_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+PG_SERVER = os.environ.get("RUNHERD_DEMO_PG", "postgresql://postgres@127.0.0.1:5432").rstrip("/")
+AMQP_SERVER = os.environ.get("RUNHERD_DEMO_AMQP", "amqp://guest:guest@127.0.0.1:5672").rstrip("/")
 T0 = time.monotonic()
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """The demo's own vhost and database: the same random name for both."""
+
+    name: str
+    amqp_url: str
+    database_url: str
+
+
+def _amqp_user(server: str) -> tuple[str, str]:
+    parts = urllib.parse.urlsplit(server)
+    return parts.username or "guest", parts.password or "guest"
+
+
+def _vhost(action: str, name: str, server: str) -> None:
+    """Add (with permissions for the demo's user) or delete a vhost: rabbitmqctl if this host has it,
+    else the management HTTP API."""
+    user, password = _amqp_user(server)
+    if shutil.which("rabbitmqctl"):
+        commands = [["add_vhost", name], ["set_permissions", "-p", name, user, ".*", ".*", ".*"]]
+        for args in commands if action == "add" else [["delete_vhost", name]]:
+            subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+        return
+    host = urllib.parse.urlsplit(server).hostname or "127.0.0.1"
+    api = f"http://{host}:15672/api"
+    quoted = urllib.parse.quote(name, safe="")
+    calls = [("PUT", f"{api}/vhosts/{quoted}", b""), ("PUT", f"{api}/permissions/{quoted}/{user}", _PERMS)]
+    for method, url, body in calls if action == "add" else [("DELETE", f"{api}/vhosts/{quoted}", b"")]:
+        request = urllib.request.Request(url, data=body or None, method=method)
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+        request.add_header("content-type", "application/json")
+        urllib.request.urlopen(request, timeout=30).close()
+
+
+_PERMS = orjson.dumps({"configure": ".*", "write": ".*", "read": ".*"})
+
+
+async def create_sandbox(amqp_server: str = AMQP_SERVER, pg_server: str = PG_SERVER) -> Sandbox:
+    """A fresh vhost and a fresh, migrated database, both named runherd-demo-<random>."""
+    name = f"runherd-demo-{uuid.uuid4().hex[:10]}"
+    sandbox = Sandbox(name, f"{amqp_server}/{urllib.parse.quote(name, safe='')}", f"{pg_server}/{name}")
+    await asyncio.to_thread(_vhost, "add", name, amqp_server)
+    try:
+        admin = await asyncpg.connect(f"{pg_server}/postgres")
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')  # fails, rather than reuse, if it exists
+        finally:
+            await admin.close()
+        await migrate(sandbox.database_url)
+    except BaseException:
+        await remove_sandbox(sandbox, amqp_server, pg_server)
+        raise
+    return sandbox
+
+
+async def remove_sandbox(sandbox: Sandbox, amqp_server: str = AMQP_SERVER, pg_server: str = PG_SERVER) -> None:
+    """Drop the demo's database (closing any connection left) and delete its vhost."""
+    admin = await asyncpg.connect(f"{pg_server}/postgres")
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{sandbox.name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+    await asyncio.to_thread(_vhost, "delete", sandbox.name, amqp_server)
 
 
 def say(text: str) -> None:
@@ -58,12 +138,26 @@ async def wait_for(store: Store, run_id: str, predicate, timeout: float = 60):  
 
 async def main() -> int:
     setup_logging("WARNING")
+    # SIGTERM ends the demo like Ctrl-C does: through the finally below, which removes the sandbox.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    sandbox = await create_sandbox()
+    say(f"sandbox   vhost {sandbox.name} and database {sandbox.name} (removed when the demo ends)")
+    try:
+        return await demo(sandbox.amqp_url, sandbox.database_url)
+    finally:
+        await remove_sandbox(sandbox)
+        say(f"removed   vhost {sandbox.name} and database {sandbox.name}")
+
+
+async def demo(amqp_url: str, db_url: str) -> int:
     work = Path(tempfile.mkdtemp(prefix="runherd-demo-"))
     effects = work / "extract-ran"
     cfg = config.from_mapping(
         {
-            "amqp_url": AMQP,
-            "database_url": DB,
+            "amqp_url": amqp_url,
+            "database_url": db_url,
             "run_monitoring": {
                 "poll_interval_seconds": 1,
                 "heartbeat_interval_seconds": 1,
@@ -74,12 +168,10 @@ async def main() -> int:
             "run_launcher": {"name": "process", "config": {"log_dir": str(work / "logs")}},
         }
     )
-    say(f"migrating {DB.rsplit('@', 1)[-1]}")
-    await migrate(DB)
     running = await app.start(cfg, {"launcher": 1, "heartbeat": 1, "monitor": 2})
     say("runherd is up: 1 launcher, 1 heartbeat, 2 monitor replicas, process launcher")
-    store = await Store.connect(DB)
-    broker = await Broker.connect(AMQP)
+    store = await Store.connect(db_url)
+    broker = await Broker.connect(amqp_url)
     names: dict[str, str] = {}
     printer = asyncio.ensure_future(print_statuses(broker, names))
     await asyncio.sleep(0.3)  # let the status subscription bind before the first publish
@@ -144,10 +236,16 @@ async def main() -> int:
         return 0 if final.value == "SUCCESS" else 1
     finally:
         printer.cancel()
+        # The subscription ends with the cancel; how aio-pika reports that is of no interest here.
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await printer
         await broker.close()
         await store.close()
         await running.close(grace=3)
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    try:
+        sys.exit(asyncio.run(main()))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        sys.exit(130)

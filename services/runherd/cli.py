@@ -25,13 +25,14 @@ VERBS = (
     "cancel",
     "reexecute",
     "watch",
+    "prune",
 )
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="runherd", description="Queue, launch, monitor, resume and retry runs.")
     p.add_argument("--config", help="runherd.yaml (default: $RUNHERD_CONFIG or ./runherd.yaml)")
-    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB", help="what to do")
     sub.add_parser("migrate", help="create or upgrade the PostgreSQL schema")
     up = sub.add_parser("up", help="launcher, heartbeat and monitor in one process (development, demo)")
     up.add_argument("--monitors", type=int, default=1, help="monitor replicas (default 1)")
@@ -41,33 +42,80 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("monitor", help="run the monitor service")
     sub.add_parser("worker", help="run one attempt of a run (started by a run launcher)")
     s = sub.add_parser("submit", help="submit a launch message from a YAML or JSON file; prints the run id")
-    s.add_argument("file")
-    s.add_argument("--tag", action="append", default=[], metavar="K=V")
-    s.add_argument("--wait", action="store_true", help="follow the run; exit 0 on SUCCESS, 1 otherwise")
-    r = sub.add_parser("runs", help="list runs")
-    r.add_argument("--status", type=_status)
-    r.add_argument("--job")
-    r.add_argument("--limit", type=int, default=50)
-    r.add_argument("--json", action="store_true")
-    sh = sub.add_parser("show", help="one run: status, lineage, steps, worker")
-    sh.add_argument("run_id", type=_run_id)
-    sh.add_argument("--json", action="store_true")
-    e = sub.add_parser("events", help="a run's event log")
-    e.add_argument("run_id", type=_run_id)
-    e.add_argument("--follow", action="store_true")
-    e.add_argument("--json", action="store_true")
-    c = sub.add_parser("cancel", help="cancel a run")
-    c.add_argument("run_id", type=_run_id)
+    s.add_argument("file", help="the launch message: job, steps, optional tags, env and run_id")
+    s.add_argument("--tag", action="append", default=[], metavar="K=V", help="add a tag (repeatable)")
+    s.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the run, printing each status change; exit 0 on SUCCESS, 1 on FAILURE or CANCELED",
+    )
+    r = sub.add_parser("runs", help="list runs, newest first")
+    r.add_argument("--status", type=_status, help="only runs in this status (QUEUED also says what each waits for)")
+    r.add_argument("--job", help="only runs of this job")
+    r.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50)")
+    r.add_argument("--json", action="store_true", help="JSON instead of a table")
+    sh = sub.add_parser("show", help="one run: status, lineage, steps in run order with outputs, worker")
+    sh.add_argument("run_id", type=_run_id, help="the run's id (a UUID)")
+    sh.add_argument("--json", action="store_true", help="JSON instead of text")
+    e = sub.add_parser("events", help="a run's event log, in time order")
+    e.add_argument("run_id", type=_run_id, help="the run's id (a UUID)")
+    e.add_argument("--follow", action="store_true", help="keep printing new events until the run has finished")
+    e.add_argument("--json", action="store_true", help="one JSON object per event")
+    c = sub.add_parser("cancel", help="cancel a queued or running run")
+    c.add_argument("run_id", type=_run_id, help="the run's id (a UUID)")
     rx = sub.add_parser("reexecute", help="re-execute a finished run as a new run")
-    rx.add_argument("run_id", type=_run_id)
-    rx.add_argument("--strategy", choices=["FROM_FAILURE", "ALL_STEPS"], default="FROM_FAILURE")
-    rx.add_argument("--tag", action="append", default=[], metavar="K=V")
-    rx.add_argument("--max-runtime", type=int, metavar="S")
+    rx.add_argument("run_id", type=_run_id, help="the finished run's id (a UUID)")
+    rx.add_argument(
+        "--strategy",
+        choices=["FROM_FAILURE", "ALL_STEPS"],
+        default="FROM_FAILURE",
+        help="FROM_FAILURE reuses the steps that succeeded (default); ALL_STEPS runs every step again",
+    )
+    rx.add_argument("--tag", action="append", default=[], metavar="K=V", help="add a tag to the new run (repeatable)")
+    rx.add_argument("--max-runtime", type=int, metavar="S", help="the new run's runherd/max_runtime, in seconds")
     w = sub.add_parser("watch", help="follow status changes as they are published")
-    w.add_argument("--status", type=_status)
-    w.add_argument("--job")
-    w.add_argument("--json", action="store_true")
+    w.add_argument("--status", type=_status, help="only changes to this status")
+    w.add_argument("--job", help="only runs of this job")
+    w.add_argument("--json", action="store_true", help="the status messages as published (JSON)")
+    pr = sub.add_parser(
+        "prune",
+        help="delete finished runs and their events; a dry run unless --yes",
+        description="Delete finished runs (SUCCESS, FAILURE, CANCELED) with their events, steps and attempts. "
+        "A dry run unless --yes: it prints what would be deleted.",
+    )
+    pr.add_argument(
+        "--older-than",
+        type=_duration,
+        required=True,
+        metavar="DURATION",
+        help="runs that finished longer ago than this: 90s, 45m, 12h, 30d, 2w (a bare number is seconds)",
+    )
+    pr.add_argument("--yes", action="store_true", help="delete (without it, only print what would be deleted)")
+    pr.add_argument(
+        "--batch-size",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="runs deleted per transaction (default 1000), so no lock is held for long",
+    )
     return p
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration(value: str) -> float:
+    """`30d` -> seconds. A bare number is seconds."""
+    text = value.strip().lower()
+    unit = text[-1:] if text[-1:] in _UNITS else "s"
+    number = text[:-1] if text[-1:] in _UNITS else text
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 90s, 45m, 12h or 30d, got {value!r}") from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"expected a duration >= 0, got {value!r}")
+    return seconds
 
 
 def _status(value: str) -> str:
@@ -107,10 +155,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"runherd: {exc}", file=sys.stderr)
         return 3
     except RunherdError as exc:
-        print(f"runherd: {exc}", file=sys.stderr)
-        return 1
+        hinted = _hint(str(exc))
+        print(f"runherd: {hinted}", file=sys.stderr)
+        # A database that does not exist is one that was never migrated: the same exit code.
+        return 3 if hinted != str(exc) else 1
     except KeyboardInterrupt:
         return 130
+
+
+def _hint(message: str) -> str:
+    # A database that does not exist yet was never migrated: `runherd migrate` creates it.
+    if "database" in message and "does not exist" in message:
+        return f"{message}: run `runherd migrate`"
+    return message
 
 
 async def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:

@@ -1,10 +1,13 @@
-"""The CLI's client verbs: submit, runs, show, events, cancel, reexecute, watch."""
+"""The CLI's client verbs: submit, runs, show, events, cancel, reexecute, watch, prune."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +21,18 @@ from runherd.contract import RunStatus
 from runherd.errors import UsageError
 from runherd.store import Store
 
+# A run not stored this long after its launch was published: no launcher is consuming.
+NOT_ACCEPTED_AFTER = 3.0
+# After a failure, how long to wait for the worker's exit report (it carries the log tail).
+EXIT_REPORT_WAIT = 5.0
+POLL = 0.25
+
 
 async def run(args: argparse.Namespace, cfg: Config) -> int:
+    # The command prints one line per failure; the AMQP library's own ERROR log lines would only
+    # repeat it with a traceback-like prefix.
+    for name in ("aiormq", "aio_pika"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     handler = {
         "submit": submit,
         "runs": runs,
@@ -28,6 +41,7 @@ async def run(args: argparse.Namespace, cfg: Config) -> int:
         "cancel": cancel,
         "reexecute": reexecute,
         "watch": watch,
+        "prune": prune,
     }[args.verb]
     return await handler(args, cfg)
 
@@ -49,16 +63,85 @@ async def submit(args: argparse.Namespace, cfg: Config) -> int:
         run_id = await client.submit(broker, data)
     finally:
         await broker.close()
-    print(run_id)
+    print(run_id, flush=True)
     if not args.wait:
         return 0
     store = await Store.connect(cfg.database_url)
     try:
-        status = await client.wait_for_terminal(store, run_id)
+        status = await follow(store, run_id)
     finally:
         await store.close()
     print(status.value)
     return 0 if status is RunStatus.SUCCESS else 1
+
+
+async def follow(store: Store, run_id: str) -> RunStatus:
+    """Print each status change of the run as it is recorded, until it is terminal; on FAILURE or
+    CANCELED, the reason and the last lines of the failing step's log."""
+    published = time.monotonic()
+    warned = False
+    last = 0
+    while True:
+        run = await store.get_run(run_id)
+        if run is None:
+            if not warned and time.monotonic() - published > NOT_ACCEPTED_AFTER:
+                warned = True
+                print(
+                    f"runherd: run {run_id} not accepted after {NOT_ACCEPTED_AFTER:g} s: is a launcher running "
+                    "(`runherd up` or `runherd launcher`)? The launch stays queued in RabbitMQ; still waiting",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            await asyncio.sleep(POLL)
+            continue
+        for e in await store.list_events(run_id, last):
+            last = e["id"]
+            line = _change_line(e)
+            if line:
+                print(line, flush=True)
+        status = RunStatus(run["status"])
+        if status.terminal:
+            if status is not RunStatus.SUCCESS:
+                await _explain_failure(store, run_id, run)
+            return status
+        await asyncio.sleep(POLL)
+
+
+def _change_line(e: dict[str, Any]) -> str | None:
+    """A status change (or a resume, which keeps the run STARTED) as one line; other events: None."""
+    at = e["ts"].strftime("%H:%M:%S.%f")[:-3]
+    if e["type"] == "RUN_STATUS":
+        change = f"{e['data'].get('from') or '-'} -> {e['data'].get('to')}"
+        return f"{at}  {change}  attempt {e['attempt']}" + (f"  ({e['message']})" if e["message"] else "")
+    if e["type"] == "RUN_RESUMED":
+        return f"{at}  resumed as attempt {e['attempt']}" + (f"  ({e['message']})" if e["message"] else "")
+    return None
+
+
+_WORKER_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ runherd")
+
+
+async def _explain_failure(store: Store, run_id: str, run: dict[str, Any], tail_lines: int = 10) -> None:
+    """The reason, the failed step's error, and the tail of its log (the worker's exit report carries
+    it, and may be recorded a moment after the terminal status)."""
+    print(f"reason: {run['reason'] or run['status']}", flush=True)
+    deadline = time.monotonic() + EXIT_REPORT_WAIT
+    while True:
+        events = await store.list_events(run_id)
+        exits = [e for e in events if e["type"] == "WORKER_EXITED" and e["attempt"] == run["attempt"]]
+        if exits or time.monotonic() > deadline or run["attempt"] == 0:
+            break
+        await asyncio.sleep(POLL)
+    for e in events:
+        if e["type"] == "STEP_FAILURE":
+            print(f"step {e['step_key']} failed: {e['message'] or ''}".rstrip(), flush=True)
+    debug = str((exits[-1]["data"] or {}).get("debug_info") or "") if exits else ""
+    # The step's own output, not the worker's log lines around it.
+    lines = [line for line in debug.splitlines() if line.strip() and not _WORKER_LOG_LINE.match(line)]
+    if lines:
+        print(f"last lines of the log (attempt {run['attempt']}):", flush=True)
+        for line in lines[-tail_lines:]:
+            print(f"  | {line}", flush=True)
 
 
 def load_launch_file(path: str, tags: list[str]) -> dict[str, Any]:
@@ -69,13 +152,22 @@ def load_launch_file(path: str, tags: list[str]) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: not valid YAML or JSON: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"{path}: not valid YAML or JSON: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a launch message (an object with job and steps)")
     data.setdefault("v", contract.VERSION)
     data["tags"] = {**(data.get("tags") or {}), **contract.parse_tag_args(tags)}
     contract.parse_launch(data)
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's problem with its line and column (1-based, as PyYAML prints them), on one line."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is None:
+        return str(problem)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
 
 
 async def runs(args: argparse.Namespace, cfg: Config) -> int:
@@ -116,7 +208,7 @@ async def runs(args: argparse.Namespace, cfg: Config) -> int:
 
 def _show_json(run: dict[str, Any], lineage: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     run_id = str(run["run_id"])
-    steps = sorted(run["steps_status"], key=lambda s: s["step_key"])
+    steps = _steps_in_run_order(run)
     return {
         "run_id": run_id,
         "job": run["job"],
@@ -136,6 +228,7 @@ def _show_json(run: dict[str, Any], lineage: list[dict[str, Any]] | None = None)
                 "attempt": s["attempt"],
                 "reused": s["reused"],
                 "error": s["error"],
+                "output": s["output"],
             }
             for s in steps
         ],
@@ -156,6 +249,31 @@ def _show_json(run: dict[str, Any], lineage: list[dict[str, Any]] | None = None)
         ],
         "children": [str(r["run_id"]) for r in lineage or [] if _s(r["parent_run_id"]) == run_id],
     }
+
+
+def _steps_in_run_order(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every step of the plan in the plan's order (a valid plan lists a step after its deps), with
+    its recorded state; a step that has not started yet is PENDING."""
+    recorded = {s["step_key"]: s for s in run["steps_status"]}
+    plan = run.get("steps") or []
+    keys = [s["key"] for s in plan if isinstance(s, dict) and "key" in s]
+    keys += sorted(k for k in recorded if k not in keys)
+    pending = {"status": "PENDING", "attempt": None, "reused": False, "error": None, "output": None}
+    return [{**pending, **recorded.get(k, {}), "step_key": k} for k in keys]
+
+
+def _handle_text(handle: dict[str, Any] | None) -> str:
+    """The worker's handle as `key value` pairs (pid 4242  host build-1 ...); `-` before launch."""
+    if not handle:
+        return "- (not launched yet)"
+    return "  ".join(f"{k} {v}" for k, v in handle.items())
+
+
+def _output_text(output: Any, width: int = 60) -> str:
+    if output is None:
+        return ""
+    text = orjson.dumps(output).decode()
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _s(value: Any) -> str | None:
@@ -208,13 +326,20 @@ async def show(args: argparse.Namespace, cfg: Config) -> int:
         print("\n".join(_lineage_lines(view)))
     if view["reused_steps"]:
         print(f"reused   {', '.join(view['reused_steps'])} (outputs from run {view['parent_run_id']}, not executed)")
-    print(f"tags     {orjson.dumps(view['tags']).decode()}\nworker   {orjson.dumps(view['worker']).decode()}")
+    print(f"tags     {orjson.dumps(view['tags']).decode()}\nworker   {_handle_text(view['worker'])}")
     _table(
         [
-            [s["key"], s["status"], str(s["attempt"]), "reused" if s["reused"] else "", s["error"] or ""]
+            [
+                s["key"],
+                s["status"],
+                "" if s["attempt"] is None else str(s["attempt"]),
+                "reused" if s["reused"] else "",
+                _output_text(s["output"]),
+                s["error"] or "",
+            ]
             for s in view["steps"]
         ],
-        ["STEP", "STATUS", "ATTEMPT", "", "ERROR"],
+        ["STEP", "STATUS", "ATTEMPT", "", "OUTPUT", "ERROR"],
     )
     return 0
 
@@ -235,17 +360,15 @@ async def events(args: argparse.Namespace, cfg: Config) -> int:
     store = await Store.connect(cfg.database_url)
     last = 0
     try:
+        if await store.get_run(args.run_id) is None:
+            print(f"runherd: no run {args.run_id}", file=sys.stderr)
+            return 2
         while True:
             rows = await store.list_events(args.run_id, last)
-            for e in rows:
-                last = e["id"]
-                if args.json:
-                    print(orjson.dumps(e, default=str).decode(), flush=True)
-                else:
-                    print(_event_line(e), flush=True)
-                    tail = (e["data"] or {}).get("debug_info") if e["type"] == "WORKER_EXITED" else None
-                    for line in (tail or "").splitlines()[-8:]:
-                        print(f"      | {line}", flush=True)
+            last = max([last, *(e["id"] for e in rows)])
+            # Time order: a worker's event may be recorded after the launcher's or monitor's.
+            for e in sorted(rows, key=lambda e: (e["ts"], e["id"])):
+                _print_event(e, args.json)
             if not args.follow:
                 return 0
             run = await store.get_run(args.run_id)
@@ -256,7 +379,28 @@ async def events(args: argparse.Namespace, cfg: Config) -> int:
         await store.close()
 
 
+def _print_event(e: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(orjson.dumps(e, default=str).decode(), flush=True)
+        return
+    print(_event_line(e), flush=True)
+    tail = (e["data"] or {}).get("debug_info") if e["type"] == "WORKER_EXITED" else None
+    for line in (tail or "").splitlines()[-8:]:
+        print(f"      | {line}", flush=True)
+
+
 async def cancel(args: argparse.Namespace, cfg: Config) -> int:
+    store = await Store.connect(cfg.database_url)
+    try:
+        run = await store.get_run(args.run_id)
+    finally:
+        await store.close()
+    if run is None:
+        print(f"runherd: no run {args.run_id}", file=sys.stderr)
+        return 2
+    if RunStatus(run["status"]).terminal:
+        print(f"runherd: run {args.run_id} already finished ({run['status']}): nothing to cancel", file=sys.stderr)
+        return 2
     broker = await Broker.connect(cfg.amqp_url)
     try:
         await client.cancel(broker, args.run_id)
@@ -308,4 +452,37 @@ async def watch(args: argparse.Namespace, cfg: Config) -> int:
                 )
     finally:
         await broker.close()
+    return 0
+
+
+async def prune(args: argparse.Namespace, cfg: Config) -> int:
+    """Finished runs older than --older-than, with their events, steps and attempts: counted by
+    default, deleted with --yes in batches of --batch-size runs, one short transaction each."""
+    if args.batch_size < 1:
+        raise UsageError("--batch-size: expected at least 1")
+    age = args.older_than
+    store = await Store.connect(cfg.database_url)
+    try:
+        if not args.yes:
+            found = await store.prune_preview(age)
+            span = ""
+            if found["runs"]:
+                span = f" (finished {found['oldest']:%Y-%m-%d %H:%M} .. {found['newest']:%Y-%m-%d %H:%M})"
+            print(
+                f"would delete {found['runs']} finished run(s) older than {age:g} s{span}: {found['events']} events, "
+                f"{found['steps']} steps, {found['attempts']} attempts. Nothing deleted; add --yes to delete."
+            )
+            return 0
+        runs_total = events_total = batches = 0
+        while True:
+            runs_done, events_done = await store.prune_batch(age, args.batch_size)
+            if runs_done == 0:
+                break
+            batches += 1
+            runs_total += runs_done
+            events_total += events_done
+            print(f"batch {batches}: deleted {runs_done} run(s), {events_done} events", flush=True)
+    finally:
+        await store.close()
+    print(f"deleted {runs_total} finished run(s) older than {age:g} s, {events_total} events, {batches} batch(es)")
     return 0

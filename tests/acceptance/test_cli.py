@@ -30,7 +30,8 @@ async def test_submit_wait_show_events_runs(env: Env) -> None:
     )
     done = await runherd(env, "submit", str(job), "--tag", "team=data", "--wait")
     assert done.returncode == 0, done.stderr
-    run_id, status = done.stdout.split()
+    lines = done.stdout.splitlines()
+    run_id, status = lines[0], lines[-1]
     assert status == "SUCCESS"
     shown = await runherd(env, "show", run_id, "--json")
     view = orjson.loads(shown.stdout)
@@ -53,8 +54,8 @@ async def test_submit_wait_exits_1_on_failure_and_cancel(env: Env) -> None:
     failing = env.tmp / "fail.json"
     failing.write_text(orjson.dumps({"job": "f", "steps": [{"key": "a", "command": ["false"]}]}).decode())
     done = await runherd(env, "submit", str(failing), "--wait")
-    assert done.returncode == 1 and done.stdout.split()[1] == "FAILURE"
-    failed_id = done.stdout.split()[0]
+    assert done.returncode == 1 and done.stdout.splitlines()[-1] == "FAILURE"
+    failed_id = done.stdout.splitlines()[0]
 
     async def exited() -> bool:
         return any(e["type"] == "WORKER_EXITED" for e in await env.events(failed_id))
@@ -121,7 +122,7 @@ async def test_up_with_two_monitors_and_watch(env: Env) -> None:
         await eventually(lambda: _watch_subscribed(env), timeout=30, interval=0.3, what="watch subscribed")
         done = await runherd(env, "submit", str(job), "--wait")
         assert done.returncode == 0, done.stderr
-        run_id = done.stdout.split()[0]
+        run_id = done.stdout.splitlines()[0]
         seen: list[str] = []
 
         def read_until_success() -> None:

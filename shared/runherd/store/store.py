@@ -465,3 +465,15 @@ class Store:
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         """For tests and the CLI's ad-hoc reads only; services use the domain methods."""
         return [dict(r) for r in await self.pool.fetch(sql, *args)]
+
+    # --- pruning (runherd prune) ------------------------------------------------------------
+
+    async def prune_preview(self, older_than_seconds: float) -> dict[str, Any]:
+        """What prune_batch would delete, counted; deletes nothing."""
+        return dict(await self.pool.fetchrow(q("prune_preview"), float(older_than_seconds)) or {})
+
+    async def prune_batch(self, older_than_seconds: float, batch: int) -> tuple[int, int]:
+        """Delete up to ``batch`` finished runs (and their rows) in one transaction: (runs, events)."""
+        row = await self.pool.fetchrow(q("prune_batch"), float(older_than_seconds), batch)
+        assert row is not None
+        return row["runs"], row["events"]
