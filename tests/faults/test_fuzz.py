@@ -71,6 +71,7 @@ class World:
     canceled: set[str] = field(default_factory=set)
     reexecuted: dict[str, str] = field(default_factory=dict)  # new run id -> origin
     events: set[tuple[str, int, str, int]] = field(default_factory=set)
+    crashes: list[str] = field(default_factory=list)  # bodies the validator raised anything but InvalidMessage on
 
 
 def draw_bases(kind: str, seed: int) -> list[tuple[dict[str, Any], random.Random]]:
@@ -122,11 +123,20 @@ def derive(kind: str, n: int, seed: int, targets: list[str]) -> list[bytes]:
 def predict(case: Case, world: World) -> None:
     """What the services must do with ``case``, given what they were told before; updates ``world``
     with what it changes."""
-    case.reason = fb.verdict(case.kind, case.body)
+    try:
+        case.reason = fb.verdict(case.kind, case.body)
+    except Exception as exc:  # a validator bug: the services must still dead-letter it, with some reason
+        world.crashes.append(f"{case.kind} {case.body[:200]!r}: {exc!r}")
+        case.expect = "dead"
+        return
     if case.reason is not None:
         case.expect = "dead"
         return
-    data = contract.decode(case.body)
+    _predict_accepted(case, world, contract.decode(case.body))
+
+
+def _predict_accepted(case: Case, world: World, data: dict[str, Any]) -> None:
+    """For a body the contract accepts: whether the services apply it, or refuse it for what they know."""
     if case.kind == "launch":
         if data.get("launcher") not in (None, "process"):
             case.expect, case.reason_prefix = "dead", "launcher: "
@@ -291,6 +301,7 @@ async def test_fuzz_every_body_through_the_services(env: harness.Env) -> None:
         quiet.setLevel(level)
         await connection.close()
     assert not problems.records, "\n".join(problems.records[:20])
+    assert not world.crashes, f"the validator crashed on {len(world.crashes)} bodies: {world.crashes[:5]}"
     print(f"fuzz: {len(every)} cases in {time.monotonic() - began:.1f} s")
 
 
