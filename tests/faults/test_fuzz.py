@@ -282,7 +282,10 @@ async def test_fuzz_every_body_through_the_services(env: harness.Env) -> None:
             await publish(env, cases)
             t2 = time.monotonic()
             runs = len(world.launched) + len(world.jobs_without_id) + len(world.reexecuted)
-            await settle(env, channel, sum(c.expect == "dead" for c in every), runs, timeout=ROUND_SECONDS)
+            try:
+                await settle(env, channel, sum(c.expect == "dead" for c in every), runs, timeout=ROUND_SECONDS)
+            except AssertionError as exc:  # say why: a consumer stuck on a poison message logs it
+                raise AssertionError(f"{exc}\nservice problems: {problems.records[:10]}") from None
             print(
                 f"round {number + 1} ({', '.join(kinds)}): {len(cases)} cases, generated in {t1 - t0:.1f} s, "
                 f"published in {t2 - t1:.1f} s, through in {time.monotonic() - t2:.1f} s"
