@@ -7,6 +7,7 @@ InvalidMessage with a sentence that ends up in the dead letter's ``x-runherd-err
 from __future__ import annotations
 
 import enum
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -92,16 +93,19 @@ def tag(tags: dict[str, Any], name: str) -> Any:
     return None
 
 
+_INT_TEXT = re.compile(r"[+-]?[0-9]{1,10}")
+
+
 def _int_tag(tags: dict[str, Any], name: str) -> int | None:
+    """An integer, an integral float or decimal digits (``--tag k=5``), within PostgreSQL's integer."""
     value = tag(tags, name)
     if value is None:
         return None
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        return int(value)
-    except (TypeError, ValueError):
-        raise InvalidMessage(f"tag runherd/{name}: expected an integer, got {value!r}") from None
+    if (isinstance(value, float) and value.is_integer()) or (isinstance(value, str) and _INT_TEXT.fullmatch(value)):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not -_INT32 - 1 <= value <= _INT32:
+        raise InvalidMessage(f"tag runherd/{name}: expected an integer from {-_INT32 - 1} to {_INT32}, got {value!r}")
+    return value
 
 
 def _bool_tag(tags: dict[str, Any], name: str) -> bool | None:
@@ -114,12 +118,16 @@ def _bool_tag(tags: dict[str, Any], name: str) -> bool | None:
 
 
 def validate_tags(tags: dict[str, Any]) -> None:
-    for name in ("max_runtime", "priority", "max_retries", "retry_number"):
-        _int_tag(tags, name)
-    _bool_tag(tags, "retry_on_step_failure")
-    strategy = tag(tags, "retry_strategy")
-    if strategy is not None and strategy not in RetryStrategy.__members__:
-        raise InvalidMessage(f"tag runherd/retry_strategy: expected FROM_FAILURE or ALL_STEPS, got {strategy!r}")
+    # Both spellings are checked, not only the one that wins: a client must not get away with a
+    # bad dagster/ tag beside a good runherd/ one (docs/asyncapi.yaml describes each).
+    for prefix in TAG_PREFIXES:
+        spelled = {k: v for k, v in tags.items() if k.startswith(prefix)}
+        for name in ("max_runtime", "priority", "max_retries", "retry_number"):
+            _int_tag(spelled, name)
+        _bool_tag(spelled, "retry_on_step_failure")
+        strategy = tag(spelled, "retry_strategy")
+        if strategy is not None and (not isinstance(strategy, str) or strategy not in RetryStrategy.__members__):
+            raise InvalidMessage(f"tag runherd/retry_strategy: expected FROM_FAILURE or ALL_STEPS, got {strategy!r}")
 
 
 def priority(tags: dict[str, Any]) -> int:
@@ -153,9 +161,21 @@ def decode(body: bytes) -> dict[str, Any]:
         raise InvalidMessage(f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidMessage(f"body must be a JSON object, got {type(data).__name__}")
-    if data.get("v") != VERSION:
+    if data.get("v") != VERSION or isinstance(data.get("v"), bool):
         raise InvalidMessage(f"v: expected {VERSION}, got {data.get('v')!r}")
+    if b"\\u0000" in body and _has_nul(data):
+        raise InvalidMessage("strings must not contain NUL (\\u0000): PostgreSQL cannot store it")
     return data
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in k or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str, where: str = "") -> Any:
@@ -173,11 +193,16 @@ def _optional(data: dict[str, Any], key: str, kind: type | tuple[type, ...], wha
     return _require(data, key, kind, what, where)
 
 
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
 def parse_run_id(value: Any, key: str = "run_id") -> str:
-    try:
-        return str(uuid.UUID(str(value)))
-    except (ValueError, TypeError):
-        raise InvalidMessage(f"{key}: expected a UUID, got {value!r}") from None
+    """The RFC 4122 text form only (what other languages send), not every spelling uuid.UUID takes."""
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if not isinstance(value, str) or not _UUID.fullmatch(value):
+        raise InvalidMessage(f"{key}: expected a UUID, got {value!r}")
+    return str(uuid.UUID(value))
 
 
 # --- launch ---------------------------------------------------------------------------------------
@@ -320,12 +345,15 @@ def run_id_from_message_id(command: str, message_id: str) -> str:
 
 def parse_reexecute(data: dict[str, Any]) -> Reexecute:
     run_id = parse_run_id(_require(data, "run_id", str, "a UUID"))
-    strategy = data.get("strategy") or "FROM_FAILURE"
-    if strategy not in RetryStrategy.__members__:
+    strategy = data.get("strategy")
+    strategy = "FROM_FAILURE" if strategy is None else strategy
+    if not isinstance(strategy, str) or strategy not in RetryStrategy.__members__:
         raise InvalidMessage(f"strategy: expected FROM_FAILURE or ALL_STEPS, got {strategy!r}")
     tags = _optional(data, "tags", dict, "an object") or {}
     validate_tags(tags)
-    new_run_id = parse_run_id(data["new_run_id"], "new_run_id") if data.get("new_run_id") else str(uuid.uuid4())
+    new_run_id = (
+        parse_run_id(data["new_run_id"], "new_run_id") if data.get("new_run_id") is not None else str(uuid.uuid4())
+    )
     return Reexecute(run_id=run_id, strategy=RetryStrategy(strategy), tags=tags, new_run_id=new_run_id)
 
 
@@ -375,14 +403,21 @@ def _counter(data: dict[str, Any], key: str, low: int) -> int:
     return value
 
 
+# RFC 3339 (offset optional: a naive time is UTC), not the many forms fromisoformat takes.
+_TS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?(Z|[+-][0-9]{2}:[0-9]{2})?")
+
+
 def _timestamp(raw: str | None) -> datetime:
     if not raw:
         return datetime.now(UTC)
     try:
+        if not _TS.fullmatch(raw):
+            raise ValueError
         ts = datetime.fromisoformat(raw)
-    except ValueError:
+        # In UTC now: 0001-01-01T00:00:00+01:00 has no UTC date, and must not crash a consumer later.
+        return ts.astimezone(UTC) if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
         raise InvalidMessage(f"ts: expected an RFC 3339 timestamp, got {raw!r}") from None
-    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
 
 
 def parse_event(data: dict[str, Any]) -> Event:

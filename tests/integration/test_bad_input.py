@@ -192,8 +192,14 @@ async def test_poison_event_is_retried_then_dead_lettered_without_holding_back_o
     await env.start()
     first = await env.submit([STEP])
     await env.wait_status(first, "SUCCESS")
-    # Valid by the contract, refused by PostgreSQL (a NUL in text): the database error is not transient.
-    poison = Event(run_id=first, attempt=1, seq=5000, type=EventType.STEP_START, step_key="a\x00b", ts=now_iso())
+    # Valid by the contract, refused by PostgreSQL (a trigger; a NUL in text is refused by the contract
+    # now): the database error is not transient.
+    await env.store.fetch(
+        "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN IF NEW.step_key = 'poison' "
+        "THEN RAISE EXCEPTION 'poison'; END IF; RETURN NEW; END $$"
+    )
+    await env.store.fetch("CREATE TRIGGER poison BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION poison()")
+    poison = Event(run_id=first, attempt=1, seq=5000, type=EventType.STEP_START, step_key="poison", ts=now_iso())
     await env.broker.publish_event(first, poison.body())
     second = await env.submit([STEP])
     await env.wait_status(second, "SUCCESS")
