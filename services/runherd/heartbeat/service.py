@@ -57,6 +57,9 @@ class HeartbeatService:
             except InvalidMessage as exc:
                 verdicts[i] = Reject(str(exc))
                 continue
+            except Exception as exc:  # a validator bug must not stall every heartbeat behind this one
+                verdicts[i] = Reject(f"heartbeat could not be parsed: {exc!r}")
+                continue
             beats.append((beat.run_id, beat.attempt, beat.ts))
             good.append(i)
         try:

@@ -89,6 +89,8 @@ class MonitorService:
                 parsed.append((i, parse_event(decode(delivery.body))))
             except InvalidMessage as exc:
                 verdicts[i] = Reject(str(exc))
+            except Exception as exc:  # a validator bug: refuse this event, not the whole batch
+                verdicts[i] = Reject(f"event could not be parsed: {exc!r}")
         try:
             effects = await self._apply(parsed, verdicts, careful=False)
         except TransientDbError:
