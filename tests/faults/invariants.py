@@ -371,6 +371,12 @@ def _published_once(report: Report, recorder: Recorder, events: list[dict[str, A
         for e in events
         if e["type"] == "RUN_STATUS"
     )
+    # A resume keeps the run STARTED and is published as STARTED -> STARTED with the new attempt.
+    logged.update(
+        (str(e["run_id"]), "STARTED", "STARTED", e["data"].get("new_attempt"))
+        for e in events
+        if e["type"] == "RUN_RESUMED"
+    )
     unique = _unique_status(recorder)
     published = Counter(
         (str(r.body.get("run_id")), r.body.get("previous_status"), r.body.get("status"), r.body.get("attempt"))
