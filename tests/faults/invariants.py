@@ -98,6 +98,7 @@ class Report:
     status_missing: int = 0
     status_published_twice: int = 0  # one transition under two message_ids
     status_without_transition: int = 0
+    transition_applied_twice: int = 0
     dead_lettered: int = 0
     service_exits: int = 0
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)
@@ -105,6 +106,7 @@ class Report:
     status_redelivered: int = 0  # same message_id twice: allowed by the outbox contract
     unexpected_outcomes: int = 0
     leftover_workers: int = 0
+    notes: list[str] = field(default_factory=list)  # a scenario's own figures
     examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
     INVARIANTS = (
@@ -116,6 +118,7 @@ class Report:
         "status_missing",
         "status_published_twice",
         "status_without_transition",
+        "transition_applied_twice",
         "dead_lettered",
         "service_exits",
     )
@@ -139,6 +142,7 @@ class Report:
             f"  invariants ({len(self.INVARIANTS)} checked): {counts}",
             f"  also: unexpected outcomes {self.unexpected_outcomes}, leftover workers {self.leftover_workers}",
         ]
+        lines.extend(f"  {note}" for note in self.notes)
         if self.dead_letter_reasons:
             lines.append(f"  dead letters by reason: {self.dead_letter_reasons}")
         for name, examples in self.examples.items():
@@ -197,6 +201,7 @@ async def check(
     _terminal_changed(report, recorder, events)
     _spurious_resumes(report, recorder, events)
     _published_once(report, recorder, events)
+    _applied_once(report, events)
     await _dead_letters(report, amqp_url)
     _outcomes(report, load, runs, attempts)
     for what in service_exits:
@@ -321,9 +326,10 @@ def _spurious_resumes(report: Report, recorder: Recorder, events: list[dict[str,
     reported_end: dict[tuple[str, int], str] = {}
     for rec in [*recorder.heartbeats, *recorder.events]:
         body = rec.body
-        if body.get("type") in ("RUN_SUCCESS", "RUN_FAILURE") and body.get("source", "worker") == "worker":
+        by_worker = _by_worker(body)
+        if body.get("type") in ("RUN_SUCCESS", "RUN_FAILURE") and by_worker:
             reported_end[(str(body.get("run_id")), body.get("attempt"))] = body["type"]
-        if body.get("type") in ("RUN_CANCELED", "WORKER_EXITED") or body.get("source", "worker") != "worker":
+        if body.get("type") in ("RUN_CANCELED", "WORKER_EXITED") or not by_worker:
             continue
         key = (str(body.get("run_id")), body.get("attempt"))
         ts = _ts(body.get("ts"))
@@ -346,6 +352,12 @@ def _spurious_resumes(report: Report, recorder: Recorder, events: list[dict[str,
                 f"{e['run_id']} attempt {e['attempt']}: {e['message']!r}, yet its worker spoke "
                 f"{spoke - decided:.1f} s after the decision",
             )
+
+
+def _by_worker(body: dict[str, Any]) -> bool:
+    """Said by a worker: ``worker`` or ``worker:<worker_id>`` (heartbeats name no source)."""
+    source = str(body.get("source", "worker"))
+    return source == "worker" or source.startswith("worker:")
 
 
 def _gist(message: str | None) -> str:
@@ -394,6 +406,21 @@ def _published_once(report: Report, recorder: Recorder, events: list[dict[str, A
     for key in published:
         if key not in logged:
             report.note("status_without_transition", f"{key[0]}: {key[1]} -> {key[2]} published, not in the log")
+
+
+def _applied_once(report: Report, events: list[dict[str, Any]]) -> None:
+    """A transition of one attempt is logged once: an event or command handled again (a restart,
+    a redelivery) must find the compare-and-set already done."""
+    logged = Counter(
+        (str(e["run_id"]), e["data"].get("from"), e["data"].get("to"), e["attempt"])
+        for e in events
+        if e["type"] == "RUN_STATUS"
+    )
+    for key, n in logged.items():
+        if n > 1:
+            report.note(
+                "transition_applied_twice", f"{key[0]}: {key[1]} -> {key[2]} (attempt {key[3]}) logged {n} times"
+            )
 
 
 async def _dead_letters(report: Report, amqp_url: str, limit: int = 1000) -> None:

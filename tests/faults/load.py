@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from runherd.broker import Broker
+from runherd.broker import COMMANDS, Broker
 
 KINDS = ("command", "long", "call", "fails", "flaky")
 
@@ -27,6 +27,7 @@ class RunSpec:
     kind: str
     body: dict[str, Any]
     expected: str  # the final status of the run's lineage (the run, or its last retry)
+    message_id: str | None = None  # the AMQP message_id it is published with (none by default)
 
 
 @dataclass
@@ -37,20 +38,22 @@ class Load:
     def summary(self) -> dict[str, int]:
         counts = {kind: 0 for kind in KINDS}
         for spec in self.specs:
-            counts[spec.kind] += 1
+            counts[spec.kind] = counts.get(spec.kind, 0) + 1
         return {"runs": len(self.specs), **counts}
 
     def describe(self) -> str:
         s = self.summary()
+        others = "".join(f", {n} {kind}" for kind, n in s.items() if kind not in ("runs", *KINDS))
         return (
             f"{s['runs']} runs ({s['command']} command 1-2 s, {s['long']} command 5-7 s, {s['call']} call then "
-            f"command 1-2 s, {s['fails']} failing, {s['flaky']} flaky with 1 retry)"
+            f"command 1-2 s, {s['fails']} failing, {s['flaky']} flaky with 1 retry{others})"
         )
 
     async def publish(self, broker: Broker, specs: list[RunSpec] | None = None) -> None:
         for spec in specs if specs is not None else self.specs:
-            await broker.publish_command("launch", orjson.dumps(spec.body))
-            self.published.append(spec.run_id)
+            await broker.publish(COMMANDS, "launch", orjson.dumps(spec.body), message_id=spec.message_id)
+            if spec.run_id not in self.published:
+                self.published.append(spec.run_id)
 
 
 def _sleep(seconds: float, then: str = "") -> list[str]:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -55,6 +56,10 @@ class Scenario:
         self.broker: Broker | None = None
         self.recorder = Recorder()
         self.load: Load = make_load(LOAD_RUNS, self.marker, tmp / "marks")
+        # A scenario's own twists: Python run in a service before its CLI (to shorten a constant),
+        # and argv put before every worker's command (e.g. faketime).
+        self.preludes: dict[str, str] = {}
+        self.worker_prefix: list[str] = []
         self.began = time.monotonic()
         self.report = Report(scenario=name, load=self.load.describe())
 
@@ -95,7 +100,15 @@ class Scenario:
     def config_file(self, service: str) -> Path:
         amqp = urlsplit(harness.AMQP)
         via_proxy = f"amqp://{amqp.username}:{amqp.password}@127.0.0.1:{self.proxies[service].port}/{self.vhost}"
-        worker = ["env", f"RUNHERD_AMQP_URL={self.amqp_url}", harness.PYTHON, "-m", "runherd.cli", "worker"]
+        worker = [
+            "env",
+            f"RUNHERD_AMQP_URL={self.amqp_url}",
+            *self.worker_prefix,
+            harness.PYTHON,
+            "-m",
+            "runherd.cli",
+            "worker",
+        ]
         raw: dict[str, Any] = harness.fast_raw(
             self.cluster.url(self.db_name, application_name=f"rh-{service}"),
             via_proxy,
@@ -124,8 +137,14 @@ class Scenario:
 
     def spawn(self, service: str) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"{service}-{len(self.killed)}.log", "wb")
+        cli = ["-m", "runherd.cli"]
+        if service in self.preludes:
+            cli = [
+                "-c",
+                f"{self.preludes[service]}\nimport sys\nfrom runherd.cli import main\nsys.exit(main(sys.argv[1:]))",
+            ]
         proc = subprocess.Popen(
-            [harness.PYTHON, "-m", "runherd.cli", "--config", str(self.config_file(service)), service],
+            [harness.PYTHON, *cli, "--config", str(self.config_file(service)), service],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -172,6 +191,21 @@ class Scenario:
         await asyncio.to_thread(proc.wait, 10)
         self.killed.append(proc.pid)
         return proc.pid
+
+    async def terminate(self, service: str, timeout: float) -> tuple[int | None, float]:
+        """SIGTERM: the exit code (None: still running after ``timeout``, then SIGKILLed) and the
+        seconds it took."""
+        proc = self.procs[service]
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code: int | None = await asyncio.to_thread(proc.wait, timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+            proc.kill()
+            await asyncio.to_thread(proc.wait, 10)
+        self.killed.append(proc.pid)
+        return code, time.monotonic() - began
 
     async def restart(self, service: str) -> None:
         self.spawn(service)
@@ -299,10 +333,18 @@ class Scenario:
 
     # --- the verdict --------------------------------------------------------------------------
 
-    async def verdict(self, fault: str, *, finish_timeout: float = 90) -> Report:
+    async def verdict(
+        self,
+        fault: str,
+        *,
+        finish_timeout: float = 90,
+        extra: Callable[[Report], Awaitable[None]] | None = None,
+    ) -> Report:
+        """``extra``: the scenario's own checks, run after the common ones, before the report prints."""
         finished = await self.wait_done(finish_timeout)
         assert self.broker is not None
         report = self.report
+        report.load = self.load.describe()
         report.fault = fault + ("" if finished else f"; the load did NOT finish within {finish_timeout:g} s")
         await check(
             report,
@@ -313,6 +355,8 @@ class Scenario:
             limits=LIMITS,
             service_exits=self.service_exits(),
         )
+        if extra is not None:
+            await extra(report)
         # Workers of finished runs exit by themselves (or are reaped): count those that do not.
         with contextlib.suppress(AssertionError):
             await harness.eventually(lambda: not self.live_workers(), 8, interval=0.3, what="workers to exit")

@@ -12,3 +12,8 @@ def nap(inputs: dict[str, Any]) -> dict[str, float]:
     seconds = float(os.environ.get("FAULT_NAP", "1"))
     time.sleep(seconds)
     return {"napped": seconds}
+
+
+def big(inputs: dict[str, Any]) -> dict[str, str]:
+    """An output of $FAULT_BIG_BYTES characters (the launch's env): a large plan on a resume."""
+    return {"blob": "x" * int(os.environ.get("FAULT_BIG_BYTES", "1000"))}
