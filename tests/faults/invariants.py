@@ -15,7 +15,7 @@ import contextlib
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import aio_pika
@@ -313,7 +313,7 @@ def _outbox_id(message_id: str | None) -> int:
 
 def _spurious_resumes(report: Report, recorder: Recorder, events: list[dict[str, Any]]) -> None:
     """A resume is spurious when the resumed attempt's worker was alive and talking: it sent a
-    heartbeat or an event stamped after the resume decision (a crashed worker sends nothing; a
+    heartbeat or an event that arrived after the resume decision (a crashed worker sends nothing; a
     worker stopped because of the resume says at most RUN_CANCELED on its way out), or it had
     reported its own end (RUN_SUCCESS / RUN_FAILURE, still queued when the sweep decided). The load
     has no hung worker, so every such resume is runherd not hearing a live one."""
@@ -332,9 +332,9 @@ def _spurious_resumes(report: Report, recorder: Recorder, events: list[dict[str,
         if body.get("type") in ("RUN_CANCELED", "WORKER_EXITED") or not by_worker:
             continue
         key = (str(body.get("run_id")), body.get("attempt"))
-        ts = _ts(body.get("ts"))
-        if ts is not None and ts > last_word.get(key, 0.0):
-            last_word[key] = ts
+        # When it arrived, not the worker's own stamp: a worker's clock may be off (the clock scenarios).
+        if rec.received > last_word.get(key, 0.0):
+            last_word[key] = rec.received
     for e in resumes:
         decided = e["ts"].timestamp()
         key = (str(e["run_id"]), e["attempt"])
@@ -364,16 +364,6 @@ def _gist(message: str | None) -> str:
     """A resume's reason without its numbers and run-specific tail, to count them by kind."""
     text = (message or "").split(";")[0]
     return " ".join("N" if w.rstrip("s").replace(".", "").isdigit() else w for w in text.split())[:80]
-
-
-def _ts(raw: Any) -> float | None:
-    if not isinstance(raw, str):
-        return None
-    try:
-        ts = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).timestamp()
 
 
 def _published_once(report: Report, recorder: Recorder, events: list[dict[str, Any]]) -> None:

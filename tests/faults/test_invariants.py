@@ -91,8 +91,10 @@ def _resume(seconds: float) -> dict[str, Any]:
 
 
 def _heard(kind: str, seconds: float, **body: Any) -> Recorded:
-    ts = (T0 + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return Recorded({"run_id": RUN, "attempt": 1, "ts": ts, **({"type": kind} if kind else {}), **body}, None, 0.0)
+    at = T0 + timedelta(seconds=seconds)
+    ts = at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    body = {"run_id": RUN, "attempt": 1, "ts": ts, **({"type": kind} if kind else {}), **body}
+    return Recorded(body, None, at.timestamp())  # arrived when it was sent
 
 
 def test_a_resume_of_a_worker_that_kept_talking_or_had_finished_is_spurious() -> None:
