@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 
 from runherd import broker as topology
 from runherd import metrics
 from runherd.broker import Broker, Delivery
 from runherd.contract import decode, parse_heartbeat
 from runherd.errors import InvalidMessage
+from runherd.heartbeat.watermark import Canaries
 from runherd.runtime import Supervisor, retrying
 from runherd.store import Store
 from runherd.store.store import TransientDbError
@@ -30,9 +31,12 @@ class HeartbeatService:
         self.broker = broker
         self.batch_size = batch_size
         self.batch_wait = batch_wait
+        self.canaries = Canaries(store, broker)
 
     async def run(self, supervisor: Supervisor) -> None:
         stop = supervisor.stop
+        await self.canaries.register()
+        supervisor.spawn("heartbeat.canaries", self.canaries.run(stop))
         supervisor.spawn("heartbeat.ingest", retrying("heartbeat ingest", lambda: self._ingest(stop), stop))
 
     async def _ingest(self, stop: asyncio.Event) -> None:
@@ -52,7 +56,7 @@ class HeartbeatService:
             beats.append((beat.run_id, beat.attempt, beat.ts))
             good.append(delivery)
         try:
-            touched = await self.store.record_heartbeats(beats)
+            touched = await self.store.record_heartbeats(beats, replica=self.canaries.replica)
         except TransientDbError:
             await self.broker.requeue(good)
             raise
@@ -65,10 +69,7 @@ class HeartbeatService:
         for delivery, reason in bad:
             metrics.DEAD_LETTERS.labels(topology.HEARTBEATS_QUEUE).inc()
             await self.broker.dead_letter(delivery, reason)
-        await self.broker.ack(good)
-        if beats:  # once a batch, for the oldest heartbeat in it: the lag that matters
-            oldest = min(ts for _, _, ts in beats)
-            metrics.HEARTBEAT_LAG.observe(max(0.0, (datetime.now(UTC) - oldest).total_seconds()))
+        await self.broker.ack(good)  # the lag metric comes from the canaries: one clock, the database's
         return touched
 
     async def _one_by_one(
@@ -78,7 +79,7 @@ class HeartbeatService:
         touched, failed = 0, []
         for beat, delivery in zip(beats, deliveries, strict=True):
             try:
-                touched += await self.store.record_heartbeats([beat])
+                touched += await self.store.record_heartbeats([beat], replica=self.canaries.replica)
             except TransientDbError:
                 raise
             except Exception as exc:
