@@ -61,26 +61,40 @@ async def _silent(env: Env) -> set[uuid.UUID]:
     return {r["run_id"] for r in rows}
 
 
-# (replicas as (heard seconds ago, seen seconds ago), worker last heard seconds ago, flagged?)
-CASES: list[tuple[str, list[tuple[float | None, float]], float | None, bool]] = [
-    ("pipeline heard: a worker silent 10 s is hung", [(0.5, 0)], 10, True),
-    ("pipeline heard: a worker heard 2 s ago is alive", [(0.5, 0)], 2, False),
-    ("pipeline stalled 8 s: a worker silent 10 s was silent 2 s of it", [(8, 8)], 10, False),
-    ("no heartbeat replica at all: nothing can be heard", [], 3600, False),
-    ("a new replica has heard nothing yet", [(0.5, 0), (None, 0)], 3600, False),
-    ("one of two replicas stalled holds the rule", [(0.5, 0), (9, 9)], 10, False),
-    ("a replica gone past the 180 s lease no longer counts", [(0.5, 0), (300, 200)], 10, True),
-    ("never heard, launched 60 s ago, pipeline heard", [(0.5, 0)], None, True),
-    ("never heard, launched 60 s ago, pipeline stalled for 55 s", [(55, 55)], None, False),
+async def _events(env: Env, applied_ago: float | None) -> None:
+    """Every event published more than ``applied_ago`` seconds ago is applied (None: unknown)."""
+    await env.store.pool.execute(
+        "UPDATE event_watermark SET applied_through = now() - make_interval(secs => $1)", applied_ago
+    )
+
+
+Replicas = list[tuple[float | None, float]]
+# (replicas as (heard seconds ago, seen seconds ago), events applied seconds ago, worker last heard
+# seconds ago, flagged?)
+CASES: list[tuple[str, Replicas, float | None, float | None, bool]] = [
+    ("pipeline heard: a worker silent 10 s is hung", [(0.5, 0)], 0.5, 10, True),
+    ("pipeline heard: a worker heard 2 s ago is alive", [(0.5, 0)], 0.5, 2, False),
+    ("pipeline stalled 8 s: a worker silent 10 s was silent 2 s of it", [(8, 8)], 0.5, 10, False),
+    ("no heartbeat replica at all: nothing can be heard", [], 0.5, 3600, False),
+    ("a new replica has heard nothing yet", [(0.5, 0), (None, 0)], 0.5, 3600, False),
+    ("one of two replicas stalled holds the rule", [(0.5, 0), (9, 9)], 0.5, 10, False),
+    ("a replica gone past the 180 s lease no longer counts", [(0.5, 0), (300, 200)], 0.5, 10, True),
+    ("event backlog of 8 s: its RUN_SUCCESS may be queued", [(0.5, 0)], 8, 10, False),
+    ("no event canary applied yet", [(0.5, 0)], None, 3600, False),
+    ("never heard, launched 60 s ago, pipeline heard", [(0.5, 0)], 0.5, None, True),
+    ("never heard, launched 60 s ago, pipeline stalled for 55 s", [(55, 55)], 0.5, None, False),
 ]
 
 
-@pytest.mark.parametrize(("replicas", "last_seen", "flagged"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-async def test_silent_workers_measures_silence_up_to_where_the_pipeline_is_heard(
-    env: Env, replicas: list[tuple[float | None, float]], last_seen: float | None, flagged: bool
+@pytest.mark.parametrize(
+    ("replicas", "events", "last_seen", "flagged"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+async def test_silent_workers_measures_silence_up_to_where_the_workers_are_heard(
+    env: Env, replicas: Replicas, events: float | None, last_seen: float | None, flagged: bool
 ) -> None:
     for heard_ago, seen_ago in replicas:
         await _replica(env, heard_ago, seen_ago)
+    await _events(env, events)
     run_id = await _run(env, last_seen=last_seen)
     assert (run_id in await _silent(env)) is flagged
 
@@ -89,10 +103,26 @@ async def test_next_deadline_sets_no_heartbeat_deadline_while_the_pipeline_is_st
     """Else the sweep loop would wake every 50 ms for a rule that is held."""
     await _run(env, last_seen=10)
     await _replica(env, heard_ago=9, seen_ago=9)
+    await _events(env, 0.5)
     assert await env.store.next_deadline(TIMEOUT, GRACE, 600, 600, 0) is None
     await env.store.pool.execute("UPDATE heartbeat_replicas SET heard_through = now() - interval '1 second'")
     overdue = await env.store.next_deadline(TIMEOUT, GRACE, 600, 600, 0)
     assert overdue is not None and overdue < 0
+
+
+async def _event_canary(env: Env) -> int:
+    assert await env.store.issue_event_canary(7) is not None
+    return 7
+
+
+async def test_an_event_canary_applied_advances_the_event_watermark_to_its_stamp(env: Env) -> None:
+    assert await _events_applied(env) is False
+    stamp = await env.store.issue_event_canary(5)
+    await env.store.record_event_canaries([6])  # never issued: nothing moves
+    assert await _events_applied(env) is False
+    await env.store.record_event_canaries([5])
+    rows = await env.store.fetch("SELECT applied_through FROM event_watermark")
+    assert rows[0]["applied_through"] == stamp
 
 
 async def test_a_heartbeat_is_stamped_with_the_database_clock_and_canaries_advance_the_watermark(env: Env) -> None:
@@ -106,6 +136,7 @@ async def test_a_heartbeat_is_stamped_with_the_database_clock_and_canaries_advan
         run_id,
     )
     assert 0 <= row["age"] < 5
+    await env.store.record_event_canaries([await _event_canary(env)])
     stamp = await env.store.issue_canary("r1", 42)
     assert stamp is not None and await env.store.issue_canary("r1", 42) is None  # a nonce is issued once
     assert await env.store.heard_lag() is None  # registered, nothing heard yet
@@ -193,3 +224,43 @@ async def test_heartbeat_service_paused_twice_the_timeout_resumes_nothing_and_a_
     for run_id in runs:
         run = await env.wait_status(run_id, "SUCCESS", timeout=60)
         assert run["attempt"] == (2 if run_id == hung else 1)
+
+
+async def _events_applied(env: Env) -> bool:
+    rows = await env.store.fetch("SELECT applied_through IS NOT NULL AS ok FROM event_watermark")
+    return bool(rows[0]["ok"])
+
+
+async def _gone_for(env: Env, run_id: str, seconds: float) -> bool:
+    """The attempt's worker exited and was last heard more than ``seconds`` ago."""
+    rows = await env.store.fetch(
+        "SELECT a.last_heartbeat_at < clock_timestamp() - make_interval(secs => $2) AS ok "
+        "FROM attempts a WHERE a.run_id = $1 AND a.attempt = 1",
+        uuid.UUID(run_id),
+        seconds,
+    )
+    return bool(rows and rows[0]["ok"])
+
+
+async def test_an_event_backlog_older_than_the_timeout_does_not_resume_a_run_whose_success_is_queued(
+    env: Env,
+) -> None:
+    """The monitor that holds the events queue (single active consumer) is SIGSTOPped; the worker
+    finishes (RUN_SUCCESS queued behind it) and falls silent; another monitor sweeps meanwhile."""
+    ingest = env.spawn("monitor")  # first, so it is the events queue's active consumer
+    await eventually(lambda: _events_applied(env), timeout=30, what="the spawned monitor applying events")
+    await env.start({"launcher": 1, "heartbeat": 1, "monitor": 1})  # this monitor sweeps, its ingest stands by
+    go = env.tmp / "go"
+    run_id = await env.submit([{"key": "wait", "command": ["sh", "-c", f'while [ ! -e "{go}" ]; do sleep 0.2; done']}])
+    await env.wait_status(run_id, "STARTED", timeout=60)
+    await eventually(lambda: _all_heard(env, [run_id], 2.0), timeout=30, what="the worker heard")
+
+    os.kill(ingest.pid, signal.SIGSTOP)
+    try:
+        go.touch()  # the run succeeds; its RUN_SUCCESS waits behind the stopped consumer
+        await eventually(lambda: _gone_for(env, run_id, 2 * TIMEOUT), timeout=30, what="2 x the timeout of silence")
+        assert await _resumes(env) == [], "a run whose RUN_SUCCESS was queued was resumed"
+    finally:
+        os.kill(ingest.pid, signal.SIGCONT)
+    run = await env.wait_status(run_id, "SUCCESS", timeout=30)
+    assert run["attempt"] == 1 and await _resumes(env) == []

@@ -16,6 +16,7 @@ from runherd.launchers import RunLauncher
 from runherd.monitor.actions import Actions
 from runherd.monitor.ingest import Effects, LockedRuns, apply_event
 from runherd.monitor.sweeper import Sweeper
+from runherd.monitor.watermark import publish_canaries, split_canaries
 from runherd.runtime import Supervisor, retrying, sleep_or_stop
 from runherd.store import Store
 from runherd.store.store import TransientDbError
@@ -36,6 +37,7 @@ class MonitorService:
     async def run(self, supervisor: Supervisor, *, relay: bool = True) -> None:
         stop = supervisor.stop
         supervisor.spawn("monitor.ingest", retrying("event ingest", lambda: self._ingest(stop), stop))
+        supervisor.spawn("monitor.canaries", publish_canaries(self.store, self.broker, stop))
         if self.config.run_monitoring.enabled:
             supervisor.spawn("monitor.sweep", self._sweep_loop(stop))
         if relay:
@@ -73,6 +75,13 @@ class MonitorService:
             await self.apply_batch(batch)
 
     async def apply_batch(self, batch: list[Delivery]) -> None:
+        batch, canaries, nonces = split_canaries(batch)  # applied in order: the events before them are done
+        if batch:
+            await self._apply_events(batch)
+        await self.store.record_event_canaries(nonces)
+        await self.broker.ack(canaries)
+
+    async def _apply_events(self, batch: list[Delivery]) -> None:
         parsed: list[tuple[Delivery, Event]] = []
         rejected: list[tuple[Delivery, str]] = []
         for delivery in batch:

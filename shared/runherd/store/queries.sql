@@ -223,8 +223,26 @@ RETURNING stamp;
 -- A replica that stops cleanly holds nothing any more: it no longer holds the watermark back.
 DELETE FROM heartbeat_replicas WHERE replica = $1::text;
 
+-- name: issue_event_canary
+-- A canary for a monitor to publish on runherd.events: nonce $1, stamped with the database's time now.
+WITH lost AS (
+    DELETE FROM event_canaries WHERE stamp < clock_timestamp() - interval '1 hour'
+)
+INSERT INTO event_canaries (nonce) VALUES ($1::integer)
+ON CONFLICT (nonce) DO NOTHING
+RETURNING stamp;
+
+-- name: record_event_canaries
+-- The events before these canaries are applied: the event watermark moves to their latest stamp.
+WITH applied AS (
+    DELETE FROM event_canaries WHERE nonce = ANY($1::integer[]) RETURNING stamp
+)
+UPDATE event_watermark w
+SET applied_through = greatest(w.applied_through, (SELECT max(stamp) FROM applied))
+WHERE EXISTS (SELECT 1 FROM applied);
+
 -- name: heard_lag
--- How far behind the heartbeat pipeline is heard, in seconds; NULL when no replica is alive.
+-- How far behind the workers are heard (heartbeats and events), in seconds; NULL: not heard at all.
 SELECT extract(epoch FROM clock_timestamp() - runherd_heard_through())::float8 AS seconds;
 
 -- name: insert_event

@@ -352,8 +352,18 @@ class Store:
     async def forget_replica(self, replica: str) -> None:
         await self.pool.execute(q("forget_replica"), replica)
 
+    async def issue_event_canary(self, nonce: int) -> datetime | None:
+        """Register an event canary; returns its stamp (the database's time now), None if the nonce is taken."""
+        return await self.pool.fetchval(q("issue_event_canary"), nonce)
+
+    async def record_event_canaries(self, nonces: Sequence[int]) -> None:
+        """Every event published before these canaries is applied: advance the event watermark."""
+        if nonces:
+            await self.pool.execute(q("record_event_canaries"), list(nonces))
+
     async def heard_lag(self) -> float | None:
-        """Seconds the heartbeat pipeline is heard behind the database's clock; None: not heard at all."""
+        """Seconds the workers are heard behind the database's clock (heartbeats and events); None:
+        not heard at all."""
         return await self.pool.fetchval(q("heard_lag"))
 
     # --- monitor --------------------------------------------------------------------------

@@ -21,10 +21,28 @@ CREATE TABLE heartbeat_canaries (
     stamp timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 
--- How far the heartbeat pipeline has been heard: the least watermark of the live replicas (any of
--- them may hold unwritten heartbeats); NULL when no replica is alive or one has heard nothing yet.
+-- The same for lifecycle events: a monitor publishes canaries on runherd.events (routing key
+-- run.<nil uuid>); the events queue has one active consumer applying in order, so when it has applied
+-- a batch holding a canary stamped T, every event published before T is applied (or dead-lettered).
+CREATE TABLE event_canaries (
+    nonce integer     PRIMARY KEY,
+    stamp timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE TABLE event_watermark (
+    one             boolean     PRIMARY KEY DEFAULT true CHECK (one),
+    applied_through timestamptz              -- NULL: no canary applied yet
+);
+INSERT INTO event_watermark DEFAULT VALUES;
+
+-- How far runherd has heard its workers: the least of the heartbeat pipeline's watermark (the least
+-- of the live replicas': any of them may hold unwritten heartbeats) and the event watermark (a
+-- worker's RUN_SUCCESS still queued must not let its silence read as a hang). NULL when either is
+-- unknown: no heartbeat replica alive, one that has heard nothing yet, or no event canary applied.
 -- 180 s: RabbitMQ drops a consumer that stopped answering after its 60 s AMQP heartbeat timeout,
 -- so by then whatever a stopped replica held is back on the queue.
 CREATE FUNCTION runherd_heard_through() RETURNS timestamptz LANGUAGE sql VOLATILE AS $$
-    SELECT nullif(min(heard_through), '-infinity') FROM heartbeat_replicas WHERE seen_at > clock_timestamp() - interval '180 seconds'
+    SELECT CASE WHEN hb.through IS NOT NULL AND ev.through IS NOT NULL THEN least(hb.through, ev.through) END
+    FROM (SELECT nullif(min(heard_through), '-infinity') AS through
+          FROM heartbeat_replicas WHERE seen_at > clock_timestamp() - interval '180 seconds') hb,
+         (SELECT applied_through AS through FROM event_watermark) ev
 $$;
