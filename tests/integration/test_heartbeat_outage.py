@@ -145,7 +145,10 @@ async def test_a_heartbeat_is_stamped_with_the_database_clock_and_canaries_advan
     await env.store.record_heartbeats([(CANARY_RUN_ID, 42)], replica="r1")
     heard = await env.store.fetch("SELECT heard_through FROM heartbeat_replicas WHERE replica = 'r1'")
     assert heard[0]["heard_through"] == stamp
-    await env.store.forget_replica("r1")
+    assert await env.store.issue_canary("r1", 43) is not None
+    await env.store.forget_replica("r1")  # a replica that stopped cleanly, writing its last batch
+    await env.store.record_heartbeats([(CANARY_RUN_ID, 43)], replica="r1")
+    assert await env.store.fetch("SELECT * FROM heartbeat_replicas") == []
     assert await env.store.heard_lag() is None
 
 

@@ -143,15 +143,19 @@ class Sweeper:
         return len(crashed)
 
     async def _say_if_deaf(self, limit: float) -> None:
-        """silent_workers measures silence only up to where the heartbeat pipeline is heard; say
-        when that holds the rule (a stalled heartbeat service or broker), and when it lets go."""
+        """silent_workers measures silence only up to where the workers are heard (heartbeats written,
+        events applied); say when that holds the rule (a stalled heartbeat service, broker or event
+        consumer), and when it lets go."""
         lag = await self.store.heard_lag()
         deaf = lag is None or lag > limit
         if deaf != self._deaf:
             self._deaf = deaf
             if deaf:
-                behind = "no heartbeat replica is heard" if lag is None else f"heard {lag:.1f} s behind"
-                log.warning("heartbeat pipeline stale (%s): no run is taken for hung until it is heard", behind)
+                behind = "nothing heard" if lag is None else f"heard {lag:.1f} s behind"
+                log.warning(
+                    "heartbeat pipeline stale (%s; heartbeats or events): no run is taken for hung until it is heard",
+                    behind,
+                )
             else:
                 log.info("heartbeat pipeline heard again (%.1f s behind): hung workers are detected", lag)
 

@@ -195,10 +195,10 @@ WITH beats AS (
     WHERE $3::text IS NOT NULL AND b.run_id = '00000000-0000-0000-0000-000000000000' AND c.nonce = b.attempt
     RETURNING c.stamp
 ), heard AS (
-    INSERT INTO heartbeat_replicas AS h (replica, heard_through)
-    SELECT $3::text, max(stamp) FROM canaries HAVING count(*) > 0
-    ON CONFLICT (replica) DO UPDATE
-    SET heard_through = greatest(h.heard_through, excluded.heard_through), seen_at = clock_timestamp()
+    -- Only a registered replica (issue_canary) is credited: one that left cleanly stays gone.
+    UPDATE heartbeat_replicas h
+    SET heard_through = greatest(h.heard_through, (SELECT max(stamp) FROM canaries)), seen_at = clock_timestamp()
+    WHERE h.replica = $3::text AND EXISTS (SELECT 1 FROM canaries)
 )
 SELECT count(*) AS touched FROM touched;
 
