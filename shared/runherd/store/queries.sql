@@ -358,9 +358,10 @@ FOR UPDATE SKIP LOCKED;
 
 -- name: silent_workers
 -- STARTED runs whose current attempt has not been heard for $1 seconds (an attempt never heard is
--- measured from its launch, against $3, the start grace) *while the heartbeat pipeline was heard*:
+-- measured from its launch, against $3, the start grace) *while the workers could be heard*:
 -- silence is measured up to runherd_heard_through(), not up to now, so a stalled heartbeat service,
--- broker or queue makes no worker look silent (and with no heartbeat replica alive, none is).
+-- broker, queue or event consumer makes no worker look silent (a worker whose RUN_SUCCESS is still
+-- queued neither), and with no heartbeat replica alive none is.
 -- Every time here is the database's: last_heartbeat_at is written with its clock.
 WITH heard AS (
     SELECT runherd_heard_through() AS through
