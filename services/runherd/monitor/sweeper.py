@@ -32,6 +32,7 @@ class Sweeper:
         self.launcher = launcher
         self.actions = actions
         self._health_slots = asyncio.Semaphore(16)
+        self._deaf = False  # the heartbeat pipeline is not heard: the hang rule holds
 
     async def sweep(self) -> dict[str, int]:
         """Every rule once; returns how many runs each acted on."""
@@ -115,6 +116,7 @@ class Sweeper:
         """STARTED with no heartbeat of its current attempt for the timeout: hung or dead.
         The deadline alone makes it a crash (an UNKNOWN health never does)."""
         limit = self.mon.heartbeat_timeout_seconds
+        await self._say_if_deaf(limit)
         async with self.store.tx() as tx:
             rows = await tx.violators("silent_workers", float(limit), BATCH, self.start_grace)
             if not rows:
@@ -139,6 +141,23 @@ class Sweeper:
         # The superseded (or failed) attempts' workers are stopped at once; reap is the safety net.
         self.actions.terminate_soon(list(handles.values()), "no heartbeat (hung or dead)")
         return len(crashed)
+
+    async def _say_if_deaf(self, limit: float) -> None:
+        """silent_workers measures silence only up to where the workers are heard (heartbeats written,
+        events applied); say when that holds the rule (a stalled heartbeat service, broker or event
+        consumer), and when it lets go."""
+        lag = await self.store.heard_lag()
+        deaf = lag is None or lag > limit
+        if deaf != self._deaf:
+            self._deaf = deaf
+            if deaf:
+                behind = "nothing heard" if lag is None else f"heard {lag:.1f} s behind"
+                log.warning(
+                    "heartbeat pipeline stale (%s; heartbeats or events): no run is taken for hung until it is heard",
+                    behind,
+                )
+            else:
+                log.info("heartbeat pipeline heard again (%.1f s behind): hung workers are detected", lag)
 
     @property
     def start_grace(self) -> float:
