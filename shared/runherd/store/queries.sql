@@ -356,11 +356,14 @@ WITH crashed AS (
 SELECT run_id, attempt, resumes FROM resumed;
 
 -- name: stuck_starting
-SELECT run_id, attempt FROM runs
-WHERE status = 'STARTING' AND status_changed_at < clock_timestamp() - make_interval(secs => $1)
-ORDER BY status_changed_at
+-- STARTING for $1 seconds up to where events are heard (the event watermark of migration 0005),
+-- not up to now: a worker's RUN_START still queued behind a database outage or an event backlog
+-- does not make its run look stuck. No canary applied yet: nothing is decided.
+SELECT r.run_id, r.attempt FROM runs r, event_watermark w
+WHERE r.status = 'STARTING' AND r.status_changed_at < w.applied_through - make_interval(secs => $1)
+ORDER BY r.status_changed_at
 LIMIT $2
-FOR UPDATE SKIP LOCKED;
+FOR UPDATE OF r SKIP LOCKED;
 
 -- name: stuck_canceling
 SELECT run_id, attempt FROM runs
@@ -478,7 +481,9 @@ FROM (
     WHERE r.status = 'STARTED' AND h.lag <= make_interval(secs => $1)
     GROUP BY h.lag
     UNION ALL
-    SELECT min(status_changed_at) + make_interval(secs => $3) FROM runs WHERE status = 'STARTING'
+    SELECT min(status_changed_at) + make_interval(secs => $3)
+           + (clock_timestamp() - (SELECT applied_through FROM event_watermark))
+    FROM runs WHERE status = 'STARTING'
     UNION ALL
     SELECT min(status_changed_at) + make_interval(secs => $4) FROM runs WHERE status = 'CANCELING'
     UNION ALL
