@@ -65,7 +65,11 @@ class LauncherService:
     async def _command(self, delivery: Delivery) -> None:
         try:
             outcome = await commands.apply(
-                self.store, delivery.routing_key, decode(delivery.body), launcher=self.launcher.name
+                self.store,
+                delivery.routing_key,
+                decode(delivery.body),
+                launcher=self.launcher.name,
+                run_launcher=self.launcher,
             )
         except InvalidMessage as exc:
             metrics.DEAD_LETTERS.labels(topology.COMMANDS_QUEUE).inc()
