@@ -1,10 +1,11 @@
 -- Named queries of worker kills (loaded with queries.sql; see shared/store/kills.py).
 
 -- name: claim_kills
--- The workers a sweep decided to stop, marked in the transaction that decided it: due at once
--- ('-infinity') and claimed now, so the reap rule leaves them to this sweep for its lease and
--- retries them only if the outcome is not recorded by then. $1 run ids, $2 their attempts.
-UPDATE attempts a SET reap_after = '-infinity', reap_claimed_at = clock_timestamp()
+-- The workers a sweep decided to stop, claimed in the transaction that decided it, so the reap rule
+-- leaves them to this sweep for its lease and takes them over only if no exit is recorded by then.
+-- The transition or resume of the same transaction has marked them (reap_after); an attempt not
+-- marked yet is due at once. $1 run ids, $2 their attempts.
+UPDATE attempts a SET reap_after = coalesce(a.reap_after, '-infinity'), reap_claimed_at = clock_timestamp()
 FROM unnest($1::uuid[], $2::integer[]) AS u(run_id, attempt)
 WHERE a.run_id = u.run_id AND a.attempt = u.attempt AND a.exited_at IS NULL AND a.handle IS NOT NULL
 RETURNING a.run_id, a.attempt, a.handle;
