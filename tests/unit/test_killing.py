@@ -41,12 +41,12 @@ def test_only_a_confirmed_kill_is_reported_done(
 
 def test_kill_request_round_trips() -> None:
     run_id = str(uuid.uuid4())
-    body = request_body(RunRef(run_id, 3, {"pid": 7, "host": "a"}), "max runtime", 0)
+    body = request_body(RunRef(run_id, 3, {"worker": 7, "host": "a"}), "max runtime", 0)
     request = parse_request(orjson.loads(body))
     assert (request.run_id, request.attempt, request.handle, request.reason) == (
         run_id,
         3,
-        {"pid": 7, "host": "a"},
+        {"worker": 7, "host": "a"},
         "max runtime",
     )
     assert request.grace_seconds == 0.0
@@ -66,6 +66,6 @@ def test_kill_request_round_trips() -> None:
     ],
 )
 def test_invalid_kill_requests_say_why(change: dict[str, object], says: str) -> None:
-    body = orjson.loads(request_body(RunRef(str(uuid.uuid4()), 1, {"pid": 1}), "r", None))
+    body = orjson.loads(request_body(RunRef(str(uuid.uuid4()), 1, {"worker": 1}), "r", None))
     with pytest.raises(InvalidMessage, match=says):
         parse_request({**body, **change})
