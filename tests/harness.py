@@ -225,9 +225,15 @@ class Env:
         while self.running:
             await self.running.pop().close(grace=2)
         # No worker outlives its test.
+        # Only a group whose leader is still that worker (same start time): a pid reused by an
+        # unrelated process on a busy machine must never be killed.
+        from runherd.launchers.process import start_time
+
         for row in await self.store.fetch("SELECT handle FROM attempts WHERE handle ? 'pid'"):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(row["handle"]["pid"], 9)
+            pid, started = row["handle"]["pid"], row["handle"].get("start_time")
+            if started is not None and start_time(pid) == started:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, 9)
 
     async def submit(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from runherd import launchers, metrics
+from runherd import launchers, metrics, outbox
 from runherd.broker import Broker
 from runherd.config import Config
 from runherd.launchers import RunLauncher
@@ -28,8 +28,12 @@ class Running:
     services: dict[str, list[object]] = field(default_factory=dict)
 
     async def close(self, grace: float = 10.0) -> None:
+        """Graceful, in a fixed order: stop consuming and finish the batches in hand (the rest go
+        back to their queues unacked), flush the status outbox, then close the connections."""
         self.supervisor.stop.set()
         await self.supervisor.wait(grace)
+        if self.stores and self.brokers:
+            await outbox.flush(self.stores[0], self.brokers[0])
         for launcher in self.launchers:
             await launcher.close()
         for broker in self.brokers:

@@ -1,8 +1,9 @@
 """RabbitMQ for runherd: the only module that imports aio_pika.
 
 It declares the public topology of DESIGN.md, publishes with publisher confirms, and hands
-consumers their deliveries in batches. One place decides ack / dead-letter / requeue:
-``Batch.settle`` (and ``Delivery.dead_letter``).
+consumers their deliveries in batches. Settling (ack, requeue, dead-letter) happens in one place, the
+consume loop of ``runherd.consume``, which calls the primitives here; services never see an aio-pika
+message.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +42,8 @@ EVENTS_QUEUE = "runherd.monitor.events"
 HEARTBEATS_QUEUE = "runherd.heartbeats"
 DEAD_QUEUE = "runherd.dead-letters"
 ERROR_HEADER = "x-runherd-error"
+EXCHANGE_HEADER = "x-runherd-exchange"
+ROUTING_KEY_HEADER = "x-runherd-routing-key"
 
 HEARTBEAT_QUEUE_MAX = 100_000
 RECONNECT_SECONDS = 1.0
@@ -85,16 +89,33 @@ class BrokerError(RunherdError):
 
 @dataclass
 class Delivery:
+    """A received message as handlers see it: its body and the facts about it, never the means to
+    settle it (only ``runherd.consume`` settles)."""
+
     body: bytes
     routing_key: str
     headers: dict[str, Any]
-    message: AbstractIncomingMessage
+    _raw: AbstractIncomingMessage
+
+    @property
+    def message_id(self) -> str | None:
+        return self._raw.message_id
+
+    @property
+    def exchange(self) -> str:
+        return self._raw.exchange or ""
+
+    @property
+    def settleable(self) -> bool:
+        """False once the channel it came on is gone (RabbitMQ then redelivers it elsewhere)."""
+        channel = self._raw.channel
+        return not getattr(channel, "is_closed", False)
 
     @property
     def deliveries(self) -> int:
         """How many times RabbitMQ has delivered this message (quorum queues count)."""
         count = self.headers.get("x-delivery-count")
-        return int(count) + 1 if isinstance(count, int) else (2 if self.message.redelivered else 1)
+        return int(count) + 1 if isinstance(count, int) else (2 if self._raw.redelivered else 1)
 
 
 class Broker:
@@ -183,12 +204,35 @@ class Broker:
         await self.publish(STATUS, routing_key, body, message_id=message_id)
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        """Copy the message to runherd.dead with the reason, then drop the original."""
+        """Copy the message to runherd.dead with every AMQP property it came with, adding runherd's
+        facts as ``x-runherd-*`` headers (error, original exchange and routing key), then drop the
+        original. ``user_id`` and ``expiration`` move into headers: RabbitMQ refuses a ``user_id``
+        that is not the publisher's, and an expiring dead letter would vanish before anyone read it."""
+        raw = delivery._raw
         headers = dict(delivery.headers)
         headers[ERROR_HEADER] = reason[:4000]
-        headers["x-runherd-routing-key"] = delivery.routing_key
-        await self.publish(DEAD, delivery.routing_key, delivery.body, headers=headers)
-        await delivery.message.ack()
+        headers[EXCHANGE_HEADER] = raw.exchange or ""
+        headers[ROUTING_KEY_HEADER] = delivery.routing_key
+        if raw.user_id:
+            headers["x-runherd-user-id"] = raw.user_id
+        if raw.expiration is not None:
+            headers["x-runherd-expiration"] = str(raw.expiration)
+        copy = aio_pika.Message(
+            delivery.body,
+            headers=headers,
+            content_type=raw.content_type,
+            content_encoding=raw.content_encoding,
+            delivery_mode=raw.delivery_mode or aio_pika.DeliveryMode.PERSISTENT,
+            priority=raw.priority,
+            correlation_id=raw.correlation_id,
+            reply_to=raw.reply_to,
+            message_id=raw.message_id,
+            timestamp=raw.timestamp,
+            type=raw.type,
+            app_id=raw.app_id,
+        )
+        await self._exchanges[DEAD].publish(copy, routing_key=delivery.routing_key)
+        await raw.ack()
         log.warning("dead-lettered message (routing key %s): %s", delivery.routing_key, reason)
 
     # --- consuming -----------------------------------------------------------------------
@@ -235,18 +279,18 @@ class Broker:
         were settled before, one by one)."""
         if not deliveries:
             return
-        channels = {id(d.message.channel) for d in deliveries}
+        channels = {id(d._raw.channel) for d in deliveries}
         if len(channels) == 1 and len(deliveries) > 1:
-            newest = max(deliveries, key=lambda d: d.message.delivery_tag or 0)
-            await newest.message.ack(multiple=True)
+            newest = max(deliveries, key=lambda d: d._raw.delivery_tag or 0)
+            await newest._raw.ack(multiple=True)
             return
         for delivery in deliveries:
-            await delivery.message.ack()
+            await delivery._raw.ack()
 
     async def requeue(self, deliveries: list[Delivery]) -> None:
         for delivery in deliveries:
             with contextlib.suppress(Exception):
-                await delivery.message.nack(requeue=True)
+                await delivery._raw.nack(requeue=True)
 
     async def subscribe(self, exchange: str, binding: str) -> AsyncIterator[Delivery]:
         """A private auto-delete queue bound to ``exchange`` (for `runherd watch` and tests)."""
@@ -262,6 +306,21 @@ class Broker:
             with contextlib.suppress(Exception):
                 await channel.close()
 
+    async def follow(self, exchange: str, bindings: list[str]) -> Subscription:
+        """A private queue (exclusive, auto-delete, named here: aio-pika cannot re-declare a
+        server-named one) bound to ``exchange``, consumed without acks. Bound when this returns,
+        so nothing published afterwards is missed while the connection lasts. When the connection
+        is lost the queue is gone with it and the subscription raises BrokerError: the caller
+        follows again once reconnected (the client's ``statuses()`` does)."""
+        channel = await self.connection.channel()
+        inbox: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        channel.close_callbacks.add(lambda *_: inbox.put_nowait(None))
+        queue = await channel.declare_queue(f"runherd.follow.{uuid.uuid4().hex}", exclusive=True, auto_delete=True)
+        for binding in bindings:
+            await queue.bind(exchange, routing_key=binding)
+        await queue.consume(inbox.put, no_ack=True)
+        return Subscription(channel, inbox)
+
     async def queue_depths(self) -> dict[str, int]:
         depths = {}
         for name in _QUEUES:
@@ -270,6 +329,35 @@ class Broker:
                 result = await queue.declare()  # a fresh passive-style declare: current counts
                 depths[name] = result.message_count or 0
         return depths
+
+
+@dataclass(frozen=True)
+class Received:
+    body: bytes
+    routing_key: str
+    message_id: str | None
+
+
+class Subscription:
+    """What ``Broker.follow`` returns: an async iterator of Received, until its channel is lost."""
+
+    def __init__(self, channel: AbstractChannel, inbox: asyncio.Queue[AbstractIncomingMessage | None]) -> None:
+        self._channel = channel
+        self._inbox = inbox
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Received:
+        message = await self._inbox.get()
+        if message is None:
+            self._inbox.put_nowait(None)  # stays lost for every later call
+            raise BrokerError("subscription lost: the connection to RabbitMQ was closed")
+        return Received(message.body, message.routing_key or "", message.message_id)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._channel.close()
 
 
 async def _gather(

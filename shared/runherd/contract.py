@@ -309,6 +309,15 @@ class Reexecute:
     new_run_id: str
 
 
+# Ids derived from an AMQP message_id: a redelivered launch or reexecute that carries no id of its
+# own still names the same run, so it is applied once.
+_MESSAGE_ID_NAMESPACE = uuid.UUID("5b0c1e9e-3f0e-4d55-9a7f-2f1b0f5d8a61")
+
+
+def run_id_from_message_id(command: str, message_id: str) -> str:
+    return str(uuid.uuid5(_MESSAGE_ID_NAMESPACE, f"{command}:{message_id}"))
+
+
 def parse_reexecute(data: dict[str, Any]) -> Reexecute:
     run_id = parse_run_id(_require(data, "run_id", str, "a UUID"))
     strategy = data.get("strategy") or "FROM_FAILURE"

@@ -23,6 +23,9 @@ EVENTS_REFUSED = Counter("runherd_events_refused_total", "Lifecycle events refus
 DEAD_LETTERS = Counter("runherd_dead_letters_total", "Messages dead-lettered", ["queue"])
 MONITOR_ACTIONS = Counter("runherd_monitor_actions_total", "Monitor actions taken", ["action"])
 LAUNCHES = Counter("runherd_launches_total", "Workers launched", ["launcher", "outcome"])
+CONSUMER_HELD = Gauge(
+    "runherd_consumer_held_deliveries", "Deliveries held unacked while the database is unavailable", ["queue"]
+)
 STATUS_PUBLISHED = Counter("runherd_status_published_total", "Status messages published")
 
 

@@ -45,14 +45,34 @@ async def relay(store: Store, broker: Broker, stop: asyncio.Event, idle_poll: fl
         await unlisten()
 
 
-async def _publish_batch(store: Store, broker: Broker, conn: object) -> bool:
+async def flush(store: Store, broker: Broker, timeout: float = 5.0) -> int:
+    """Publish what is left in the outbox, at shutdown, after the consumers have stopped (their last
+    transitions are committed by then). Skipped if another process holds the relay: it goes on."""
+
+    async def drain() -> int:
+        published = 0
+        async with store.outbox_leadership() as conn:
+            if conn is None:
+                return 0
+            while n := await _publish_batch(store, broker, conn):
+                published += n
+        return published
+
+    try:
+        return await asyncio.wait_for(drain(), timeout)
+    except Exception as exc:
+        log.warning("outbox not flushed at shutdown (%r); the next relay publishes the rest", exc)
+        return 0
+
+
+async def _publish_batch(store: Store, broker: Broker, conn: object) -> int:
     rows = await store.outbox_batch(conn, BATCH)
     if not rows:
-        return False
+        return 0
     # Published in id order on one channel; the confirms are awaited together.
     await asyncio.gather(
         *(broker.publish_status(key, body, message_id=f"status-{row_id}") for row_id, key, body in rows)
     )
     await store.outbox_delete(conn, [r[0] for r in rows])
     metrics.STATUS_PUBLISHED.inc(len(rows))
-    return True
+    return len(rows)

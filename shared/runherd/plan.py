@@ -1,7 +1,14 @@
-"""The plan a worker receives from the launcher (never from the database) and which steps are ready."""
+"""The plan a worker receives from the launcher (never from the database) and which steps are ready.
+
+The plan travels as a file, never as an environment variable: Linux caps one variable at 128 KiB
+and a resumed attempt carries every completed step's output. Each launcher puts the file where the
+worker can read it and names it in ``RUNHERD_PLAN_FILE`` (``RUNHERD_PLAN``, the plan inline, is
+still read, for launchers of one's own that cannot ship a file).
+"""
 
 from __future__ import annotations
 
+import gzip
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -13,6 +20,12 @@ from runherd.contract import Step, check_graph, parse_steps
 from runherd.errors import InvalidMessage
 
 PLAN_ENV = "RUNHERD_PLAN"
+PLAN_FILE_ENV = "RUNHERD_PLAN_FILE"
+
+MAX_OUTPUT_BYTES = 1024 * 1024
+"""The documented limit of one step's output (its JSON): over it the step fails with the reason."""
+MAX_MESSAGE_BYTES = MAX_OUTPUT_BYTES + 64 * 1024
+"""The largest event a worker publishes: an output at its limit plus the envelope."""
 
 
 @dataclass(frozen=True)
@@ -24,6 +37,12 @@ class Plan:
     completed: dict[str, Any] = field(default_factory=dict)  # step key -> its recorded output
     heartbeat_interval_seconds: float = 5.0
     max_concurrent_steps: int = 4
+    worker_id: str = ""  # this worker instance: its events' source is ``worker:<id>``
+
+    @property
+    def source(self) -> str:
+        """The events' source: two workers of one attempt never share sequence numbers."""
+        return f"worker:{self.worker_id}" if self.worker_id else "worker"
 
     def to_json(self) -> str:
         return orjson.dumps(
@@ -36,6 +55,7 @@ class Plan:
                 "completed": self.completed,
                 "heartbeat_interval_seconds": self.heartbeat_interval_seconds,
                 "max_concurrent_steps": self.max_concurrent_steps,
+                "worker_id": self.worker_id,
             }
         ).decode()
 
@@ -55,13 +75,34 @@ def from_json(text: str) -> Plan:
         completed=dict(raw.get("completed") or {}),
         heartbeat_interval_seconds=float(raw.get("heartbeat_interval_seconds", 5)),
         max_concurrent_steps=int(raw.get("max_concurrent_steps", 4)),
+        worker_id=str(raw.get("worker_id") or ""),
     )
 
 
+def compress(text: str) -> bytes:
+    """The plan as a Kubernetes Secret carries it: gzip, since a Secret holds at most 1 MiB."""
+    return gzip.compress(text.encode(), compresslevel=6, mtime=0)
+
+
+def read_file(path: str) -> str:
+    """A plan file, plain or gzip-compressed (told apart by the gzip magic)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise InvalidMessage(f"{PLAN_FILE_ENV}: cannot read the plan {path}: {exc.strerror}") from None
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return data.decode()
+
+
 def from_env() -> Plan:
+    path = os.environ.get(PLAN_FILE_ENV)
+    if path:
+        return from_json(read_file(path))
     text = os.environ.get(PLAN_ENV)
     if not text:
-        raise InvalidMessage(f"{PLAN_ENV} is not set: `runherd worker` is started by a run launcher")
+        raise InvalidMessage(f"{PLAN_FILE_ENV} is not set: `runherd worker` is started by a run launcher")
     return from_json(text)
 
 

@@ -40,8 +40,8 @@ async def test_three_step_job_published_with_plain_aio_pika(env: Env) -> None:
     for key in ("extract", "transform", "load"):
         kinds = [e["type"] for e in events if e["step_key"] == key]
         assert kinds == ["STEP_START", "STEP_SUCCESS"], (key, kinds)
-    seqs = [e["seq"] for e in events if e["seq"] is not None and e["source"] == "worker"]
-    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    seqs = [e["seq"] for e in events if e["seq"] is not None and e["source"].startswith("worker:")]
+    assert seqs and seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     log_path = (await env.handle(run_id))["log_path"]
     assert "transforming" in open(log_path).read()
 

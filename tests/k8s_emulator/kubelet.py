@@ -11,12 +11,15 @@ process when the Pod or Job is deleted.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import logging
 import os
 import secrets as _secrets
+import shutil
 import signal
+import tempfile
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +57,7 @@ class PodRuntime:
     oom: bool = False
     deleting: bool = False
     exited: asyncio.Event = field(default_factory=asyncio.Event)
+    volumes_dir: str | None = None  # where this pod's secret volumes are materialised
 
 
 class Kubelet:
@@ -69,6 +73,8 @@ class Kubelet:
         # Kubernetes' default grace is 30 s; tests must not wait that long for a SIGKILL.
         self.max_grace_seconds = max_grace_seconds
         self.secrets: dict[tuple[str, str], dict[str, str]] = {}
+        # How long a pod waits for a Secret its volume names (the real kubelet retries the mount).
+        self.volume_wait_seconds = 30.0
         self.pods: dict[tuple[str, str], PodRuntime] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -96,6 +102,7 @@ class Kubelet:
             self._spawn(self._delete_pods_then_job(namespace, name))
         else:
             self.store.delete("Job", namespace, name)
+            self._collect_owned(namespace, job)
             if policy != "Orphan":
                 self._spawn(self._delete_pods_then_job(namespace, name))
         return job
@@ -127,6 +134,49 @@ class Kubelet:
                 with contextlib.suppress(ProcessLookupError):
                     await rt.proc.wait()
 
+    # --- volumes ------------------------------------------------------------------------------
+
+    async def _mount_volumes(self, ns: str, pod: Obj, rt: PodRuntime) -> dict[str, str]:
+        """Secret volumes as local directories (mode as asked), waiting for a Secret that is not
+        there yet like the kubelet's mount retries. Returns mountPath -> local directory."""
+        container = pod["spec"]["containers"][0]
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
+        mounts: dict[str, str] = {}
+        for mount in container.get("volumeMounts") or []:
+            source = (volumes.get(mount["name"]) or {}).get("secret")
+            if source is None:
+                continue
+            secret = await self._wait_for_secret(ns, source["secretName"])
+            if rt.volumes_dir is None:
+                rt.volumes_dir = tempfile.mkdtemp(prefix=f"k8s-emulator-{rt.pod_name}-")
+            local = os.path.join(rt.volumes_dir, mount["name"])
+            os.makedirs(local, exist_ok=True)
+            for key, value in (secret.get("data") or {}).items():
+                path = os.path.join(local, key)
+                with open(path, "wb") as f:
+                    f.write(base64.b64decode(value))
+                os.chmod(path, source.get("defaultMode", 0o644))
+            mounts[mount["mountPath"]] = local
+        return mounts
+
+    async def _wait_for_secret(self, ns: str, name: str) -> Obj:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.volume_wait_seconds
+        while (secret := self.store.find("Secret", ns, name)) is None:
+            if loop.time() > deadline:
+                raise _CantStart("ContainerCreating", f'MountVolume.SetUp failed: secret "{name}" not found')
+            await asyncio.sleep(0.02)
+        return secret
+
+    def _collect_owned(self, ns: str, job: Obj) -> None:
+        """The garbage collector: Secrets owned by a deleted Job go with it."""
+        uid = job["metadata"].get("uid")
+        for secret in self.store.list("Secret", ns)[0]:
+            owners = secret["metadata"].get("ownerReferences") or []
+            if any(o.get("uid") == uid for o in owners):
+                with contextlib.suppress(ApiError):
+                    self.store.delete("Secret", ns, secret["metadata"]["name"])
+
     # --- the Job's life ----------------------------------------------------------------------
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -152,6 +202,8 @@ class Kubelet:
             await self._start_container(ns, pod, rt)
         finally:
             rt.exited.set()
+            if rt.volumes_dir is not None:
+                shutil.rmtree(rt.volumes_dir, ignore_errors=True)
 
     async def _start_container(self, ns: str, pod: Obj, rt: PodRuntime) -> None:
         pod_name = pod["metadata"]["name"]
@@ -162,12 +214,16 @@ class Kubelet:
             await self._image_pull_backoff(ns, pod_name, container)
             return
         try:
+            mounts = await self._mount_volumes(ns, pod, rt)
             env = self._container_env(ns, pod_name, container)
         except _CantStart as exc:
             self._set_waiting(ns, pod_name, container["name"], exc.reason, exc.message)
             self._event(ns, "Pod", pod_name, "Warning", "Failed", f"Error: {exc.message}")
             return
         argv = [*(container.get("command") or []), *(container.get("args") or [])]
+        # The container's mount paths are local directories here: its env and argv are rewritten.
+        env = {k: _remap(v, mounts) for k, v in env.items()}
+        argv = [_remap(a, mounts) for a in argv]
         try:
             rt.proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -276,6 +332,7 @@ class Kubelet:
         await self._delete_job_pods(ns, name)
         if (job := self.store.find("Job", ns, name)) and job["metadata"].get("deletionTimestamp"):
             self.store.delete("Job", ns, name)
+            self._collect_owned(ns, job)
 
     async def _delete_job_pods(self, ns: str, job_name: str) -> None:
         pods, _ = self.store.list("Pod", ns, f"job-name={job_name}")
@@ -403,6 +460,13 @@ class Kubelet:
 
 
 # --- pure helpers on API objects ---------------------------------------------------------------
+
+
+def _remap(value: str, mounts: dict[str, str]) -> str:
+    for mount_path, local in mounts.items():
+        if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
+            return local + value[len(mount_path.rstrip("/")) :]
+    return value
 
 
 async def _stop_process(rt: PodRuntime, grace: float) -> None:

@@ -9,6 +9,7 @@ watch stream.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import re
@@ -31,7 +32,9 @@ KINDS = {
     "jobs": ("Job", "batch/v1", "JobList"),
     "pods": ("Pod", "v1", "PodList"),
     "events": ("Event", "v1", "EventList"),
+    "secrets": ("Secret", "v1", "SecretList"),
 }
+MAX_SECRET_BYTES = 1024 * 1024  # the apiserver's limit on a Secret's data
 
 
 @dataclass
@@ -75,11 +78,17 @@ class ApiServer:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
-        for plural, prefix in (("jobs", "/apis/batch/v1"), ("pods", "/api/v1"), ("events", "/api/v1")):
+        for plural, prefix in (
+            ("jobs", "/apis/batch/v1"),
+            ("pods", "/api/v1"),
+            ("events", "/api/v1"),
+            ("secrets", "/api/v1"),
+        ):
             base = prefix + "/namespaces/{ns}/" + plural
             app.router.add_get(base, self._collection(plural))
             app.router.add_get(base + "/{name}", self._read(plural))
         app.router.add_post("/apis/batch/v1/namespaces/{ns}/jobs", self._create_job)
+        app.router.add_post("/api/v1/namespaces/{ns}/secrets", self._create_secret)
         app.router.add_delete("/apis/batch/v1/namespaces/{ns}/jobs/{name}", self._delete_job)
         app.router.add_delete("/api/v1/namespaces/{ns}/pods/{name}", self._delete_pod)
         app.router.add_get("/api/v1/namespaces/{ns}/pods/{name}/log", self._pod_log)
@@ -217,6 +226,20 @@ class ApiServer:
         created = self.store.create("Job", ns, job)
         self.kubelet.job_created(ns, created)
         return web.json_response(created, status=201)
+
+    async def _create_secret(self, request: web.Request) -> web.StreamResponse:
+        ns = request.match_info["ns"]
+        secret = await request.json()
+        name = secret.get("metadata", {}).get("name", "")
+        if len(name) > 253 or not DNS1123_LABEL.match(name):
+            raise ApiError(422, f'Secret "{name}" is invalid: metadata.name: must be a DNS-1123 subdomain')
+        size = sum(len(base64.b64decode(v)) for v in (secret.get("data") or {}).values())
+        if size > MAX_SECRET_BYTES:
+            raise ApiError(422, f'Secret "{name}" is invalid: data: Too long: must have at most 1048576 bytes')
+        secret.setdefault("apiVersion", "v1")
+        secret.setdefault("kind", "Secret")
+        secret["metadata"]["creationTimestamp"] = now_rfc3339()
+        return web.json_response(self.store.create("Secret", ns, secret), status=201)
 
     async def _delete_job(self, request: web.Request) -> web.StreamResponse:
         ns, name = request.match_info["ns"], request.match_info["name"]

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from runherd import broker as topology
 from runherd import metrics
 from runherd.broker import Broker, Delivery
+from runherd.consume import APPLIED, Reject, Verdict, consume
 from runherd.contract import decode, parse_heartbeat
 from runherd.errors import InvalidMessage
 from runherd.runtime import Supervisor, retrying
@@ -36,51 +37,49 @@ class HeartbeatService:
         supervisor.spawn("heartbeat.ingest", retrying("heartbeat ingest", lambda: self._ingest(stop), stop))
 
     async def _ingest(self, stop: asyncio.Event) -> None:
-        async for batch in self.broker.batches(
-            topology.HEARTBEATS_QUEUE, max_size=self.batch_size, max_wait=self.batch_wait, stop=stop
-        ):
-            await self.write(batch)
+        await consume(
+            self.broker,
+            topology.HEARTBEATS_QUEUE,
+            self.write,
+            stop=stop,
+            max_size=self.batch_size,
+            max_wait=self.batch_wait,
+            unavailable=TransientDbError,
+        )
 
-    async def write(self, batch: list[Delivery]) -> int:
-        beats, good, bad = [], [], []
-        for delivery in batch:
+    async def write(self, batch: list[Delivery]) -> list[Verdict]:
+        """One statement for the batch's heartbeats; a bad one is rejected, the rest written."""
+        verdicts: list[Verdict] = [APPLIED] * len(batch)
+        beats, good = [], []
+        for i, delivery in enumerate(batch):
             try:
                 beat = parse_heartbeat(decode(delivery.body))
             except InvalidMessage as exc:
-                bad.append((delivery, str(exc)))
+                verdicts[i] = Reject(str(exc))
                 continue
             beats.append((beat.run_id, beat.attempt, beat.ts))
-            good.append(delivery)
+            good.append(i)
         try:
-            touched = await self.store.record_heartbeats(beats)
+            await self.store.record_heartbeats(beats)
         except TransientDbError:
-            await self.broker.requeue(good)
             raise
         except Exception:
             log.exception("heartbeat batch failed; writing its heartbeats one by one")
-            touched, failed = await self._one_by_one(beats, good)
-            bad.extend(failed)
-            failed_ids = {id(f[0]) for f in failed}
-            good = [d for d in good if id(d) not in failed_ids]
-        for delivery, reason in bad:
-            metrics.DEAD_LETTERS.labels(topology.HEARTBEATS_QUEUE).inc()
-            await self.broker.dead_letter(delivery, reason)
-        await self.broker.ack(good)
+            for i, reason in await self._one_by_one(beats, good):
+                verdicts[i] = Reject(reason)
         if beats:  # once a batch, for the oldest heartbeat in it: the lag that matters
             oldest = min(ts for _, _, ts in beats)
             metrics.HEARTBEAT_LAG.observe(max(0.0, (datetime.now(UTC) - oldest).total_seconds()))
-        return touched
+        return verdicts
 
-    async def _one_by_one(
-        self, beats: list[tuple[str, int, datetime]], deliveries: list[Delivery]
-    ) -> tuple[int, list[tuple[Delivery, str]]]:
+    async def _one_by_one(self, beats: list[tuple[str, int, datetime]], indexes: list[int]) -> list[tuple[int, str]]:
         """Isolates the heartbeat that broke a batch: it is dead-lettered, the others written."""
-        touched, failed = 0, []
-        for beat, delivery in zip(beats, deliveries, strict=True):
+        failed = []
+        for beat, i in zip(beats, indexes, strict=True):
             try:
-                touched += await self.store.record_heartbeats([beat])
+                await self.store.record_heartbeats([beat])
             except TransientDbError:
                 raise
             except Exception as exc:
-                failed.append((delivery, f"heartbeat could not be written: {exc!r}"))
-        return touched, failed
+                failed.append((i, f"heartbeat could not be written: {exc!r}"))
+        return failed

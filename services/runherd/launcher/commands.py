@@ -56,10 +56,14 @@ async def apply(
     data: dict[str, Any],
     *,
     launcher: str | None = None,
+    message_id: str | None = None,
     run_launcher: RunLauncher | None = None,
 ) -> Outcome:
     """``launcher``: the run launcher this service runs; a launch naming another is refused.
+    ``message_id``: the AMQP message id; a launch (or reexecute) without a run id of its own gets
+    one derived from it, so a redelivery after the commit makes no second run.
     ``run_launcher``: the instance itself, which carries out ``kill`` requests."""
+    data = with_derived_ids(key, data, message_id)
     if key == "launch":
         launch = contract.parse_launch(data)
         if launch.launcher is not None and launcher is not None and launch.launcher != launcher:
@@ -108,6 +112,16 @@ async def kill(store: Store, run_launcher: RunLauncher, request: killing.KillReq
     )
     _kills.add(task)
     task.add_done_callback(_kills.discard)
+
+
+def with_derived_ids(key: str, data: dict[str, Any], message_id: str | None) -> dict[str, Any]:
+    if not message_id or not isinstance(data, dict):
+        return data
+    if key == "launch" and not data.get("run_id"):
+        return {**data, "run_id": contract.run_id_from_message_id(key, message_id)}
+    if key == "reexecute" and not data.get("new_run_id"):
+        return {**data, "new_run_id": contract.run_id_from_message_id(key, message_id)}
+    return data
 
 
 async def cancel(store: Store, run_id: str) -> Outcome:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from runherd import contract, metrics
@@ -11,16 +13,47 @@ from runherd.config import Config
 from runherd.contract import RunStatus
 from runherd.errors import LaunchError
 from runherd.launchers import Handle, RunLauncher, WorkerRun
-from runherd.plan import PLAN_ENV, Plan
+from runherd.plan import Plan
 from runherd.store import LaunchClaim, Store
 
 log = logging.getLogger("runherd.launcher")
 
 LAUNCH_ATTEMPTS = 4  # a transient launch error is retried this many times in all, with backoff
+LAUNCH_LEASE_SECONDS = 60
+MAX_CLAIMS = 64  # per round, at most; never more than there are free launch slots
+MAX_HANDLES = 10_000
+
+
+class HandleMap(OrderedDict[tuple[str, int], Handle]):
+    """The handles of the workers this process launched or adopted, for their exit's debug info.
+
+    Bounded: an exit that is never reported (a launcher without ``watch()``, a lost exit) would
+    otherwise keep its handle for the life of the process. The oldest goes first; losing it only
+    loses the log tail in that worker's WORKER_EXITED event."""
+
+    def __init__(self, maxsize: int = MAX_HANDLES) -> None:
+        super().__init__()
+        self.maxsize = maxsize
+
+    def __setitem__(self, key: tuple[str, int], value: Handle) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.maxsize:
+            self.popitem(last=False)
+
+
+def claims_to_take(concurrency: int, in_flight: int, cap: int = MAX_CLAIMS) -> int:
+    """Claim only what can be launched now: a claim waiting for a slot could outlive its lease,
+    and another launcher would launch the attempt a second time."""
+    return max(0, min(cap, concurrency - in_flight))
 
 
 def worker_run(claim: LaunchClaim, config: Config) -> WorkerRun:
-    """The worker's whole contract: its plan (steps, completed outputs) and broker credentials."""
+    """The worker's whole contract: its plan (steps, completed outputs) and broker credentials.
+
+    The plan goes in ``WorkerRun.plan``, which the launcher hands over as a file: in the
+    environment a resume's completed outputs would hit Linux's 128 KiB per variable."""
+    worker_id = uuid.uuid4().hex[:12]
     plan = Plan(
         run_id=claim.run_id,
         attempt=claim.attempt,
@@ -28,8 +61,9 @@ def worker_run(claim: LaunchClaim, config: Config) -> WorkerRun:
         steps=contract.parse_steps(claim.steps),
         completed=claim.completed,
         heartbeat_interval_seconds=config.run_monitoring.heartbeat_interval_seconds,
+        worker_id=worker_id,
     )
-    env = {**claim.env, PLAN_ENV: plan.to_json(), "RUNHERD_AMQP_URL": config.amqp_url}
+    env = {**claim.env, "RUNHERD_AMQP_URL": config.amqp_url}
     max_runtime = contract.max_runtime(claim.tags, config.run_monitoring.max_runtime_seconds)
     return WorkerRun(
         run_id=claim.run_id,
@@ -38,6 +72,8 @@ def worker_run(claim: LaunchClaim, config: Config) -> WorkerRun:
         env=env,
         tags=claim.tags,
         max_runtime_seconds=int(max_runtime) if max_runtime > 0 else None,
+        plan=plan.to_json(),
+        worker_id=worker_id,
     )
 
 
@@ -67,13 +103,14 @@ class Launching:
         config: Config,
         store: Store,
         launcher: RunLauncher,
-        handles: dict[tuple[str, int], Handle],
+        handles: HandleMap,
         concurrency: int = 16,
     ) -> None:
         self.config = config
         self.store = store
         self.launcher = launcher
         self.handles = handles
+        self.concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -85,12 +122,23 @@ class Launching:
             for lim in coordinator.tag_concurrency_limits
         ]
         await self.store.dequeue(coordinator.max_concurrent_runs, limits)
-        claims = await self.store.claim_launches(64, lease_seconds=60)
+        free = claims_to_take(self.concurrency, self.in_flight)
+        if free == 0:
+            # Every slot is busy: wait (a little) for one to free instead of claiming ahead.
+            await asyncio.wait(set(self._tasks), timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            free = claims_to_take(self.concurrency, self.in_flight)
+            if free == 0:
+                return 0
+        claims = await self.store.claim_launches(free, lease_seconds=LAUNCH_LEASE_SECONDS)
         for claim in claims:
             task = asyncio.ensure_future(self._launch(claim))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return len(claims)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for t in self._tasks if not t.done())
 
     async def drain(self) -> None:
         if self._tasks:

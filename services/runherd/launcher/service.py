@@ -7,14 +7,15 @@ import asyncio
 import logging
 
 from runherd import broker as topology
-from runherd import metrics, outbox
+from runherd import outbox
 from runherd.broker import Broker, Delivery
 from runherd.config import Config
+from runherd.consume import APPLIED, Reject, Verdict, consume, each
 from runherd.contract import Event, EventType, decode, now_iso
 from runherd.errors import InvalidMessage
 from runherd.launcher import commands
-from runherd.launcher.launching import Launching
-from runherd.launchers import Handle, RunLauncher, WorkerExit
+from runherd.launcher.launching import HandleMap, Launching
+from runherd.launchers import RunLauncher, WorkerExit
 from runherd.rules.events import describe_exit
 from runherd.runtime import Supervisor, retrying, sleep_or_stop
 from runherd.store import Store
@@ -29,7 +30,7 @@ class LauncherService:
         self.store = store
         self.broker = broker
         self.launcher = launcher
-        self.handles: dict[tuple[str, int], Handle] = {}
+        self.handles = HandleMap()
         self.launching = Launching(config, store, launcher, self.handles)
         self.wake = asyncio.Event()
         self._background: set[asyncio.Task[bool]] = set()
@@ -58,40 +59,35 @@ class LauncherService:
     # --- commands ---------------------------------------------------------------------------
 
     async def _commands(self, stop: asyncio.Event) -> None:
-        async for batch in self.broker.batches(topology.COMMANDS_QUEUE, max_size=50, max_wait=0.02, stop=stop):
-            for delivery in batch:
-                await self._command(delivery)
+        await consume(
+            self.broker,
+            topology.COMMANDS_QUEUE,
+            each(self.command),
+            stop=stop,
+            max_size=50,
+            max_wait=0.02,
+            unavailable=TransientDbError,
+        )
 
-    async def _command(self, delivery: Delivery) -> None:
+    async def command(self, delivery: Delivery) -> Verdict:
         try:
             outcome = await commands.apply(
                 self.store,
                 delivery.routing_key,
                 decode(delivery.body),
                 launcher=self.launcher.name,
+                message_id=delivery.message_id,
                 run_launcher=self.launcher,
             )
         except InvalidMessage as exc:
-            metrics.DEAD_LETTERS.labels(topology.COMMANDS_QUEUE).inc()
-            await self.broker.dead_letter(delivery, str(exc))
-            return
-        except TransientDbError:
-            await self.broker.requeue([delivery])
-            raise
-        except Exception as exc:
-            log.exception("command %s failed", delivery.routing_key)
-            if delivery.deliveries >= topology.MAX_DELIVERIES - 1:
-                await self.broker.dead_letter(delivery, f"command failed {delivery.deliveries} times: {exc!r}")
-            else:
-                await self.broker.requeue([delivery])
-            return
-        await delivery.message.ack()
+            return Reject(str(exc))
         self.wake.set()
         for ref in outcome.terminate:
             if ref.handle:
                 task = asyncio.ensure_future(self.launcher.terminate(ref.handle))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+        return APPLIED
 
     # --- launching --------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from runherd import broker as topology
 from runherd import metrics, outbox
 from runherd.broker import Broker, Delivery
 from runherd.config import Config
+from runherd.consume import APPLIED, Reject, Retry, Verdict, consume
 from runherd.contract import Event, decode, parse_event
 from runherd.errors import InvalidMessage
 from runherd.launchers import RunLauncher
@@ -69,71 +70,61 @@ class MonitorService:
             metrics.QUEUE_DEPTH.labels(queue).set(depth)
 
     async def _ingest(self, stop: asyncio.Event) -> None:
-        async for batch in self.broker.batches(topology.EVENTS_QUEUE, max_size=200, max_wait=0.01, stop=stop):
-            await self.apply_batch(batch)
+        await consume(
+            self.broker,
+            topology.EVENTS_QUEUE,
+            self.apply_batch,
+            stop=stop,
+            max_size=200,
+            max_wait=0.01,
+            unavailable=TransientDbError,
+        )
 
-    async def apply_batch(self, batch: list[Delivery]) -> None:
-        parsed: list[tuple[Delivery, Event]] = []
-        rejected: list[tuple[Delivery, str]] = []
-        for delivery in batch:
+    async def apply_batch(self, batch: list[Delivery]) -> list[Verdict]:
+        """The batch in one transaction; if a statement fails, again event by event (savepoints)."""
+        verdicts: list[Verdict] = [APPLIED] * len(batch)
+        parsed: list[tuple[int, Event]] = []
+        for i, delivery in enumerate(batch):
             try:
-                parsed.append((delivery, parse_event(decode(delivery.body))))
+                parsed.append((i, parse_event(decode(delivery.body))))
             except InvalidMessage as exc:
-                rejected.append((delivery, str(exc)))
+                verdicts[i] = Reject(str(exc))
         try:
-            try:
-                outcome = await self._apply(parsed, careful=False)
-            except TransientDbError:
-                raise
-            except Exception:
-                log.warning("a batch of %d events failed; applying them one by one", len(parsed), exc_info=True)
-                outcome = await self._apply(parsed, careful=True)
+            effects = await self._apply(parsed, verdicts, careful=False)
         except TransientDbError:
-            await self.broker.requeue(batch)
             raise
-        applied, failed, retry, effects = outcome
-        for delivery, reason in rejected + failed:
-            metrics.DEAD_LETTERS.labels(topology.EVENTS_QUEUE).inc()
-            await self.broker.dead_letter(delivery, reason)
-        await self.broker.requeue(retry)
-        await self.broker.ack(applied)
+        except Exception:
+            log.warning("a batch of %d events failed; applying them one by one", len(parsed), exc_info=True)
+            effects = await self._apply(parsed, verdicts, careful=True)
         await self._after(effects)
+        return verdicts
 
-    async def _apply(
-        self, parsed: list[tuple[Delivery, Event]], *, careful: bool
-    ) -> tuple[list[Delivery], list[tuple[Delivery, str]], list[Delivery], Effects]:
+    async def _apply(self, parsed: list[tuple[int, Event]], verdicts: list[Verdict], *, careful: bool) -> Effects:
         """One transaction for the batch; ``careful`` puts each event in a savepoint, so a failing
         one is retried alone (and dead-lettered after its last delivery) while the others commit."""
         effects = Effects()
-        applied: list[Delivery] = []
-        rejected: list[tuple[Delivery, str]] = []
-        retry: list[Delivery] = []
         async with self.store.tx() as tx:
             runs = LockedRuns(tx, gather_steps=not careful)
             await runs.lock([event.run_id for _, event in parsed])
-            for delivery, event in parsed:
+            for i, event in parsed:
                 try:
                     if careful:
                         async with tx.conn.transaction():  # a savepoint per event
                             await apply_event(tx, event, self.config, effects, runs)
                     else:
                         await apply_event(tx, event, self.config, effects, runs)
-                    applied.append(delivery)
                 except InvalidMessage as exc:
-                    rejected.append((delivery, str(exc)))
+                    verdicts[i] = Reject(str(exc))
                 except TransientDbError:
                     raise
                 except Exception as exc:
                     if not careful:
                         raise
                     runs.stale.add(event.run_id)  # its savepoint rolled back whatever it changed
-                    log.exception("event could not be applied (delivery %d)", delivery.deliveries)
-                    if delivery.deliveries >= topology.MAX_DELIVERIES - 1:
-                        rejected.append((delivery, f"event could not be applied: {exc!r}"))
-                    else:
-                        retry.append(delivery)
+                    log.exception("event could not be applied run_id=%s attempt=%s", event.run_id, event.attempt)
+                    verdicts[i] = Retry(f"event could not be applied: {exc!r}")
             await runs.flush()
-        return applied, rejected, retry, effects
+        return effects
 
     async def _after(self, effects: Effects) -> None:
         if effects.failed:

@@ -19,7 +19,9 @@ from typing import Any
 from runherd.broker import Broker
 from runherd.config import DEFAULT_AMQP_URL
 from runherd.contract import Event, EventType, Step, heartbeat_body, now_iso
-from runherd.plan import Plan, from_env, ready, upstream_outputs
+from runherd.launchers.process import record_self
+from runherd.plan import PLAN_ENV, PLAN_FILE_ENV, Plan, from_env, ready, upstream_outputs
+from runherd.worker import logcap
 from runherd.worker.steps import StepProcess, StepResult
 
 log = logging.getLogger("runherd.worker")
@@ -54,6 +56,7 @@ class Reporter:
                 attempt=self.plan.attempt,
                 seq=self.seq,
                 type=kind,
+                source=self.plan.source,
                 step_key=step_key,
                 message=message,
                 data=data or {},
@@ -71,6 +74,7 @@ class Reporter:
 
     async def heartbeats(self) -> None:
         while True:
+            logcap.CAP.check()  # the worker's own lines count too, not only its steps' stderr
             with contextlib.suppress(Exception):  # a lost heartbeat is fine; the next one follows
                 await self.broker.publish_heartbeat(heartbeat_body(self.plan.run_id, self.plan.attempt))
             await asyncio.sleep(self.plan.heartbeat_interval_seconds)
@@ -137,7 +141,7 @@ class Executor:
 async def run(plan: Plan, amqp_url: str, *, handle_sigterm: bool = True) -> int:
     broker = await Broker.connect(amqp_url, declare=False)
     reporter = Reporter(broker, plan)
-    env = {k: v for k, v in os.environ.items() if k != "RUNHERD_PLAN"}
+    env = {k: v for k, v in os.environ.items() if k not in (PLAN_ENV, PLAN_FILE_ENV)}
     executor = Executor(plan, reporter, env)
     canceled = asyncio.Event()
     if handle_sigterm:
@@ -175,6 +179,7 @@ async def run(plan: Plan, amqp_url: str, *, handle_sigterm: bool = True) -> int:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     plan = from_env()
+    record_self(plan.worker_id)
     amqp_url = os.environ.get("RUNHERD_AMQP_URL", DEFAULT_AMQP_URL)
     try:
         return asyncio.run(run(plan, amqp_url))

@@ -19,6 +19,8 @@ from typing import Any
 import orjson
 
 from runherd.contract import Step
+from runherd.plan import MAX_OUTPUT_BYTES
+from runherd.worker import logcap
 
 _PR_SET_PDEATHSIG = 1
 
@@ -76,7 +78,7 @@ class StepProcess:
             last = await stderr_tail
             if code != 0:
                 return StepResult(False, error=_describe(code) + (f": {last[-1]}" if last else ""))
-            return StepResult(True, output=_read_output(out_path) if out_path else None)
+            return _output_result(out_path) if out_path else StepResult(True)
         finally:
             if out_path:
                 with contextlib.suppress(OSError):
@@ -103,6 +105,7 @@ async def _forward(stream: asyncio.StreamReader, keep: int = 5) -> list[str]:
     async for raw in stream:
         sys.stderr.buffer.write(raw)
         sys.stderr.flush()
+        logcap.note(len(raw))
         line = raw.decode(errors="replace").rstrip()
         if line:
             last = [*last[-(keep - 1) :], line]
@@ -114,13 +117,24 @@ def _killpg(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
+def output_too_large(size: int) -> str:
+    return (
+        f"output too large: {size} bytes of JSON, over the limit of {MAX_OUTPUT_BYTES} bytes "
+        f"({MAX_OUTPUT_BYTES / 1048576:g} MiB) per step output; return a reference (a path, a URL) instead"
+    )
+
+
 def _describe(code: int) -> str:
     if code < 0:
         return f"killed by signal {-code} ({signal.Signals(-code).name})"
     return f"exited with code {code}"
 
 
-def _read_output(path: str) -> Any:
+def _output_result(path: str) -> StepResult:
+    """The call's output, unless it is over the documented limit: then the step fails, saying so."""
+    size = os.path.getsize(path)
+    if size > MAX_OUTPUT_BYTES:
+        return StepResult(False, error=output_too_large(size))
     with open(path, "rb") as f:
         data = f.read()
-    return orjson.loads(data) if data else None
+    return StepResult(True, output=orjson.loads(data) if data else None)

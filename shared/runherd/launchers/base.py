@@ -47,10 +47,19 @@ class WorkerRun:
     run_id: str
     attempt: int
     job: str
-    env: Mapping[str, str]  # the worker's whole contract: RUNHERD_PLAN, RUNHERD_AMQP_URL, user env
+    env: Mapping[str, str]  # RUNHERD_AMQP_URL and the user's env
     tags: Mapping[str, Any] = field(default_factory=dict)
     command: list[str] | None = None  # None: the launcher's configured worker command
     max_runtime_seconds: int | None = None
+    # The plan (JSON), of any size: the launcher hands it over as a file named by
+    # RUNHERD_PLAN_FILE, never in the environment (Linux caps one variable at 128 KiB).
+    plan: str = ""
+    worker_id: str = ""  # this worker instance, also in the plan
+
+    def inline_plan_env(self) -> dict[str, str]:
+        """``env`` plus the plan inline (RUNHERD_PLAN), for a launcher of one's own that cannot
+        ship a file: it then works for plans under Linux's 128 KiB only."""
+        return {**self.env, "RUNHERD_PLAN": self.plan} if self.plan else dict(self.env)
 
 
 @dataclass(frozen=True)

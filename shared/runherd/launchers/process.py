@@ -3,27 +3,45 @@
 The worker runs in its own process group with its own log file. Its handle names the pid *and*
 the process start time (from /proc), so after a launcher restart a reused pid is never mistaken
 for the worker.
+
+One worker per attempt, even when the launcher dies between starting a worker and recording its
+handle: each attempt has a *worker record*, ``<log_dir>/<run_id>/attempt-<n>.worker``, locked with
+``flock`` by the launcher and handed to the worker as an open descriptor, so the lock lives exactly
+as long as the worker does. A second launch of the attempt finds it locked (a worker is alive: its
+handle is adopted) or unlocked with a record in it (the worker ran and exited: its exit is
+reported); only a fresh attempt starts a process. The plan goes in ``attempt-<n>.plan.json``
+(mode 0600), named by RUNHERD_PLAN_FILE.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
 import socket
 import sys
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from runherd.errors import ConfigError, LaunchError
 from runherd.launchers.base import Handle, Health, HealthStatus, RunLauncher, WorkerExit, WorkerRun
 
 log = logging.getLogger("runherd.launchers.process")
 
-_KEYS = {"worker_command", "log_dir", "terminate_grace_seconds", "env"}
+_KEYS = {"worker_command", "log_dir", "terminate_grace_seconds", "env", "max_log_bytes"}
+
+DEFAULT_MAX_LOG_BYTES = 64 * 1024 * 1024
+LOG_MAX_ENV = "RUNHERD_LOG_MAX_BYTES"  # read by the worker, which rotates its own log
+RECORD_ENV = "RUNHERD_WORKER_RECORD"  # the attempt's worker record, also read by the worker
+MAX_EXITS_KEPT = 4096  # exit codes of reaped children kept for check_health, newest first
+RECORD_WAIT_SECONDS = 5.0  # a locked record with nothing in it: its worker is starting up
 
 
 def start_time(pid: int) -> int | None:
@@ -77,21 +95,57 @@ class ProcessLauncher(RunLauncher):
             raise ConfigError("run_launcher.config.terminate_grace_seconds: expected a number >= 0")
         self.grace = float(grace)
         self.env = dict(self.config.get("env") or {})
+        max_log = self.config.get("max_log_bytes", DEFAULT_MAX_LOG_BYTES)
+        if isinstance(max_log, bool) or not isinstance(max_log, int) or max_log < 0:
+            raise ConfigError("run_launcher.config.max_log_bytes: expected an integer >= 0 (0: no cap)")
+        self.max_log_bytes = max_log
         self.host = socket.gethostname()
+        # Live children only; the exit codes of reaped ones in a bounded map, by (pid, start time).
         self._children: dict[int, asyncio.subprocess.Process] = {}
+        self._exited: OrderedDict[tuple[int, int | None], int] = OrderedDict()
         self._exits: asyncio.Queue[WorkerExit] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- launch ------------------------------------------------------------------------------
 
     async def launch(self, run: WorkerRun) -> Handle:
-        log_path = self.log_dir / run.run_id / f"attempt-{run.attempt}.log"
+        run_dir = self.log_dir / run.run_id
+        log_path = run_dir / f"attempt-{run.attempt}.log"
         try:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            record_fd = os.open(run_dir / f"attempt-{run.attempt}.worker", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise LaunchError(f"cannot open the worker record in {run_dir}: {exc.strerror}") from exc
+        try:
+            try:
+                fcntl.flock(record_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return await self._adopt_live(run, record_fd, log_path)
+            recorded = read_record(record_fd)
+            if recorded is not None:
+                return self._adopt_exited(run, recorded, log_path)
+            return await self._start(run, record_fd, log_path)
+        finally:
+            os.close(record_fd)  # the worker holds its own copy, and with it the lock
+
+    async def _start(self, run: WorkerRun, record_fd: int, log_path: Path) -> Handle:
+        plan_path = log_path.with_name(f"attempt-{run.attempt}.plan.json")
+        try:
+            if run.plan:
+                write_private(plan_path, run.plan.encode())
             log_file = open(log_path, "ab")  # noqa: SIM115, ASYNC230 - a local file, handed to the child
         except OSError as exc:
-            raise LaunchError(f"cannot open worker log {log_path}: {exc.strerror}") from exc
-        env = {**os.environ, **self.env, **run.env}
+            raise LaunchError(f"cannot write the worker's files in {log_path.parent}: {exc.strerror}") from exc
+        env = {
+            **os.environ,
+            **self.env,
+            **run.env,
+            LOG_MAX_ENV: str(self.max_log_bytes),
+            RECORD_ENV: str(log_path.with_name(f"attempt-{run.attempt}.worker").resolve()),
+        }
+        if run.plan:
+            env.pop("RUNHERD_PLAN", None)
+            env["RUNHERD_PLAN_FILE"] = str(plan_path.resolve())
         try:
             proc = await asyncio.create_subprocess_exec(
                 *(run.command or self.worker_command),
@@ -100,24 +154,67 @@ class ProcessLauncher(RunLauncher):
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
+                pass_fds=(record_fd,),  # the lock goes with the worker
             )
         except OSError as exc:
             raise LaunchError(f"cannot start worker {(run.command or self.worker_command)[0]}: {exc.strerror}") from exc
         finally:
             log_file.close()
-        handle: Handle = {
-            "launcher": self.name,
-            "pid": proc.pid,
-            "start_time": start_time(proc.pid),
-            "host": self.host,
-            "log_path": str(log_path.resolve()),
-            "run_id": run.run_id,
-            "attempt": run.attempt,
-        }
+        record = {"pid": proc.pid, "start_time": start_time(proc.pid), "host": self.host, "worker_id": run.worker_id}
+        write_record(record_fd, record)
+        handle = self._handle(run, record, log_path)
         self._children[proc.pid] = proc
         self._spawn(self._reap_child(proc, handle))
         log.info("launched worker pid %s run_id=%s attempt=%s", proc.pid, run.run_id, run.attempt)
         return handle
+
+    async def _adopt_live(self, run: WorkerRun, record_fd: int, log_path: Path) -> Handle:
+        """The record is locked: a worker of this attempt is alive (launched by a launcher that
+        died before recording its handle, or by a concurrent try). Take it over, start nothing."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RECORD_WAIT_SECONDS
+        while (recorded := read_record(record_fd)) is None:
+            if loop.time() >= deadline:
+                raise LaunchError(
+                    f"a worker of run {run.run_id} attempt {run.attempt} holds its record but has not written it yet",
+                    transient=True,
+                )
+            await asyncio.sleep(0.05)
+        handle = self._handle(run, recorded, log_path)
+        log.warning(
+            "adopting the live worker pid %s of an earlier launch run_id=%s attempt=%s",
+            handle["pid"],
+            run.run_id,
+            run.attempt,
+        )
+        if handle["pid"] not in self._children:
+            self._spawn(self._poll_adopted(handle))
+        return handle
+
+    def _adopt_exited(self, run: WorkerRun, recorded: dict[str, Any], log_path: Path) -> Handle:
+        """The attempt's worker ran and exited: never start a second one; report its exit."""
+        handle = self._handle(run, recorded, log_path)
+        log.warning(
+            "the worker of run_id=%s attempt=%s already ran (pid %s); reporting its exit",
+            run.run_id,
+            run.attempt,
+            handle["pid"],
+        )
+        if handle["pid"] not in self._children:
+            self._spawn(self._poll_adopted(handle))
+        return handle
+
+    def _handle(self, run: WorkerRun, record: dict[str, Any], log_path: Path) -> Handle:
+        return {
+            "launcher": self.name,
+            "pid": record.get("pid"),
+            "start_time": record.get("start_time"),
+            "host": record.get("host", self.host),
+            "log_path": str(log_path.resolve()),
+            "run_id": run.run_id,
+            "attempt": run.attempt,
+            "worker_id": record.get("worker_id") or "",
+        }
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -126,8 +223,13 @@ class ProcessLauncher(RunLauncher):
 
     async def _reap_child(self, proc: asyncio.subprocess.Process, handle: Handle) -> None:
         code = await proc.wait()
+        self._children.pop(proc.pid, None)
+        self._exited[(proc.pid, handle.get("start_time"))] = code
+        while len(self._exited) > MAX_EXITS_KEPT:
+            self._exited.popitem(last=False)
         if code != 0:
             kill_leftovers(handle["run_id"], handle["attempt"])
+        _remove_plan(handle)
         await self._exits.put(_exit_of(handle, code))
 
     # --- identity ----------------------------------------------------------------------------
@@ -137,8 +239,7 @@ class ProcessLauncher(RunLauncher):
         pid = handle.get("pid")
         if not isinstance(pid, int) or handle.get("host") != self.host:
             return False
-        proc = self._children.get(pid)
-        if proc is not None and proc.returncode is not None:
+        if (pid, handle.get("start_time")) in self._exited:
             return False
         started = start_time(pid)
         return started is not None and started == handle.get("start_time") and _state(pid) != "Z"
@@ -151,9 +252,9 @@ class ProcessLauncher(RunLauncher):
     async def check_health(self, handle: Handle) -> Health:
         if handle.get("host") != self.host:
             return Health(HealthStatus.UNKNOWN, message=f"worker runs on host {handle.get('host')}, not on {self.host}")
-        proc = self._children.get(handle.get("pid", -1))
-        if proc is not None and proc.returncode is not None:
-            exit_ = _exit_of(handle, proc.returncode)
+        code = self._exited.get((handle.get("pid", -1), handle.get("start_time")))
+        if code is not None:
+            exit_ = _exit_of(handle, code)
             status = HealthStatus.SUCCESS if exit_.exit_code == 0 else HealthStatus.FAILED
             return Health(status, exit_code=exit_.exit_code, reason=exit_.reason, message=exit_.message)
         if self._alive(handle):
@@ -209,6 +310,7 @@ class ProcessLauncher(RunLauncher):
         while self._alive(handle):
             await asyncio.sleep(0.5)
         kill_leftovers(handle["run_id"], handle["attempt"])
+        _remove_plan(handle)
         await self._exits.put(
             WorkerExit(
                 run_id=handle["run_id"],
@@ -247,6 +349,68 @@ def kill_leftovers(run_id: str, attempt: int) -> list[int]:
     if killed:
         log.info("killed %d leftover step processes run_id=%s attempt=%s", len(killed), run_id, attempt)
     return killed
+
+
+def read_record(fd: int) -> dict[str, Any] | None:
+    """The worker record's content (pid, start time, host, worker id), or None while empty."""
+    data = os.pread(fd, 4096, 0)
+    if not data.strip():
+        return None
+    try:
+        record = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None  # half written: the writer is not done
+    return record if isinstance(record, dict) and isinstance(record.get("pid"), int) else None
+
+
+def write_record(fd: int, record: dict[str, Any]) -> None:
+    data = orjson.dumps(record)
+    os.pwrite(fd, data, 0)
+    os.ftruncate(fd, len(data))
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a file only its owner can read (the plan holds the run's outputs), atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def record_self(worker_id: str) -> None:
+    """Called by the worker at its start: if the launcher died before writing the attempt's
+    worker record, the worker writes it (its process group, which the launcher started), so the
+    next launch of the attempt adopts it instead of starting a second worker."""
+    path = os.environ.get(RECORD_ENV)
+    if not path:
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            if read_record(fd) is None:
+                leader = os.getpgrp()
+                host = socket.gethostname()
+                record = {"pid": leader, "start_time": start_time(leader), "host": host, "worker_id": worker_id}
+                write_record(fd, record)
+        finally:
+            os.close(fd)
+
+
+def _remove_plan(handle: Handle) -> None:
+    """The plan file is read once, at the worker's start; it goes when the worker has exited."""
+    path = handle.get("log_path")
+    if path:
+        with contextlib.suppress(OSError):
+            Path(path).with_name(f"attempt-{handle['attempt']}.plan.json").unlink()
 
 
 def _killpg(pid: int, sig: int) -> None:

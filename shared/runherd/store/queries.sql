@@ -198,8 +198,14 @@ FROM unnest($1::uuid[], $2::integer[], $3::text[], $6::jsonb[]) AS u(run_id, att
 SELECT run_id, job, status, attempt, resumes, tags FROM runs WHERE run_id = $1 FOR UPDATE;
 
 -- name: runs_for_update
+-- Lock order, everywhere: runs before attempts, each by (run_id, attempt). The heartbeat batch
+-- locks only attempts, in the same order, so the two never deadlock.
 SELECT run_id, job, status, attempt, resumes, tags FROM runs
 WHERE run_id = ANY($1::uuid[]) ORDER BY run_id FOR UPDATE;
+
+-- name: current_attempts_for_update
+SELECT a.run_id FROM attempts a JOIN runs r ON r.run_id = a.run_id AND r.attempt = a.attempt
+WHERE a.run_id = ANY($1::uuid[]) ORDER BY a.run_id, a.attempt FOR UPDATE OF a;
 
 -- name: step_events
 -- Steps' events (a batch's run of them between two run-changing events), appended and applied in one
@@ -244,6 +250,8 @@ SELECT type, count(*) AS n FROM logged GROUP BY type;
 -- name: resume
 -- Crash resume as one compare-and-set: only the current attempt of a STARTED run with resumes
 -- left moves on. $1 run ids, $2 their crashed attempts, $3 max resumes, $4 why (per run).
+-- The run stays STARTED, but subscribers must learn that its worker was replaced: the same
+-- statement writes a STARTED -> STARTED status message with the new attempt and the reason.
 WITH crashed AS (
     SELECT r.run_id, r.attempt, u.why
     FROM runs r
@@ -255,7 +263,8 @@ WITH crashed AS (
 ), resumed AS (
     UPDATE runs r SET attempt = r.attempt + 1, resumes = r.resumes + 1
     FROM crashed c WHERE r.run_id = c.run_id
-    RETURNING r.run_id, r.attempt, r.resumes, c.why
+    RETURNING r.run_id, r.job, r.attempt, r.resumes, r.tags, r.parent_run_id, clock_timestamp() AS ts,
+              c.why || '; resume attempt ' || r.resumes || ' of ' || $3 AS reason
 ), new_attempt AS (
     INSERT INTO attempts (run_id, attempt) SELECT run_id, attempt FROM resumed
 ), superseded AS (
@@ -263,10 +272,15 @@ WITH crashed AS (
     FROM resumed s WHERE a.run_id = s.run_id AND a.attempt = s.attempt - 1
 ), logged AS (
     INSERT INTO events (run_id, attempt, source, type, message, data)
-    SELECT run_id, attempt - 1, 'monitor', 'RUN_RESUMED',
-           why || '; resume attempt ' || resumes || ' of ' || $3,
+    SELECT run_id, attempt - 1, 'monitor', 'RUN_RESUMED', reason,
            jsonb_build_object('resume', resumes, 'max_resumes', $3, 'new_attempt', attempt)
     FROM resumed
+), published AS (
+    INSERT INTO status_outbox (run_id, routing_key, body)
+    SELECT run_id, runherd_status_key('STARTED', job),
+           runherd_status_body(run_id, job, 'STARTED', 'STARTED', attempt, reason, ts, tags, parent_run_id)
+    FROM resumed
+    ORDER BY run_id
 )
 SELECT run_id, attempt, resumes FROM resumed;
 

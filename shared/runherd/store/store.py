@@ -26,15 +26,25 @@ from runherd.store.queries import q
 log = logging.getLogger("runherd.store")
 
 LAUNCH_CHANNEL = "runherd_launch"
+STATEMENT_TIMEOUT_SECONDS = 30.0
 OUTBOX_CHANNEL = "runherd_outbox"
 _DEQUEUE_LOCK = 0x52484451  # "RHDQ": one dequeue at a time across launcher replicas
 _OUTBOX_LOCK = 0x5248424F  # "RHBO": one outbox relay at a time, so status order per run holds
 
-TransientDbError = (
+# Errors after which the same work, tried again later, can succeed: the database restarting, failing
+# over or unreachable (AdminShutdown, CannotConnectNow, connection lost, read-only after a failover),
+# out of connections, a statement that hit its timeout, and concurrency (deadlock, serialization).
+# Callers hold their work and retry with backoff; none of these may end a service.
+TransientDbError: tuple[type[BaseException], ...] = (
     OSError,
+    TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.LockNotAvailableError,
 )
 
 
@@ -144,7 +154,9 @@ class Tx:
 
     async def lock_runs(self, run_ids: Sequence[str]) -> dict[str, asyncpg.Record]:
         """Lock these runs (in run_id order, so two lockers never deadlock) and return them."""
-        rows = await self.conn.fetch(q("runs_for_update"), _ids(sorted(set(run_ids))))
+        ids = _ids(sorted(set(run_ids)))
+        rows = await self.conn.fetch(q("runs_for_update"), ids)
+        await self.conn.execute(q("current_attempts_for_update"), ids)
         return {str(r["run_id"]): r for r in rows}
 
     async def insert_event(
@@ -188,6 +200,7 @@ class Tx:
         )
         if rows:
             await self.notify_launcher()
+            await self.conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
         return [RunRef(str(r["run_id"]), r["attempt"]) for r in rows]
 
     async def handles(self, run_ids: Sequence[str | UUID]) -> list[RunRef]:
@@ -206,9 +219,26 @@ class Store:
         self.url = url
 
     @classmethod
-    async def connect(cls, url: str, *, min_size: int = 1, max_size: int = 10, check_schema: bool = True) -> Store:
+    async def connect(
+        cls,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        check_schema: bool = True,
+        statement_timeout: float = STATEMENT_TIMEOUT_SECONDS,
+    ) -> Store:
         try:
-            pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init)
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                init=_init,
+                # A stuck statement (a lock wait, a hung server) fails and is retried instead of
+                # holding the service; the client-side timeout covers a silent network.
+                command_timeout=statement_timeout + 5,
+                server_settings={"statement_timeout": str(int(statement_timeout * 1000))},
+            )
         except (OSError, asyncpg.PostgresError) as exc:
             raise StoreError(f"cannot connect to PostgreSQL at {redact(url)}: {exc}") from exc
         assert pool is not None

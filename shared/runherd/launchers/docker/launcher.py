@@ -31,7 +31,13 @@ from runherd.launchers.base import (
 )
 from runherd.launchers.docker.config import DEFAULT_DOCKER_URL, parse_config
 from runherd.launchers.docker.errors import _TRANSPORT_ERRORS, launch_error
-from runherd.launchers.docker.spec import LABEL_ATTEMPT, LABEL_RUN_ID, build_container_spec, container_name
+from runherd.launchers.docker.spec import (
+    LABEL_ATTEMPT,
+    LABEL_RUN_ID,
+    build_container_spec,
+    container_name,
+    plan_archive,
+)
 from runherd.launchers.docker.state import health_from_inspect
 from runherd.launchers.docker.watch import EventWatcher, _Watched
 
@@ -141,6 +147,7 @@ class DockerLauncher(EventWatcher, RunLauncher):
         # Watched before it starts, so even an instant death is reported.
         self._watch(container.id, run.run_id, run.attempt, name)
         try:
+            await self._put_plan(container, run)
             await container.start()
         except (DockerError, *_TRANSPORT_ERRORS) as exc:
             await self._discard(container.id, name)
@@ -183,6 +190,7 @@ class DockerLauncher(EventWatcher, RunLauncher):
         self._watch(info.id, run.run_id, run.attempt, name)
         if status == "created":
             try:
+                await self._put_plan(info, run)  # a launcher may have died before it put it
                 await info.start()
             except (DockerError, *_TRANSPORT_ERRORS) as exc:
                 await self._discard(info.id, name)
@@ -191,6 +199,12 @@ class DockerLauncher(EventWatcher, RunLauncher):
             # It already ran and exited: no die event will come again, so report it now.
             await self._sweep_if_watching([info.id])
         return self._handle(info.id, name, run)
+
+    @staticmethod
+    async def _put_plan(container: DockerContainer, run: WorkerRun) -> None:
+        """Copy the plan into the created container; it is started only after."""
+        if run.plan:
+            await container.put_archive("/", plan_archive(run.plan))
 
     async def _discard(self, container_id: str, name: str) -> None:
         """Remove a container that never ran properly, so the next try can reuse its name."""

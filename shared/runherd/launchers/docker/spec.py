@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import re
+import tarfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,6 +14,11 @@ from runherd.launchers.docker.config import DockerConfig
 LABEL_RUN_ID = "runherd.run_id"
 LABEL_ATTEMPT = "runherd.attempt"
 LABEL_JOB = "runherd.job"
+
+# The plan is copied into the container before it starts (never in its env: 128 KiB per variable).
+# Under / because every image has it; readable by any user the image may run as.
+PLAN_DIR = ".runherd"
+PLAN_PATH = f"/{PLAN_DIR}/plan.json"
 
 _NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]")
 
@@ -34,6 +41,9 @@ def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any
 def build_container_spec(cfg: DockerConfig, run: WorkerRun) -> dict[str, Any]:
     """The body of POST /containers/create for one attempt of ``run``."""
     env = {**(cfg.env or {}), **run.env}
+    if run.plan:
+        env.pop("RUNHERD_PLAN", None)
+        env["RUNHERD_PLAN_FILE"] = PLAN_PATH
     host: dict[str, Any] = {"NetworkMode": cfg.network, "Binds": list(cfg.volumes or [])}
     if cfg.memory is not None:
         # Without MemorySwap the engine grants as much swap again: an OOM would become a crawl.
@@ -59,3 +69,17 @@ def build_container_spec(cfg: DockerConfig, run: WorkerRun) -> dict[str, Any]:
         LABEL_JOB: run.job,
     }
     return spec
+
+
+def plan_archive(plan: str) -> bytes:
+    """A tar of the plan file, for PUT /containers/{id}/archive?path=/ before the start."""
+    data = plan.encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        folder = tarfile.TarInfo(PLAN_DIR)
+        folder.type, folder.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(folder)
+        info = tarfile.TarInfo(f"{PLAN_DIR}/plan.json")
+        info.size, info.mode = len(data), 0o444
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 from collections.abc import Mapping
@@ -15,6 +16,12 @@ LABEL_ATTEMPT = "runherd/attempt"
 LABEL_JOB = "runherd/job"
 ANNOTATION_RUN_ID = "runherd/run_id"  # the exact run id: label values are squashed
 DEFAULT_COMMAND = ["runherd", "worker"]
+# The plan reaches the worker as a file from a Secret named like the Job (never in its env: Linux
+# caps one variable at 128 KiB). gzip-compressed, since the API caps a Secret at 1 MiB.
+PLAN_VOLUME = "runherd-plan"
+PLAN_MOUNT_PATH = "/var/run/runherd"
+PLAN_KEY = "plan.json"
+MAX_SECRET_BYTES = 1024 * 1024
 
 # --- names and manifests -------------------------------------------------------------------------
 
@@ -53,12 +60,17 @@ def build_job(cfg: Mapping[str, Any], run: WorkerRun, name: str) -> dict[str, An
         LABEL_JOB: label_value(run.job),
     }
     env = {**cfg["env"], **run.env}
+    if run.plan:
+        env.pop("RUNHERD_PLAN", None)
+        env["RUNHERD_PLAN_FILE"] = f"{PLAN_MOUNT_PATH}/{PLAN_KEY}"
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": cfg["image"],
         "command": list(run.command if run.command is not None else cfg["command"] or DEFAULT_COMMAND),
         "env": [{"name": k, "value": str(v)} for k, v in env.items()],
     }
+    if run.plan:
+        container["volumeMounts"] = [{"name": PLAN_VOLUME, "mountPath": PLAN_MOUNT_PATH, "readOnly": True}]
     if cfg["env_from_secrets"]:
         container["envFrom"] = [{"secretRef": {"name": s}} for s in cfg["env_from_secrets"]]
     if cfg["resources"]:
@@ -66,6 +78,8 @@ def build_job(cfg: Mapping[str, Any], run: WorkerRun, name: str) -> dict[str, An
     if cfg["image_pull_policy"]:
         container["imagePullPolicy"] = cfg["image_pull_policy"]
     pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
+    if run.plan:
+        pod_spec["volumes"] = [{"name": PLAN_VOLUME, "secret": {"secretName": name, "defaultMode": 0o444}}]
     optional = {
         "serviceAccountName": cfg["service_account_name"],
         "imagePullSecrets": [{"name": s} for s in cfg["image_pull_secrets"]],
@@ -92,4 +106,23 @@ def build_job(cfg: Mapping[str, Any], run: WorkerRun, name: str) -> dict[str, An
             "annotations": {ANNOTATION_RUN_ID: run.run_id, "runherd/job": run.job},
         },
         "spec": spec,
+    }
+
+
+def plan_secret(job: Mapping[str, Any], plan_gz: bytes) -> dict[str, Any]:
+    """The Secret holding the plan, owned by its Job: the garbage collector deletes it with the Job."""
+    meta = job["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": meta["name"],
+            "namespace": meta.get("namespace"),
+            "labels": dict(meta.get("labels") or {}),
+            "ownerReferences": [
+                {"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"], "uid": meta.get("uid", "")}
+            ],
+        },
+        "data": {PLAN_KEY: base64.b64encode(plan_gz).decode()},
     }

@@ -23,8 +23,17 @@ from runherd.launchers.base import Handle, Health, HealthStatus, RunLauncher, Wo
 from runherd.launchers.kubernetes.api_errors import TRANSPORT_ERRORS, _api_message, _describe, _transient
 from runherd.launchers.kubernetes.config import validate_config
 from runherd.launchers.kubernetes.health import _latest, health_from
-from runherd.launchers.kubernetes.job import ANNOTATION_RUN_ID, CONTAINER_NAME, LABEL_ATTEMPT, build_job, job_name
+from runherd.launchers.kubernetes.job import (
+    ANNOTATION_RUN_ID,
+    CONTAINER_NAME,
+    LABEL_ATTEMPT,
+    MAX_SECRET_BYTES,
+    build_job,
+    job_name,
+    plan_secret,
+)
 from runherd.launchers.kubernetes.watch import JobWatch, _Watched
+from runherd.plan import compress
 
 # The package's logger, as before the split: records keep the name runherd.launchers.kubernetes.
 log = logging.getLogger("runherd.launchers.kubernetes")
@@ -109,8 +118,17 @@ class KubernetesLauncher(JobWatch, RunLauncher):
 
     async def launch(self, run: WorkerRun) -> Handle:
         name = job_name(run.run_id, run.attempt)
+        plan_gz = compress(run.plan) if run.plan else b""
+        if len(plan_gz) > MAX_SECRET_BYTES:
+            raise LaunchError(
+                f"the plan of run {run.run_id} attempt {run.attempt} is {len(plan_gz)} bytes compressed; "
+                f"a Kubernetes Secret holds at most {MAX_SECRET_BYTES}"
+            )
         body = build_job(self.cfg, run, name)
-        await self._create(body, run)
+        job = await self._create(body, run)
+        if run.plan:
+            # After the Job, so the Secret can name it as its owner; the pod waits for its volume.
+            await self._create_secret(plan_secret(job, plan_gz), run)
         handle: Handle = {
             "launcher": self.name,
             "namespace": self.namespace,
@@ -121,19 +139,18 @@ class KubernetesLauncher(JobWatch, RunLauncher):
         self._watch_add(handle)
         return handle
 
-    async def _create(self, body: dict[str, Any], run: WorkerRun) -> None:
+    async def _create(self, body: dict[str, Any], run: WorkerRun) -> dict[str, Any]:
         ns, name = self.namespace, body["metadata"]["name"]
         extra = {"run_id": run.run_id, "attempt": run.attempt}
         retries = self.cfg["launch_retries"]
         for attempt_no in range(retries + 1):
             try:
-                await self._call("create_namespaced_job", ns, body)
+                created: dict[str, Any] = await self._call("create_namespaced_job", ns, body)
                 log.info("run %s attempt %s: created Job %s/%s", run.run_id, run.attempt, ns, name, extra=extra)
-                return
+                return created
             except ApiException as exc:
                 if exc.status == 409:
-                    await self._check_existing(ns, name, run, exc)
-                    return
+                    return await self._check_existing(ns, name, run, exc)
                 error = LaunchError(
                     f"Kubernetes refused Job {ns}/{name} (HTTP {exc.status}): {_api_message(exc)}",
                     transient=_transient(exc.status),
@@ -146,8 +163,31 @@ class KubernetesLauncher(JobWatch, RunLauncher):
             delay = self._backoff(attempt_no)
             log.warning("run %s attempt %s: %s; retrying in %.2fs", run.run_id, run.attempt, error, delay, extra=extra)
             await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # the loop returns or raises
 
-    async def _check_existing(self, ns: str, name: str, run: WorkerRun, conflict: ApiException) -> None:
+    async def _create_secret(self, body: dict[str, Any], run: WorkerRun) -> None:
+        """The plan's Secret; 409 is an earlier try's (the Job's pod reads whichever is there)."""
+        ns, name = self.namespace, body["metadata"]["name"]
+        retries = self.cfg["launch_retries"]
+        for attempt_no in range(retries + 1):
+            try:
+                await self._call("create_namespaced_secret", ns, body)
+                return
+            except ApiException as exc:
+                if exc.status == 409:
+                    return
+                error = LaunchError(
+                    f"Kubernetes refused the plan Secret {ns}/{name} (HTTP {exc.status}): {_api_message(exc)}",
+                    transient=_transient(exc.status),
+                )
+            except TRANSPORT_ERRORS as exc:
+                error = LaunchError(f"Kubernetes API unreachable creating Secret {ns}/{name}: {exc!r}", transient=True)
+            if not error.transient or attempt_no == retries:
+                log.error("run %s attempt %s: %s", run.run_id, run.attempt, error)
+                raise error
+            await asyncio.sleep(self._backoff(attempt_no))
+
+    async def _check_existing(self, ns: str, name: str, run: WorkerRun, conflict: ApiException) -> dict[str, Any]:
         """409: an earlier try of this attempt created the Job (the reply was lost); if so, fine."""
         said = f"Kubernetes refused Job {ns}/{name} (HTTP 409): {_api_message(conflict)}"
         try:
@@ -167,6 +207,7 @@ class KubernetesLauncher(JobWatch, RunLauncher):
             name,
             extra={"run_id": run.run_id, "attempt": run.attempt},
         )
+        return job
 
     def _backoff(self, failures: int) -> float:
         delay = min(MAX_BACKOFF_SECONDS, self.cfg["retry_backoff_seconds"] * 2**failures)
