@@ -59,7 +59,7 @@ async def test_max_runtime_on_another_host_really_kills(env: Env) -> None:
 
 async def test_heartbeat_resume_on_another_host_kills_the_old_attempt(env: Env) -> None:
     env.configure(
-        run_monitoring={"heartbeat_timeout_seconds": 2, "start_timeout_seconds": 3, "max_resume_run_attempts": 1},
+        run_monitoring={"heartbeat_timeout_seconds": 2, "start_timeout_seconds": 8, "max_resume_run_attempts": 1},
         run_launcher=env.process_launcher(SILENT, grace=1),
     )
     await _start(env, SILENT)

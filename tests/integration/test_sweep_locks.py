@@ -86,7 +86,7 @@ async def test_cancel_timeout_kills_after_commit(env: Env) -> None:
 
 async def test_heartbeat_timeout_resumes_without_asking_the_backend_under_lock(env: Env) -> None:
     env.configure(
-        run_monitoring={"heartbeat_timeout_seconds": 2, "start_timeout_seconds": 3},
+        run_monitoring={"heartbeat_timeout_seconds": 2, "start_timeout_seconds": 8},
         run_launcher=env.process_launcher(SILENT, grace=1),
     )
     blocking = await _start(env, SILENT)
