@@ -31,7 +31,7 @@ class MonitorService:
         self.store = store
         self.broker = broker
         self.launcher = launcher
-        self.actions = Actions(store, launcher)
+        self.actions = Actions(store, launcher, broker)
         self.sweeper = Sweeper(config, store, launcher, self.actions)
         self.sweep_now = asyncio.Event()
 
@@ -39,8 +39,8 @@ class MonitorService:
         stop = supervisor.stop
         supervisor.spawn("monitor.ingest", retrying("event ingest", lambda: self._ingest(stop), stop))
         supervisor.spawn("monitor.canaries", publish_canaries(self.store, self.broker, stop))
-        if self.config.run_monitoring.enabled:
-            supervisor.spawn("monitor.sweep", self._sweep_loop(stop))
+        # Always: with run_monitoring.enabled false the sweep still reaps and retries (sweeper.py).
+        supervisor.spawn("monitor.sweep", self._sweep_loop(stop))
         if relay:
             supervisor.spawn("monitor.outbox", outbox.relay(self.store, self.broker, stop))
         supervisor.spawn("monitor.actions", self._close_on_stop(stop))
