@@ -64,7 +64,7 @@ _QUEUES: dict[str, tuple[dict[str, Any], str, list[str]]] = {
     COMMANDS_QUEUE: (
         {"x-queue-type": "quorum", "x-dead-letter-exchange": DEAD, "x-delivery-limit": MAX_DELIVERIES},
         COMMANDS,
-        ["launch", "terminate", "reexecute"],
+        ["launch", "terminate", "reexecute", "kill"],  # kill: internal, monitor -> launcher
     ),
     # One active consumer at a time keeps each run's events in order (a STEP_SUCCESS is applied
     # before the launcher's report of the same worker's exit); other monitors stand by.

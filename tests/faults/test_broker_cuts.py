@@ -44,7 +44,6 @@ async def test_broker_cut_launcher(scenario: Scenario) -> None:
     assert report.violations() == {}
 
 
-@pytest.mark.xfail(reason="heartbeat and event-backlog stalls land with the heartbeat-stall fix (issue 8, item 2)")
 async def test_broker_cut_heartbeat_then_monitor(scenario: Scenario) -> None:
     # The heartbeat cut is longer than the heartbeat timeout, as a broker stall can be.
     fault = await _cut_in_turn(scenario, ["heartbeat", "monitor"], LIMITS.heartbeat_timeout + 1)

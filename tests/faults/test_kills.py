@@ -40,7 +40,6 @@ async def test_sigkill_launcher_holding_the_outbox_relay(scenario: Scenario) -> 
     assert report.violations() == {}
 
 
-@pytest.mark.xfail(reason="heartbeat and event-backlog stalls land with the heartbeat-stall fix (issue 8, item 2)")
 async def test_sigkill_heartbeat_then_monitor(scenario: Scenario) -> None:
     report = await scenario.verdict(await _kill_in_turn(scenario, ["heartbeat", "monitor"]))
     assert report.violations() == {}

@@ -171,6 +171,7 @@ async def test_redelivered_event_adds_no_row(env: Env) -> None:
         run_id=run_id,
         attempt=step_success["attempt"],
         seq=step_success["seq"],
+        source=step_success["source"],  # the same worker (worker:<id>) replayed
         type=EventType.STEP_SUCCESS,
         step_key="a",
         data={"output": None},

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 
 from runherd import broker as topology
-from runherd import metrics
 from runherd.broker import Broker, Delivery
 from runherd.consume import APPLIED, Reject, Verdict, consume
 from runherd.contract import decode, parse_heartbeat
 from runherd.errors import InvalidMessage
+from runherd.heartbeat.watermark import Canaries
 from runherd.runtime import Supervisor, retrying
 from runherd.store import Store
 from runherd.store.store import TransientDbError
@@ -31,9 +31,12 @@ class HeartbeatService:
         self.broker = broker
         self.batch_size = batch_size
         self.batch_wait = batch_wait
+        self.canaries = Canaries(store, broker)
 
     async def run(self, supervisor: Supervisor) -> None:
         stop = supervisor.stop
+        await self.canaries.register()
+        supervisor.spawn("heartbeat.canaries", self.canaries.run(stop))
         supervisor.spawn("heartbeat.ingest", retrying("heartbeat ingest", lambda: self._ingest(stop), stop))
 
     async def _ingest(self, stop: asyncio.Event) -> None:
@@ -63,16 +66,14 @@ class HeartbeatService:
             beats.append((beat.run_id, beat.attempt, beat.ts))
             good.append(i)
         try:
-            await self.store.record_heartbeats(beats)
+            await self.store.record_heartbeats(beats, replica=self.canaries.replica)
         except TransientDbError:
             raise
         except Exception:
             log.exception("heartbeat batch failed; writing its heartbeats one by one")
             for i, reason in await self._one_by_one(beats, good):
                 verdicts[i] = Reject(reason)
-        if beats:  # once a batch, for the oldest heartbeat in it: the lag that matters
-            oldest = min(ts for _, _, ts in beats)
-            metrics.HEARTBEAT_LAG.observe(max(0.0, (datetime.now(UTC) - oldest).total_seconds()))
+        # The lag metric comes from the canaries: one clock, the database's.
         return verdicts
 
     async def _one_by_one(self, beats: list[tuple[str, int, datetime]], indexes: list[int]) -> list[tuple[int, str]]:
@@ -80,7 +81,7 @@ class HeartbeatService:
         failed = []
         for beat, i in zip(beats, indexes, strict=True):
             try:
-                await self.store.record_heartbeats([beat])
+                await self.store.record_heartbeats([beat], replica=self.canaries.replica)
             except TransientDbError:
                 raise
             except Exception as exc:

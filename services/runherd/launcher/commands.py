@@ -1,14 +1,17 @@
-"""The launcher's commands: launch, terminate, reexecute. Each is validated, then applied."""
+"""The launcher's commands: launch, terminate, reexecute, and the internal kill. Each is validated,
+then applied."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from runherd import contract
+from runherd import contract, killing
 from runherd.contract import Launch, RetryStrategy, RunStatus
 from runherd.errors import InvalidMessage
+from runherd.launchers import RunLauncher
 from runherd.rules.retries import retry_tags
 from runherd.store import RunRef, Store
 
@@ -48,11 +51,18 @@ async def insert_launch(
 
 
 async def apply(
-    store: Store, key: str, data: dict[str, Any], *, launcher: str | None = None, message_id: str | None = None
+    store: Store,
+    key: str,
+    data: dict[str, Any],
+    *,
+    launcher: str | None = None,
+    message_id: str | None = None,
+    run_launcher: RunLauncher | None = None,
 ) -> Outcome:
     """``launcher``: the run launcher this service runs; a launch naming another is refused.
     ``message_id``: the AMQP message id; a launch (or reexecute) without a run id of its own gets
-    one derived from it, so a redelivery after the commit makes no second run."""
+    one derived from it, so a redelivery after the commit makes no second run.
+    ``run_launcher``: the instance itself, which carries out ``kill`` requests."""
     data = with_derived_ids(key, data, message_id)
     if key == "launch":
         launch = contract.parse_launch(data)
@@ -67,7 +77,41 @@ async def apply(
     if key == "reexecute":
         await reexecute(store, contract.parse_reexecute(data))
         return Outcome()
+    if key == killing.KILL_KEY:
+        if run_launcher is None:
+            raise InvalidMessage("kill: this service runs no run launcher")
+        await kill(store, run_launcher, killing.parse_request(data))
+        return Outcome()
     raise InvalidMessage(f"unknown command {key!r} (expected launch, terminate or reexecute)")
+
+
+# Kills run in the background (a worker ignoring SIGTERM holds its grace period, which must not
+# hold up launches); if this process dies first, the monitor's reap rule asks again.
+_kills: set[asyncio.Task[killing.Verdict]] = set()
+
+
+async def kill(store: Store, run_launcher: RunLauncher, request: killing.KillRequest) -> None:
+    """A monitor that cannot reach a worker asks the launcher on its host (internal, see
+    shared/killing.py). The stored handle is the one acted on, never the message's."""
+    async with store.tx() as tx:
+        refs = [r for r in await tx.handles([request.run_id]) if r.attempt == request.attempt]
+    if not refs:
+        log.info("kill: worker already exited run_id=%s attempt=%s", request.run_id, request.attempt)
+        return
+    ref = refs[0]
+    assert ref.handle is not None
+    if not run_launcher.can_reach(ref.handle):
+        message = (
+            f"could not terminate the worker of attempt {ref.attempt} ({request.reason}): "
+            f"it runs on host {ref.handle.get('host')}, which no launcher here can reach"
+        )
+        await killing.record(store, ref, killing.Verdict(False, False, message), None, source="launcher")
+        return
+    task = asyncio.ensure_future(
+        killing.kill(run_launcher, store, ref, request.reason, grace=request.grace_seconds, source="launcher")
+    )
+    _kills.add(task)
+    task.add_done_callback(_kills.discard)
 
 
 def with_derived_ids(key: str, data: dict[str, Any], message_id: str | None) -> dict[str, Any]:

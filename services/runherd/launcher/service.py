@@ -77,6 +77,7 @@ class LauncherService:
                 decode(delivery.body),
                 launcher=self.launcher.name,
                 message_id=delivery.message_id,
+                run_launcher=self.launcher,
             )
         except InvalidMessage as exc:
             return Reject(str(exc))

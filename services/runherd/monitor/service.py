@@ -17,6 +17,7 @@ from runherd.launchers import RunLauncher
 from runherd.monitor.actions import Actions
 from runherd.monitor.ingest import Effects, LockedRuns, apply_event
 from runherd.monitor.sweeper import Sweeper
+from runherd.monitor.watermark import publish_canaries, split_canaries
 from runherd.runtime import Supervisor, retrying, sleep_or_stop
 from runherd.store import Store
 from runherd.store.store import TransientDbError
@@ -30,15 +31,16 @@ class MonitorService:
         self.store = store
         self.broker = broker
         self.launcher = launcher
-        self.actions = Actions(store, launcher)
+        self.actions = Actions(store, launcher, broker)
         self.sweeper = Sweeper(config, store, launcher, self.actions)
         self.sweep_now = asyncio.Event()
 
     async def run(self, supervisor: Supervisor, *, relay: bool = True) -> None:
         stop = supervisor.stop
         supervisor.spawn("monitor.ingest", retrying("event ingest", lambda: self._ingest(stop), stop))
-        if self.config.run_monitoring.enabled:
-            supervisor.spawn("monitor.sweep", self._sweep_loop(stop))
+        supervisor.spawn("monitor.canaries", publish_canaries(self.store, self.broker, stop))
+        # Always: with run_monitoring.enabled false the sweep still reaps and retries (sweeper.py).
+        supervisor.spawn("monitor.sweep", self._sweep_loop(stop))
         if relay:
             supervisor.spawn("monitor.outbox", outbox.relay(self.store, self.broker, stop))
         supervisor.spawn("monitor.actions", self._close_on_stop(stop))
@@ -81,6 +83,15 @@ class MonitorService:
         )
 
     async def apply_batch(self, batch: list[Delivery]) -> list[Verdict]:
+        """The events, then the canaries among them: a canary moves the event watermark only once
+        the events before it are applied (the queue has one active consumer, so it is in order)."""
+        events, _, nonces = split_canaries(batch)
+        verdicts = await self._apply_events(events) if events else []
+        await self.store.record_event_canaries(nonces)
+        of_event = {id(d): v for d, v in zip(events, verdicts, strict=True)}
+        return [of_event.get(id(d), APPLIED) for d in batch]
+
+    async def _apply_events(self, batch: list[Delivery]) -> list[Verdict]:
         """The batch in one transaction; if a statement fails, again event by event (savepoints)."""
         verdicts: list[Verdict] = [APPLIED] * len(batch)
         parsed: list[tuple[int, Event]] = []

@@ -1,11 +1,20 @@
 """The monitor's sweeps. Each rule finds its violators with one indexed query (rows locked with
 SKIP LOCKED, so replicas share the work) and acts on them as a compare-and-set. Timeouts are
 decided in seconds in the SQL of shared/store/queries.sql: stuck_starting, stuck_canceling,
-over_max_runtime, silent_workers, claim_reaps."""
+over_max_runtime, silent_workers, claim_reaps.
+
+Decide, commit, then act: a rule's transaction makes its transitions and marks the workers to stop
+(shared/store/kills.py: ``claim``) and commits; only then are workers terminated (by Actions, in
+the background), and each outcome is recorded in its own short transaction. No launcher call (a
+Docker or Kubernetes API over HTTP) ever runs while a run row is locked, so event ingest never
+waits on a slow backend.
+
+With ``run_monitoring.enabled: false`` the four monitoring rules are off; the reap rule and
+retries still run (they enforce decisions already made: a finished run's worker must stop, a
+failed run with retries left is retried)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -17,7 +26,8 @@ from runherd.launchers import RunLauncher
 from runherd.monitor.actions import Actions
 from runherd.monitor.ingest import crash
 from runherd.monitor.retries import retry_failed_runs
-from runherd.store import RunRef, Store
+from runherd.store import Store
+from runherd.store import kills as kill_store
 
 log = logging.getLogger("runherd.monitor.sweeper")
 
@@ -31,18 +41,19 @@ class Sweeper:
         self.store = store
         self.launcher = launcher
         self.actions = actions
-        self._health_slots = asyncio.Semaphore(16)
+        self._deaf = False  # the heartbeat pipeline is not heard: the hang rule holds
 
     async def sweep(self) -> dict[str, int]:
         """Every rule once; returns how many runs each acted on."""
-        rules: dict[str, Callable[[], Awaitable[int]]] = {
-            "start_timeout": self.start_timeout,
-            "cancel_timeout": self.cancel_timeout,
-            "max_runtime": self.max_runtime,
-            "heartbeat_timeout": self.heartbeat_timeout,
-            "reap": self.reap,
-            "retries": self.retries,
-        }
+        rules: dict[str, Callable[[], Awaitable[int]]] = {}
+        if self.mon.enabled:
+            rules |= {
+                "start_timeout": self.start_timeout,
+                "cancel_timeout": self.cancel_timeout,
+                "max_runtime": self.max_runtime,
+                "heartbeat_timeout": self.heartbeat_timeout,
+            }
+        rules |= {"reap": self.reap, "retries": self.retries}
         counts = {}
         for name, rule in rules.items():
             began = time.perf_counter()
@@ -65,29 +76,30 @@ class Sweeper:
                 failure_kind="infrastructure",
                 source="monitor",
             )
-            handles = await tx.handles([m.run_id for m in moved])
+            refs = await kill_store.claim(tx, [(m.run_id, m.attempt) for m in moved])
         metrics.MONITOR_ACTIONS.labels("start_timeout").inc(len(moved))
-        self.actions.terminate_soon(handles, "start timeout")
+        self.actions.terminate_soon(refs, "start timeout")
         return len(moved)
 
     async def cancel_timeout(self) -> int:
-        """Force-kill, then CANCELED. The rows stay locked while killing, so a replica that dies
-        mid-way leaves them to the next sweep of another."""
+        """CANCELED, and the worker force-killed after the commit. The event log says
+        WORKER_TERMINATED only once the launcher confirms the kill; a replica that dies before
+        leaves the marked worker to the reap rule of another."""
         limit = self.mon.cancel_timeout_seconds
         async with self.store.tx() as tx:
             rows = await tx.violators("stuck_canceling", float(limit), BATCH)
             if not rows:
                 return 0
-            ids = [str(r["run_id"]) for r in rows]
-            await self.actions.terminate(await tx.handles(ids), f"cancel did not finish within {limit:g} s", grace=0)
             moved = await tx.transition(
-                ids,
+                [str(r["run_id"]) for r in rows],
                 RunStatus.CANCELED,
-                f"cancel did not finish within {limit:g} s: worker force-killed",
+                f"cancel did not finish within {limit:g} s: the worker is force-killed",
                 from_=[RunStatus.CANCELING],
                 source="monitor",
             )
+            refs = await kill_store.claim(tx, [(m.run_id, m.attempt) for m in moved])
         metrics.MONITOR_ACTIONS.labels("cancel_timeout").inc(len(moved))
+        self.actions.terminate_soon(refs, f"cancel did not finish within {limit:g} s", grace=0)
         return len(moved)
 
     async def max_runtime(self) -> int:
@@ -106,28 +118,26 @@ class Sweeper:
                     failure_kind="infrastructure",
                     source="monitor",
                 )
-            handles = await tx.handles([m.run_id for m in moved])
+            refs = await kill_store.claim(tx, [(m.run_id, m.attempt) for m in moved])
         metrics.MONITOR_ACTIONS.labels("max_runtime").inc(len(moved))
-        self.actions.terminate_soon(handles, "exceeded max runtime")
+        self.actions.terminate_soon(refs, "exceeded max runtime")
         return len(moved)
 
     async def heartbeat_timeout(self) -> int:
         """STARTED with no heartbeat of its current attempt for the timeout: hung or dead.
-        The deadline alone makes it a crash (an UNKNOWN health never does)."""
+        The deadline alone makes it a crash; the backend is not asked (that would be a remote call
+        under the row locks): the termination's outcome says whether the worker was hung or gone."""
         limit = self.mon.heartbeat_timeout_seconds
+        await self._say_if_deaf(limit)
         async with self.store.tx() as tx:
             rows = await tx.violators("silent_workers", float(limit), BATCH, self.start_grace)
             if not rows:
                 return 0
-            handles = {h.run_id: h for h in await tx.handles([str(r["run_id"]) for r in rows])}
-            healths = await asyncio.gather(*(self._health(handles.get(str(r["run_id"]))) for r in rows))
             crashed = []
-            for row, health in zip(rows, healths, strict=True):
-                run_id = str(row["run_id"])
+            for row in rows:
                 never = " (it never sent one)" if row["never_heartbeated"] else ""
-                crashed.append(
-                    (run_id, row["attempt"], f"no heartbeat for {row['silent_seconds']:.0f} s{never}, worker {health}")
-                )
+                why = f"no heartbeat for {row['silent_seconds']:.0f} s{never}: worker hung or dead"
+                crashed.append((str(row["run_id"]), row["attempt"], why))
                 metrics.DETECTION_LATENCY.labels("heartbeat").observe(max(0.0, row["silent_seconds"] - limit))
             resumes = {
                 str(r["run_id"]): r["resumes"]
@@ -136,9 +146,27 @@ class Sweeper:
                 )
             }
             await crash(tx, crashed, resumes, self.mon.max_resume_run_attempts)
-        # The superseded (or failed) attempts' workers are stopped at once; reap is the safety net.
-        self.actions.terminate_soon(list(handles.values()), "no heartbeat (hung or dead)")
+            # The superseded (or failed) attempts' workers are stopped at once; reap is the safety net.
+            refs = await kill_store.claim(tx, [(run_id, attempt) for run_id, attempt, _ in crashed])
+        self.actions.terminate_soon(refs, "no heartbeat (hung or dead)")
         return len(crashed)
+
+    async def _say_if_deaf(self, limit: float) -> None:
+        """silent_workers measures silence only up to where the workers are heard (heartbeats written,
+        events applied); say when that holds the rule (a stalled heartbeat service, broker or event
+        consumer), and when it lets go."""
+        lag = await self.store.heard_lag()
+        deaf = lag is None or lag > limit
+        if deaf != self._deaf:
+            self._deaf = deaf
+            if deaf:
+                behind = "nothing heard" if lag is None else f"heard {lag:.1f} s behind"
+                log.warning(
+                    "heartbeat pipeline stale (%s; heartbeats or events): no run is taken for hung until it is heard",
+                    behind,
+                )
+            else:
+                log.info("heartbeat pipeline heard again (%.1f s behind): hung workers are detected", lag)
 
     @property
     def start_grace(self) -> float:
@@ -151,6 +179,8 @@ class Sweeper:
         sleep cannot fall due sooner than the shortest timeout, so that caps the sleep too (a
         `runherd/max_runtime` tag shorter than it may fire up to that much late)."""
         mon = self.mon
+        if not mon.enabled:
+            return float(mon.poll_interval_seconds)  # only the reap rule and retries run
         seconds = await self.store.next_deadline(
             mon.heartbeat_timeout_seconds,
             self.start_grace,
@@ -168,18 +198,6 @@ class Sweeper:
         if seconds is None:
             return ceiling
         return min(ceiling, max(0.05, seconds + 0.02))
-
-    async def _health(self, ref: RunRef | None) -> str:
-        if ref is None or ref.handle is None:
-            return "has no handle"
-        try:
-            async with self._health_slots:
-                health = await self.launcher.check_health(ref.handle)
-        except Exception as exc:
-            return f"health unknown ({exc!r})"
-        return {"RUNNING": "still running (hung)", "NOT_FOUND": "is gone"}.get(
-            health.status.value, f"health {health.status.value}" + (f": {health.message}" if health.message else "")
-        )
 
     async def retries(self) -> int:
         """Failed runs with retries left become new runs (services/monitor/retries.py)."""

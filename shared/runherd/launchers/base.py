@@ -91,6 +91,11 @@ class RunLauncher(ABC):
         """Stop the worker: polite signal, then force after ``grace_seconds`` (None: the
         launcher's configured grace; 0: force at once). True if a worker was found to stop."""
 
+    def can_reach(self, handle: Handle) -> bool:
+        """Whether this instance can terminate the worker itself. False for a worker on another
+        host that only that host's launcher service can stop: runherd then sends it a kill request."""
+        return True
+
     @abstractmethod
     async def check_health(self, handle: Handle) -> Health:
         """Ask the backend how the worker is. API failures give UNKNOWN, never FAILED."""

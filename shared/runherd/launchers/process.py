@@ -246,6 +246,9 @@ class ProcessLauncher(RunLauncher):
 
     # --- the interface ---------------------------------------------------------------------
 
+    def can_reach(self, handle: Handle) -> bool:
+        return handle.get("host") == self.host
+
     async def check_health(self, handle: Handle) -> Health:
         if handle.get("host") != self.host:
             return Health(HealthStatus.UNKNOWN, message=f"worker runs on host {handle.get('host')}, not on {self.host}")

@@ -173,15 +173,86 @@ WHERE run_id = $1 AND attempt = $2
 RETURNING handle;
 
 -- name: record_heartbeats
--- One statement per batch. Heartbeats of an attempt that is no longer current match no row.
-UPDATE attempts a
-SET last_heartbeat_at = greatest(a.last_heartbeat_at, u.ts)
-FROM (SELECT run_id, attempt, max(ts) AS ts
-      FROM unnest($1::uuid[], $2::integer[], $3::timestamptz[]) AS x(run_id, attempt, ts)
-      GROUP BY run_id, attempt) u, runs r
-WHERE a.run_id = u.run_id AND a.attempt = u.attempt
-  AND r.run_id = u.run_id AND r.attempt = u.attempt
-  AND r.status IN ('STARTING', 'STARTED', 'CANCELING');
+-- One statement per batch. A heartbeat's last-seen time is the database's time of writing, never the
+-- worker's `ts` (its clock may be off by minutes either way). Heartbeats of an attempt that is no
+-- longer current match no row. Canaries (run_id nil, attempt = nonce; see heartbeat/watermark.py)
+-- written in this batch advance the writing replica $3's watermark to their stamp: everything
+-- published before a canary reached this replica before it, so it is in this batch or an earlier one.
+WITH beats AS (
+    SELECT run_id, attempt FROM unnest($1::uuid[], $2::integer[]) AS x(run_id, attempt)
+), locked AS (
+    -- Rows locked in (run_id, attempt) order, the order every statement locks attempts in: a batch
+    -- and an exit report (ingest) locking the same attempts can then never deadlock.
+    SELECT a.run_id, a.attempt
+    FROM attempts a
+    JOIN (SELECT DISTINCT run_id, attempt FROM beats
+          WHERE run_id <> '00000000-0000-0000-0000-000000000000') u
+      ON a.run_id = u.run_id AND a.attempt = u.attempt
+    JOIN runs r ON r.run_id = u.run_id AND r.attempt = u.attempt
+    WHERE r.status IN ('STARTING', 'STARTED', 'CANCELING')
+    ORDER BY a.run_id, a.attempt
+    FOR UPDATE OF a
+), touched AS (
+    UPDATE attempts a
+    SET last_heartbeat_at = clock_timestamp()
+    FROM locked l
+    WHERE a.run_id = l.run_id AND a.attempt = l.attempt
+    RETURNING a.run_id
+), canaries AS (
+    DELETE FROM heartbeat_canaries c
+    USING beats b
+    WHERE $3::text IS NOT NULL AND b.run_id = '00000000-0000-0000-0000-000000000000' AND c.nonce = b.attempt
+    RETURNING c.stamp
+), heard AS (
+    -- Only a registered replica (issue_canary) is credited: one that left cleanly stays gone.
+    UPDATE heartbeat_replicas h
+    SET heard_through = greatest(h.heard_through, (SELECT max(stamp) FROM canaries)), seen_at = clock_timestamp()
+    WHERE h.replica = $3::text AND EXISTS (SELECT 1 FROM canaries)
+)
+SELECT count(*) AS touched FROM touched;
+
+-- name: issue_canary
+-- A canary for replica $1 to publish: its nonce $2 and the database's time now, which it will
+-- carry through the queue (the stamp stays here). Also marks the replica alive (a new one starts
+-- at -infinity: it may already hold heartbeats it has not written) and forgets canaries lost on
+-- the way (the queue drops its oldest messages when full) and replicas long gone.
+WITH alive AS (
+    INSERT INTO heartbeat_replicas AS h (replica) VALUES ($1::text)
+    ON CONFLICT (replica) DO UPDATE SET seen_at = clock_timestamp()
+), lost AS (
+    DELETE FROM heartbeat_canaries WHERE stamp < clock_timestamp() - interval '1 hour'
+), gone AS (
+    DELETE FROM heartbeat_replicas WHERE seen_at < clock_timestamp() - interval '1 day'
+)
+INSERT INTO heartbeat_canaries (nonce) VALUES ($2::integer)
+ON CONFLICT (nonce) DO NOTHING
+RETURNING stamp;
+
+-- name: forget_replica
+-- A replica that stops cleanly holds nothing any more: it no longer holds the watermark back.
+DELETE FROM heartbeat_replicas WHERE replica = $1::text;
+
+-- name: issue_event_canary
+-- A canary for a monitor to publish on runherd.events: nonce $1, stamped with the database's time now.
+WITH lost AS (
+    DELETE FROM event_canaries WHERE stamp < clock_timestamp() - interval '1 hour'
+)
+INSERT INTO event_canaries (nonce) VALUES ($1::integer)
+ON CONFLICT (nonce) DO NOTHING
+RETURNING stamp;
+
+-- name: record_event_canaries
+-- The events before these canaries are applied: the event watermark moves to their latest stamp.
+WITH applied AS (
+    DELETE FROM event_canaries WHERE nonce = ANY($1::integer[]) RETURNING stamp
+)
+UPDATE event_watermark w
+SET applied_through = greatest(w.applied_through, (SELECT max(stamp) FROM applied))
+WHERE EXISTS (SELECT 1 FROM applied);
+
+-- name: heard_lag
+-- How far behind the workers are heard (heartbeats and events), in seconds; NULL: not heard at all.
+SELECT extract(epoch FROM clock_timestamp() - runherd_heard_through())::float8 AS seconds;
 
 -- name: insert_event
 INSERT INTO events (run_id, attempt, source, seq, type, step_key, message, data, refused, ts)
@@ -285,11 +356,14 @@ WITH crashed AS (
 SELECT run_id, attempt, resumes FROM resumed;
 
 -- name: stuck_starting
-SELECT run_id, attempt FROM runs
-WHERE status = 'STARTING' AND status_changed_at < clock_timestamp() - make_interval(secs => $1)
-ORDER BY status_changed_at
+-- STARTING for $1 seconds up to where events are heard (the event watermark of migration 0005),
+-- not up to now: a worker's RUN_START still queued behind a database outage or an event backlog
+-- does not make its run look stuck. No canary applied yet: nothing is decided.
+SELECT r.run_id, r.attempt FROM runs r, event_watermark w
+WHERE r.status = 'STARTING' AND r.status_changed_at < w.applied_through - make_interval(secs => $1)
+ORDER BY r.status_changed_at
 LIMIT $2
-FOR UPDATE SKIP LOCKED;
+FOR UPDATE OF r SKIP LOCKED;
 
 -- name: stuck_canceling
 SELECT run_id, attempt FROM runs
@@ -309,18 +383,25 @@ LIMIT $2
 FOR UPDATE SKIP LOCKED;
 
 -- name: silent_workers
--- STARTED runs whose current attempt has not heartbeated for $1 seconds. An attempt that never
--- sent one is measured from its launch (NULL is stale, not fresh) against $3, the start grace.
+-- STARTED runs whose current attempt has not been heard for $1 seconds (an attempt never heard is
+-- measured from its launch, against $3, the start grace) *while the workers could be heard*:
+-- silence is measured up to runherd_heard_through(), not up to now, so a stalled heartbeat service,
+-- broker, queue or event consumer makes no worker look silent (a worker whose RUN_SUCCESS is still
+-- queued neither), and with no heartbeat replica alive none is.
+-- Every time here is the database's: last_heartbeat_at is written with its clock.
+WITH heard AS (
+    SELECT runherd_heard_through() AS through
+)
 SELECT r.run_id, r.attempt,
-       extract(epoch FROM clock_timestamp() - coalesce(a.last_heartbeat_at, a.launched_at, a.created_at))::float8
+       extract(epoch FROM h.through - coalesce(a.last_heartbeat_at, a.launched_at, a.created_at))::float8
            AS silent_seconds,
        a.last_heartbeat_at IS NULL AS never_heartbeated
-FROM runs r
+FROM heard h, runs r
 JOIN attempts a ON a.run_id = r.run_id AND a.attempt = r.attempt
 WHERE r.status = 'STARTED'
-  AND (a.last_heartbeat_at < clock_timestamp() - make_interval(secs => $1)
+  AND (a.last_heartbeat_at < h.through - make_interval(secs => $1)
        OR (a.last_heartbeat_at IS NULL
-           AND coalesce(a.launched_at, a.created_at) < clock_timestamp() - make_interval(secs => $3)))
+           AND coalesce(a.launched_at, a.created_at) < h.through - make_interval(secs => $3)))
 LIMIT $2
 FOR UPDATE OF r SKIP LOCKED;
 
@@ -386,15 +467,23 @@ GROUP BY status;
 -- Seconds until the earliest moment any monitor rule could fire, so a sweep can wake right then
 -- instead of up to a poll interval late. $1 heartbeat timeout, $2 start grace of a silent attempt,
 -- $3 start timeout, $4 cancel timeout, $5 the config's max runtime (0: none).
+-- The heartbeat rule measures silence up to the heard-through watermark, so its deadline moves by the
+-- watermark's lag; while the pipeline is stale (lag over $1) it cannot fire and sets no deadline.
+WITH heard AS (
+    SELECT clock_timestamp() - runherd_heard_through() AS lag
+)
 SELECT extract(epoch FROM min(due) - clock_timestamp())::float8 AS seconds
 FROM (
     SELECT min(CASE WHEN a.last_heartbeat_at IS NOT NULL
                     THEN a.last_heartbeat_at + make_interval(secs => $1)
-                    ELSE coalesce(a.launched_at, a.created_at) + make_interval(secs => $2) END) AS due
-    FROM runs r JOIN attempts a ON a.run_id = r.run_id AND a.attempt = r.attempt
-    WHERE r.status = 'STARTED'
+                    ELSE coalesce(a.launched_at, a.created_at) + make_interval(secs => $2) END) + h.lag AS due
+    FROM heard h, runs r JOIN attempts a ON a.run_id = r.run_id AND a.attempt = r.attempt
+    WHERE r.status = 'STARTED' AND h.lag <= make_interval(secs => $1)
+    GROUP BY h.lag
     UNION ALL
-    SELECT min(status_changed_at) + make_interval(secs => $3) FROM runs WHERE status = 'STARTING'
+    SELECT min(status_changed_at) + make_interval(secs => $3)
+           + (clock_timestamp() - (SELECT applied_through FROM event_watermark))
+    FROM runs WHERE status = 'STARTING'
     UNION ALL
     SELECT min(status_changed_at) + make_interval(secs => $4) FROM runs WHERE status = 'CANCELING'
     UNION ALL

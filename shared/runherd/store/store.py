@@ -362,14 +362,39 @@ class Store:
 
     # --- heartbeats -----------------------------------------------------------------------
 
-    async def record_heartbeats(self, beats: Sequence[tuple[str, int, datetime]]) -> int:
-        """One set-based statement per batch; returns how many attempts were touched."""
+    async def record_heartbeats(
+        self, beats: Sequence[tuple[str, int] | tuple[str, int, datetime]], *, replica: str | None = None
+    ) -> int:
+        """One set-based statement per batch; returns how many attempts were touched. The last-seen
+        time written is the database's clock (a heartbeat's own ``ts``, if given, is not used).
+        Canaries in the batch advance ``replica``'s heard-through watermark."""
         if not beats:
             return 0
-        status = await self.pool.execute(
-            q("record_heartbeats"), _ids([b[0] for b in beats]), [b[1] for b in beats], [b[2] for b in beats]
+        return await self.pool.fetchval(
+            q("record_heartbeats"), _ids([b[0] for b in beats]), [b[1] for b in beats], replica
         )
-        return int(status.split()[-1])
+
+    async def issue_canary(self, replica: str, nonce: int) -> datetime | None:
+        """Register a canary for ``replica`` to publish (and mark the replica alive); returns its
+        stamp, the database's time now, or None if the nonce is taken."""
+        return await self.pool.fetchval(q("issue_canary"), replica, nonce)
+
+    async def forget_replica(self, replica: str) -> None:
+        await self.pool.execute(q("forget_replica"), replica)
+
+    async def issue_event_canary(self, nonce: int) -> datetime | None:
+        """Register an event canary; returns its stamp (the database's time now), None if the nonce is taken."""
+        return await self.pool.fetchval(q("issue_event_canary"), nonce)
+
+    async def record_event_canaries(self, nonces: Sequence[int]) -> None:
+        """Every event published before these canaries is applied: advance the event watermark."""
+        if nonces:
+            await self.pool.execute(q("record_event_canaries"), list(nonces))
+
+    async def heard_lag(self) -> float | None:
+        """Seconds the workers are heard behind the database's clock (heartbeats and events); None:
+        not heard at all."""
+        return await self.pool.fetchval(q("heard_lag"))
 
     # --- monitor --------------------------------------------------------------------------
 

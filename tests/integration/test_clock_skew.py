@@ -1,0 +1,108 @@
+"""Issue 8, item 3: clocks are not trusted. Workers run with their clock 60 s behind or ahead of the
+database's; every deadline is computed with the database's clock, so the skew changes nothing: no
+false hang, and hang detection is not switched off by a future time.
+
+The skew is made by tests/fixtures/skewed_worker.py (the real worker with runherd's clock shifted,
+which is every timestamp a worker sends). The same tests under libfaketime (the whole process's
+clock) run with RUNHERD_TEST_FAKETIME=1: they are opt-in because on the shared 2-core test machine
+each libfaketime run coincided with every process on the machine being SIGKILLed (PostgreSQL,
+RabbitMQ, all shells), cause not found."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import uuid
+
+import pytest
+
+from tests.harness import PYTHON, ROOT, SILENT, Env, eventually
+
+TIMEOUT = 4.0  # heartbeat_timeout_seconds of the fast config
+SHIFT = [PYTHON, str(ROOT / "tests" / "fixtures" / "skewed_worker.py")]
+FAKETIME = os.environ.get("RUNHERD_TEST_FAKETIME") == "1"
+SKEWS = [pytest.param("shift", -60, id="-60s"), pytest.param("shift", 60, id="+60s")] + [
+    pytest.param(
+        "faketime",
+        seconds,
+        id=f"faketime{seconds:+d}s",
+        marks=pytest.mark.skipif(
+            not FAKETIME or shutil.which("faketime") is None, reason="set RUNHERD_TEST_FAKETIME=1, needs faketime"
+        ),
+    )
+    for seconds in (-60, 60)
+]
+
+
+def skewed(how: str, seconds: int, script: list[str] | None = None) -> list[str]:
+    """The worker command with its clock ``seconds`` off; ``script``: a fixture worker instead."""
+    if how == "faketime":
+        return ["faketime", "-f", f"{seconds:+d}s", *(script or [PYTHON, "-m", "runherd.cli", "worker"])]
+    return [*SHIFT, str(seconds), *(script[1:] if script else [])]
+
+
+async def _heard(env: Env, run_ids: list[str]) -> bool:
+    rows = await env.store.fetch(
+        "SELECT count(*) AS n FROM attempts a JOIN runs r ON r.run_id = a.run_id AND r.attempt = a.attempt "
+        "WHERE a.run_id = ANY($1::uuid[]) AND a.last_heartbeat_at IS NOT NULL",
+        [uuid.UUID(r) for r in run_ids],
+    )
+    return rows[0]["n"] == len(run_ids)
+
+
+async def _running_for(env: Env, seconds: float) -> bool:
+    rows = await env.store.fetch(
+        "SELECT bool_and(started_at < clock_timestamp() - make_interval(secs => $1)) AS ok FROM runs", seconds
+    )
+    return bool(rows[0]["ok"])
+
+
+async def _resumed(env: Env) -> list[str]:
+    rows = await env.store.fetch("SELECT run_id FROM events WHERE type = 'RUN_RESUMED' ORDER BY id")
+    return [str(r["run_id"]) for r in rows]
+
+
+@pytest.mark.parametrize(("how", "seconds"), SKEWS)
+async def test_skewed_workers_succeed_unresumed_and_a_skewed_hung_worker_is_found(
+    env: Env, how: str, seconds: int
+) -> None:
+    env.configure(run_launcher=env.process_launcher(skewed(how, seconds)))
+    await env.start()
+    done = env.tmp / "done"
+    step = ["sh", "-c", f'while [ ! -e "{done}" ]; do sleep 0.2; done']
+    runs = [await env.submit([{"key": "wait", "command": step}]) for _ in range(5)]
+    await eventually(lambda: _heard(env, runs), timeout=60, what="5 skewed workers heard")
+
+    hung = runs[0]
+    handle = await env.handle(hung, attempt=1)
+    loop = asyncio.get_running_loop()
+    stopped_at = loop.time()
+    os.killpg(handle["pid"], signal.SIGSTOP)  # the worker (and faketime over it)
+    await eventually(lambda: _resumed(env), timeout=30, what="the hung skewed worker resumed")
+    detected = loop.time() - stopped_at
+    assert await _resumed(env) == [hung]
+    assert detected < TIMEOUT + 6, detected
+    await eventually(lambda: _heard(env, [hung]), timeout=30, what="the resumed attempt heard")
+    await eventually(lambda: _running_for(env, 2 * TIMEOUT), timeout=30, what="every run past 2 x the timeout")
+
+    done.touch()
+    for run_id in runs:
+        run = await env.wait_status(run_id, "SUCCESS", timeout=60)
+        assert run["attempt"] == (2 if run_id == hung else 1)
+    assert await _resumed(env) == [hung]
+    print(f"\nworker clock {seconds:+d} s ({how}): 5 runs SUCCESS, 1 resume (the hung one, found in {detected:.1f} s)")
+
+
+@pytest.mark.parametrize(("how", "seconds"), SKEWS)
+async def test_a_silent_worker_with_a_skewed_clock_is_still_detected(env: Env, how: str, seconds: int) -> None:
+    """A worker that never heartbeats is measured from its launch, in the database's clock."""
+    env.configure(
+        run_monitoring={"max_resume_run_attempts": 0, "start_timeout_seconds": 3},
+        run_launcher=env.process_launcher(skewed(how, seconds, SILENT)),
+    )
+    await env.start()
+    run_id = await env.submit([{"key": "a", "command": ["true"]}])
+    run = await env.wait_status(run_id, "FAILURE", timeout=30)
+    assert "no heartbeat" in run["reason"] and "never sent one" in run["reason"]
