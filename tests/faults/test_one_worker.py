@@ -12,6 +12,8 @@ that has no record.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -41,20 +43,46 @@ def _record(scenario: Scenario, run_id: str, attempt: int) -> dict[str, Any] | N
     return record if isinstance(record, dict) else None
 
 
-async def _kill_mid_launch(scenario: Scenario, timeout: float = 20) -> tuple[int, int]:
-    """SIGKILL the launcher as soon as it has claimed an attempt and not recorded its handle; the
-    attempts it left so, and how many of them already had a worker (a record with a pid)."""
+def _has_worker(scenario: Scenario, run_id: str, attempt: int) -> bool:
+    """The attempt's record names a worker, or is locked: a worker holds it (and will fill it in).
+    Probed only while no launcher runs, whose own lock would look the same."""
+    if (_record(scenario, run_id, attempt) or {}).get("pid"):
+        return True
+    try:
+        fd = os.open(scenario.tmp / "logs" / run_id / f"attempt-{attempt}.worker", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+async def _kill_mid_launch(scenario: Scenario, timeout: float = 20, settle: float = 0.3) -> tuple[int, int]:
+    """SIGKILL the launcher while it launches: once it has claimed attempts and not recorded their
+    handles, and a worker record is filled in (or ``settle`` seconds later). The attempts it left
+    claimed without a handle, and how many of them have a live or finished worker."""
     conn = await connect(scenario.db_url)
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not await conn.fetch(PENDING) and loop.time() < deadline:
-            await asyncio.sleep(0.01)
+        while not (pending := await conn.fetch(PENDING)) and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        settled = loop.time() + settle
+        while pending and loop.time() < settled:
+            if any((_record(scenario, r["run_id"], r["attempt"]) or {}).get("pid") for r in pending):
+                break
+            await asyncio.sleep(0.005)
+            pending = await conn.fetch(PENDING)
         await scenario.kill("launcher")
         left = await conn.fetch(PENDING)
     finally:
         await conn.close()
-    started = sum(1 for r in left if (_record(scenario, r["run_id"], r["attempt"]) or {}).get("pid"))
+    started = sum(1 for r in left if _has_worker(scenario, r["run_id"], r["attempt"]))
     await scenario.restart("launcher")
     return len(left), started
 
