@@ -129,19 +129,22 @@ async def _hold(queue: str, batch: list[Delivery], stop: asyncio.Event, tries: i
 
 
 async def settle(broker: Broker, queue: str, batch: list[Delivery], verdicts: Sequence[Verdict]) -> None:
-    """Dead-letter and requeue one by one, then ack the applied ones together."""
+    """Dead-letter (their publisher confirms awaited together) and requeue, then ack the applied
+    ones with one frame."""
     applied: list[Delivery] = []
+    dead: list[tuple[Delivery, str]] = []
     for delivery, verdict in zip(batch, verdicts, strict=True):
         if isinstance(verdict, Applied):
             applied.append(delivery)
         elif isinstance(verdict, Reject):
-            metrics.DEAD_LETTERS.labels(queue).inc()
-            await broker.dead_letter(delivery, verdict.reason)
+            dead.append((delivery, verdict.reason))
         elif delivery.deliveries >= MAX_DELIVERIES - 1:
-            metrics.DEAD_LETTERS.labels(queue).inc()
-            await broker.dead_letter(delivery, f"failed {delivery.deliveries} times: {verdict.reason}")
+            dead.append((delivery, f"failed {delivery.deliveries} times: {verdict.reason}"))
         else:
             await broker.requeue([delivery])
+    if dead:
+        metrics.DEAD_LETTERS.labels(queue).inc(len(dead))
+        await asyncio.gather(*(broker.dead_letter(delivery, reason) for delivery, reason in dead))
     await broker.ack(applied)
 
 

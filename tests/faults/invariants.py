@@ -157,6 +157,9 @@ class Limits:
     cancel_timeout: float
     heartbeat_timeout: float
     poll_interval: float
+    # Seconds nobody could act (a database outage): a timeout that spans them fires that much later,
+    # since its deadline is measured up to where runherd has heard its workers, not up to now.
+    deaf_seconds: float = 0.0
 
 
 async def connect(db_url: str) -> asyncpg.Connection:
@@ -217,7 +220,7 @@ def _lost_and_stuck(
     for run_id in load.published:
         if run_id not in by_id:
             report.note("lost", f"{run_id}: published, never stored")
-    slack = 2 * lim.poll_interval + 2
+    slack = 2 * lim.poll_interval + 2 + lim.deaf_seconds
     for run in runs:
         run_id, status = str(run["run_id"]), run["status"]
         if status in TERMINAL:
@@ -241,7 +244,7 @@ def _lost_and_stuck(
 def _stuck_on_the_way(report: Report, events: list[dict[str, Any]], lim: Limits) -> None:
     """A run that stayed STARTING or CANCELING longer than its timeout (plus two sweeps), even if it
     finished in the end: the timeout did not fire when it should have."""
-    slack = 2 * lim.poll_interval + 2
+    slack = 2 * lim.poll_interval + 2 + lim.deaf_seconds
     limit = {"STARTING": lim.start_timeout, "CANCELING": lim.cancel_timeout}
     since: dict[str, tuple[str, datetime]] = {}
     for e in events:

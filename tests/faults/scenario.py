@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -339,6 +340,7 @@ class Scenario:
         *,
         finish_timeout: float = 90,
         extra: Callable[[Report], Awaitable[None]] | None = None,
+        deaf_seconds: float = 0.0,
     ) -> Report:
         """``extra``: the scenario's own checks, run after the common ones, before the report prints."""
         finished = await self.wait_done(finish_timeout)
@@ -352,7 +354,7 @@ class Scenario:
             amqp_url=self.amqp_url,
             load=self.load,
             recorder=self.recorder,
-            limits=LIMITS,
+            limits=dataclasses.replace(LIMITS, deaf_seconds=deaf_seconds),
             service_exits=self.service_exits(),
         )
         if extra is not None:

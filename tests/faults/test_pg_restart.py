@@ -34,5 +34,6 @@ async def test_postgres_restart_during_load(scenario: Scenario) -> None:
         f"PostgreSQL stopped (fast) for {outage:.1f} s with {in_flight} runs in flight, "
         f"{len(during)} launches published during the outage",
         finish_timeout=50,
+        deaf_seconds=outage,
     )
     assert report.violations() == {}

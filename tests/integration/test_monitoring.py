@@ -144,6 +144,13 @@ async def test_stuck_canceling_worker_ignoring_sigterm_is_killed_and_canceled(en
     assert pids_alive([handle["pid"]])  # it ignored SIGTERM
     run = await env.wait_status(run_id, "CANCELED")
     assert "force-killed" in run["reason"]
+    # The kill is carried out after the decision commits (no launcher call under a row lock), and
+    # the event log says so only once the worker is really gone.
+
+    async def terminated() -> bool:
+        return any(e["type"] == "WORKER_TERMINATED" for e in await env.events(run_id))
+
+    await eventually(terminated, what="WORKER_TERMINATED logged")
     assert not group_members(handle["pid"])
 
 
