@@ -63,43 +63,63 @@ class Sweeper:
 
     async def start_timeout(self) -> int:
         limit = self.mon.start_timeout_seconds
-        async with self.store.tx() as tx:
-            rows = await tx.violators("stuck_starting", float(limit), BATCH)
-            if not rows:
-                return 0
-            ids = [str(r["run_id"]) for r in rows]
-            moved = await tx.transition(
-                ids,
-                RunStatus.FAILURE,
-                f"run did not start within {limit:g} s (start_timeout_seconds)",
-                from_=[RunStatus.STARTING],
-                failure_kind="infrastructure",
-                source="monitor",
-            )
-            refs = await kill_store.claim(tx, [(m.run_id, m.attempt) for m in moved])
-        metrics.MONITOR_ACTIONS.labels("start_timeout").inc(len(moved))
-        self.actions.terminate_soon(refs, "start timeout")
-        return len(moved)
+        return await self._timed_out(
+            "stuck_starting",
+            limit,
+            RunStatus.STARTING,
+            RunStatus.FAILURE,
+            f"run did not start within {limit:g} s (start_timeout_seconds)",
+            metric="start_timeout",
+            why="start timeout",
+            failure_kind="infrastructure",
+        )
 
     async def cancel_timeout(self) -> int:
         """CANCELED, and the worker force-killed after the commit. The event log says
         WORKER_TERMINATED only once the launcher confirms the kill; a replica that dies before
         leaves the marked worker to the reap rule of another."""
         limit = self.mon.cancel_timeout_seconds
+        return await self._timed_out(
+            "stuck_canceling",
+            limit,
+            RunStatus.CANCELING,
+            RunStatus.CANCELED,
+            f"cancel did not finish within {limit:g} s: the worker is force-killed",
+            metric="cancel_timeout",
+            why=f"cancel did not finish within {limit:g} s",
+            grace=0,
+        )
+
+    async def _timed_out(
+        self,
+        rule: str,
+        limit: float,
+        from_: RunStatus,
+        to: RunStatus,
+        reason: str,
+        *,
+        metric: str,
+        why: str,
+        failure_kind: str | None = None,
+        grace: float | None = None,
+    ) -> int:
+        """One rule's violators moved in one transaction with their workers claimed for a kill;
+        the kills run after the commit."""
         async with self.store.tx() as tx:
-            rows = await tx.violators("stuck_canceling", float(limit), BATCH)
+            rows = await tx.violators(rule, float(limit), BATCH)
             if not rows:
                 return 0
             moved = await tx.transition(
                 [str(r["run_id"]) for r in rows],
-                RunStatus.CANCELED,
-                f"cancel did not finish within {limit:g} s: the worker is force-killed",
-                from_=[RunStatus.CANCELING],
+                to,
+                reason,
+                from_=[from_],
+                failure_kind=failure_kind,
                 source="monitor",
             )
             refs = await kill_store.claim(tx, [(m.run_id, m.attempt) for m in moved])
-        metrics.MONITOR_ACTIONS.labels("cancel_timeout").inc(len(moved))
-        self.actions.terminate_soon(refs, f"cancel did not finish within {limit:g} s", grace=0)
+        metrics.MONITOR_ACTIONS.labels(metric).inc(len(moved))
+        self.actions.terminate_soon(refs, why, grace=grace)
         return len(moved)
 
     async def max_runtime(self) -> int:
