@@ -117,10 +117,10 @@ async def kill(store: Store, run_launcher: RunLauncher, request: killing.KillReq
 def with_derived_ids(key: str, data: dict[str, Any], message_id: str | None) -> dict[str, Any]:
     if not message_id or not isinstance(data, dict):
         return data
-    if key == "launch" and not data.get("run_id"):
-        return {**data, "run_id": contract.run_id_from_message_id(key, message_id)}
-    if key == "reexecute" and not data.get("new_run_id"):
-        return {**data, "new_run_id": contract.run_id_from_message_id(key, message_id)}
+    # Only an id that is absent (or null) is derived: a wrong one ("", 0, false) is refused as such.
+    field = {"launch": "run_id", "reexecute": "new_run_id"}.get(key)
+    if field is not None and data.get(field) is None:
+        return {**data, field: contract.run_id_from_message_id(key, message_id)}
     return data
 
 
