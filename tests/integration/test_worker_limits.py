@@ -22,7 +22,7 @@ import pytest
 
 from runherd.launcher import commands
 from runherd.launcher import launching as launching_module
-from runherd.launcher.launching import HandleMap, Launching, claims_to_take
+from runherd.launcher.launching import HandleMap, Launching, claims_to_take, lease_seconds
 from runherd.launchers.base import Handle, WorkerRun
 from runherd.launchers.process import ProcessLauncher
 from runherd.plan import MAX_OUTPUT_BYTES
@@ -120,6 +120,12 @@ class HeldLauncher(ProcessLauncher):
         self.started += 1
         await self.release.wait()
         return {"launcher": "held", "run_id": run.run_id, "attempt": run.attempt}  # no process
+
+
+def test_a_claim_lease_stays_well_inside_the_start_timeout() -> None:
+    """A launcher killed with claims in hand: another takes them over before the start timeout."""
+    assert [lease_seconds(t) for t in (180, 30, 10, 3)] == [60, 10, 5, 5]
+    assert all(lease_seconds(t) <= t / 2 for t in (10, 30, 180, 600))
 
 
 def test_claims_to_take() -> None:

@@ -20,6 +20,15 @@ log = logging.getLogger("runherd.launcher")
 
 LAUNCH_ATTEMPTS = 4  # a transient launch error is retried this many times in all, with backoff
 LAUNCH_LEASE_SECONDS = 60
+
+
+def lease_seconds(start_timeout: float) -> float:
+    """How long a launch claim is held. Well inside the start timeout, so that a launcher killed
+    with claims in hand leaves time for another to launch them before the run fails as stuck
+    starting; launches are idempotent per attempt, so a second claim adopts, never duplicates."""
+    return min(LAUNCH_LEASE_SECONDS, max(5.0, start_timeout / 3))
+
+
 MAX_CLAIMS = 64  # per round, at most; never more than there are free launch slots
 MAX_HANDLES = 10_000
 
@@ -129,7 +138,8 @@ class Launching:
             free = claims_to_take(self.concurrency, self.in_flight)
             if free == 0:
                 return 0
-        claims = await self.store.claim_launches(free, lease_seconds=LAUNCH_LEASE_SECONDS)
+        lease = lease_seconds(self.config.run_monitoring.start_timeout_seconds)
+        claims = await self.store.claim_launches(free, lease_seconds=lease)
         for claim in claims:
             task = asyncio.ensure_future(self._launch(claim))
             self._tasks.add(task)
