@@ -15,6 +15,7 @@ from runherd.errors import LaunchError
 from runherd.launchers import Handle, RunLauncher, WorkerRun
 from runherd.plan import Plan
 from runherd.store import LaunchClaim, Store
+from runherd.store.store import TransientDbError
 
 log = logging.getLogger("runherd.launcher")
 
@@ -155,6 +156,20 @@ class Launching:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _launch(self, claim: LaunchClaim) -> None:
+        try:
+            await self._launch_claim(claim)
+        except TransientDbError as exc:
+            # The claim's lease brings the attempt back; launching it again adopts its worker.
+            log.warning(
+                "launch not recorded run_id=%s attempt=%s: database unavailable (%r); retried when the claim expires",
+                claim.run_id,
+                claim.attempt,
+                exc,
+            )
+        except Exception:
+            log.exception("launch failed unexpectedly run_id=%s attempt=%s", claim.run_id, claim.attempt)
+
+    async def _launch_claim(self, claim: LaunchClaim) -> None:
         async with self._slots:
             if claim.attempt != claim.current_attempt or claim.status not in (RunStatus.STARTING, RunStatus.STARTED):
                 await self._never_launched(claim)

@@ -100,6 +100,9 @@ class LauncherService:
                         continue
                 except TransientDbError as exc:
                     log.warning("launch round failed: %r", exc)
+                except Exception:
+                    # The launch loop must outlive anything one round meets: claims come back by lease.
+                    log.exception("launch round failed unexpectedly")
                 await sleep_or_stop(stop, self.config.run_coordinator.dequeue_interval_seconds, self.wake)
             await self.launching.drain()
         finally:

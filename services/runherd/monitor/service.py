@@ -62,6 +62,9 @@ class MonitorService:
                 pause = await self.sweeper.seconds_to_next_deadline()
             except TransientDbError as exc:
                 log.warning("sweep failed: %r", exc)
+            except Exception:
+                # A sweep must outlive anything one round meets: the next round decides again.
+                log.exception("sweep failed unexpectedly; sweeping again in %.1f s", pause)
             await sleep_or_stop(stop, pause, self.sweep_now)
 
     async def refresh_gauges(self) -> None:

@@ -45,6 +45,9 @@ TransientDbError: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.TransactionRollbackError,
     asyncpg.exceptions.ReadOnlySQLTransactionError,
     asyncpg.exceptions.LockNotAvailableError,
+    # A pooled connection broken mid-operation by the server going away can surface as this
+    # client-side state error on its next use; the pool replaces the connection.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
