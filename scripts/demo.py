@@ -224,7 +224,7 @@ async def demo(amqp_url: str, db_url: str) -> int:
             msg = e["message"] or (
                 f"{e['data'].get('from') or '-'} -> {e['data'].get('to')}" if e["type"] == "RUN_STATUS" else ""
             )
-            print(f"  a{e['attempt']} {e['source']:<8} {e['type']:<17} {step}{msg}", flush=True)
+            print(f"  a{e['attempt']} {e['source']:<19} {e['type']:<17} {step}{msg}", flush=True)
         run = await store.get_run(etl_id)
         print(
             "\nsteps: "

@@ -351,7 +351,7 @@ def _event_line(e: dict[str, Any]) -> str:
         e = {**e, "message": f"{change}: {e['message']}" if e["message"] else change}
     refused = f"  REFUSED: {e['refused']}" if e["refused"] else ""
     return (
-        f"{e['ts'].strftime('%H:%M:%S.%f')[:-3]}  a{e['attempt']}  {e['source']:<8} {e['type']:<17}"
+        f"{e['ts'].strftime('%H:%M:%S.%f')[:-3]}  a{e['attempt']}  {e['source']:<19} {e['type']:<17}"
         f"{step} {e['message'] or ''}{refused}"
     ).rstrip()
 

@@ -180,8 +180,10 @@ class Sweeper:
         if deaf != self._deaf:
             self._deaf = deaf
             if deaf:
-                behind = "nothing heard" if lag is None else f"heard {lag:.1f} s behind"
-                log.warning(
+                behind = "nothing heard yet" if lag is None else f"heard {lag:.1f} s behind"
+                # At start nothing is heard until the first canaries come round: not worth a warning.
+                say = log.info if lag is None else log.warning
+                say(
                     "heartbeat pipeline stale (%s; heartbeats or events): no run is taken for hung until it is heard",
                     behind,
                 )
