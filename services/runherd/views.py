@@ -389,14 +389,21 @@ def _print_event(e: dict[str, Any], as_json: bool) -> None:
         print(f"      | {line}", flush=True)
 
 
-async def cancel(args: argparse.Namespace, cfg: Config) -> int:
+async def _run_or_none(cfg: Config, run_id: str) -> dict[str, Any] | None:
+    """The run, read before a command is published; None (after one line on stderr) if there is none."""
     store = await Store.connect(cfg.database_url)
     try:
-        run = await store.get_run(args.run_id)
+        run = await store.get_run(run_id)
     finally:
         await store.close()
     if run is None:
-        print(f"runherd: no run {args.run_id}", file=sys.stderr)
+        print(f"runherd: no run {run_id}", file=sys.stderr)
+    return run
+
+
+async def cancel(args: argparse.Namespace, cfg: Config) -> int:
+    run = await _run_or_none(cfg, args.run_id)
+    if run is None:
         return 2
     if RunStatus(run["status"]).terminal:
         print(f"runherd: run {args.run_id} already finished ({run['status']}): nothing to cancel", file=sys.stderr)
@@ -411,13 +418,8 @@ async def cancel(args: argparse.Namespace, cfg: Config) -> int:
 
 
 async def reexecute(args: argparse.Namespace, cfg: Config) -> int:
-    store = await Store.connect(cfg.database_url)
-    try:
-        origin = await store.get_run(args.run_id)
-    finally:
-        await store.close()
+    origin = await _run_or_none(cfg, args.run_id)
     if origin is None:
-        print(f"runherd: no run {args.run_id}", file=sys.stderr)
         return 2
     if not RunStatus(origin["status"]).terminal:
         print(
