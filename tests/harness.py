@@ -18,7 +18,7 @@ import aio_pika
 import asyncpg
 import orjson
 
-from runherd import app, config
+from runherd import app, auth, config
 from runherd.broker import Broker
 from runherd.store import Store, migrate
 
@@ -286,6 +286,12 @@ class Env:
         if command:
             launcher_config["worker_command"] = command
         return {"name": "process", "config": launcher_config}
+
+    async def token(self, run_id: str, attempt: int, role: str = auth.WORKER) -> str:
+        """The token that proves an event or heartbeat of ``role`` for this attempt (runherd.auth),
+        for a test playing a worker or the launcher."""
+        keys = await self.store.event_keys()
+        return auth.token(keys.current, role, run_id, attempt)
 
     async def cancel(self, run_id: str) -> None:
         await self.broker.publish_command("terminate", orjson.dumps({"v": 1, "run_id": run_id}))

@@ -26,6 +26,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from runherd.auth import TOKEN_HEADER
 from runherd.config import redact
 from runherd.errors import RunherdError
 
@@ -173,19 +174,29 @@ class Broker:
         )
         await self._exchanges[exchange].publish(message, routing_key=routing_key)
 
-    async def publish_event(self, run_id: str, body: bytes, *, patience: float = PUBLISH_PATIENCE_SECONDS) -> None:
-        """Lifecycle events must arrive: retried through a reconnect (consumers dedupe by seq)."""
-        await self.publish_until_confirmed(EVENTS, f"run.{run_id}", body, patience=patience)
+    async def publish_event(
+        self, run_id: str, body: bytes, *, token: str | None = None, patience: float = PUBLISH_PATIENCE_SECONDS
+    ) -> None:
+        """Lifecycle events must arrive: retried through a reconnect (consumers dedupe by seq).
+        ``token`` proves who reports (runherd.auth); it travels as a header."""
+        headers = {TOKEN_HEADER: token} if token else None
+        await self.publish_until_confirmed(EVENTS, f"run.{run_id}", body, patience=patience, headers=headers)
 
     async def publish_until_confirmed(
-        self, exchange: str, routing_key: str, body: bytes, *, patience: float = PUBLISH_PATIENCE_SECONDS
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        patience: float = PUBLISH_PATIENCE_SECONDS,
+        headers: dict[str, Any] | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + patience
         delay = 0.1
         while True:
             try:
-                await self.publish(exchange, routing_key, body)
+                await self.publish(exchange, routing_key, body, headers=headers)
                 return
             except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
                 if loop.time() + delay > deadline:
@@ -194,8 +205,8 @@ class Broker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    async def publish_heartbeat(self, body: bytes) -> None:
-        await self.publish(HEARTBEATS, "hb", body, persistent=False)
+    async def publish_heartbeat(self, body: bytes, *, token: str | None = None) -> None:
+        await self.publish(HEARTBEATS, "hb", body, persistent=False, headers={TOKEN_HEADER: token} if token else None)
 
     async def publish_command(self, key: str, body: bytes) -> None:
         await self.publish(COMMANDS, key, body)
@@ -210,6 +221,7 @@ class Broker:
         that is not the publisher's, and an expiring dead letter would vanish before anyone read it."""
         raw = delivery._raw
         headers = dict(delivery.headers)
+        headers.pop(TOKEN_HEADER, None)  # a valid token is a credential: it does not go on
         headers[ERROR_HEADER] = reason[:4000]
         headers[EXCHANGE_HEADER] = raw.exchange or ""
         headers[ROUTING_KEY_HEADER] = delivery.routing_key

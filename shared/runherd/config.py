@@ -71,8 +71,11 @@ class RunLauncherConfig:
 
 @dataclass(frozen=True)
 class Config:
-    amqp_url: str = DEFAULT_AMQP_URL
-    database_url: str = DEFAULT_DATABASE_URL
+    # Credentials: never in the repr (a config printed in a log or a traceback keeps them).
+    amqp_url: str = field(default=DEFAULT_AMQP_URL, repr=False)
+    # The workers' own broker credentials (publish events and heartbeats only); None: amqp_url.
+    worker_amqp_url: str | None = field(default=None, repr=False)
+    database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
     run_monitoring: RunMonitoring = field(default_factory=RunMonitoring)
     run_coordinator: RunCoordinator = field(default_factory=RunCoordinator)
     run_retries: RunRetries = field(default_factory=RunRetries)
@@ -80,6 +83,11 @@ class Config:
     metrics_port: int = 0  # 0: no Prometheus endpoint
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one object per line, run_id and attempt as fields)
+
+    @property
+    def workers_amqp_url(self) -> str:
+        """The URL handed to workers: ``worker_amqp_url``, else the services' own."""
+        return self.worker_amqp_url or self.amqp_url
 
 
 def redact(url: str) -> str:
@@ -197,6 +205,7 @@ def from_mapping(raw: Mapping[str, Any] | None) -> Config:
     limits = _tag_limits(coordinator.pop("tag_concurrency_limits", None))
     config = Config(
         amqp_url=_check("amqp_url", raw.get("amqp_url", DEFAULT_AMQP_URL), str, "a URL"),
+        worker_amqp_url=_check("worker_amqp_url", raw.get("worker_amqp_url"), (str, type(None)), "a URL"),
         database_url=_check("database_url", raw.get("database_url", DEFAULT_DATABASE_URL), str, "a URL"),
         run_monitoring=_section(RunMonitoring, "run_monitoring", raw.get("run_monitoring")),
         run_coordinator=_section(RunCoordinator, "run_coordinator", coordinator),
@@ -220,7 +229,7 @@ def from_mapping(raw: Mapping[str, Any] | None) -> Config:
 
 def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Load the config: the file at ``path`` or $RUNHERD_CONFIG or ./runherd.yaml if present,
-    then $RUNHERD_AMQP_URL and $RUNHERD_DATABASE_URL override."""
+    then $RUNHERD_AMQP_URL, $RUNHERD_WORKER_AMQP_URL and $RUNHERD_DATABASE_URL override."""
     env = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
     candidate = path or env.get("RUNHERD_CONFIG")
@@ -239,6 +248,8 @@ def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] 
             raise ConfigError(f"{candidate}: expected a mapping at the top level")
     if "RUNHERD_AMQP_URL" in env:
         raw["amqp_url"] = env["RUNHERD_AMQP_URL"]
+    if "RUNHERD_WORKER_AMQP_URL" in env:
+        raw["worker_amqp_url"] = env["RUNHERD_WORKER_AMQP_URL"]
     if "RUNHERD_DATABASE_URL" in env:
         raw["database_url"] = env["RUNHERD_DATABASE_URL"]
     return from_mapping(raw)

@@ -20,6 +20,11 @@ DETECTION_LATENCY = Histogram(
 )
 EVENTS_APPLIED = Counter("runherd_events_applied_total", "Lifecycle events applied", ["type"])
 EVENTS_REFUSED = Counter("runherd_events_refused_total", "Lifecycle events refused (stale attempt...)")
+FORGED = Counter(
+    "runherd_forged_total",
+    "Events and heartbeats refused because their token does not prove their source (runherd.auth)",
+    ["kind"],
+)
 DEAD_LETTERS = Counter("runherd_dead_letters_total", "Messages dead-lettered", ["queue"])
 MONITOR_ACTIONS = Counter("runherd_monitor_actions_total", "Monitor actions taken", ["action"])
 LAUNCHES = Counter("runherd_launches_total", "Workers launched", ["launcher", "outcome"])

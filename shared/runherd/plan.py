@@ -38,6 +38,11 @@ class Plan:
     heartbeat_interval_seconds: float = 5.0
     max_concurrent_steps: int = 4
     worker_id: str = ""  # this worker instance: its events' source is ``worker:<id>``
+    # The worker's secrets travel with the plan (a private file, a Kubernetes Secret), never in
+    # its environment, which every step would inherit: its broker URL and its attempt's token
+    # (runherd.auth). Never in the repr.
+    amqp_url: str = field(default="", repr=False)
+    token: str = field(default="", repr=False)
 
     @property
     def source(self) -> str:
@@ -56,6 +61,8 @@ class Plan:
                 "heartbeat_interval_seconds": self.heartbeat_interval_seconds,
                 "max_concurrent_steps": self.max_concurrent_steps,
                 "worker_id": self.worker_id,
+                "amqp_url": self.amqp_url,
+                "token": self.token,
             }
         ).decode()
 
@@ -76,6 +83,8 @@ def from_json(text: str) -> Plan:
         heartbeat_interval_seconds=float(raw.get("heartbeat_interval_seconds", 5)),
         max_concurrent_steps=int(raw.get("max_concurrent_steps", 4)),
         worker_id=str(raw.get("worker_id") or ""),
+        amqp_url=str(raw.get("amqp_url") or ""),
+        token=str(raw.get("token") or ""),
     )
 
 

@@ -33,8 +33,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from runherd import auth, contract
 from runherd import broker as topology
-from runherd import contract
 from tests import harness
 from tests.faults import fuzz_bodies as fb
 
@@ -161,7 +161,9 @@ def _predict_accepted(case: Case, world: World, data: dict[str, Any]) -> None:
             case.expect, case.reason_prefix = "dead", "reexecute: no run"
     elif case.kind == "event":
         event = contract.parse_event(data)
-        if event.run_id in world.launched:
+        if auth.role_of(event.source) is None:  # signed by whom? No role may claim this source
+            case.expect, case.reason_prefix = "dead", "unauthenticated"
+        elif event.run_id in world.launched:
             world.events.add((event.run_id, event.attempt, event.source, event.seq))
         else:
             case.expect, case.reason_prefix = "dead", "event for unknown run"
@@ -190,10 +192,26 @@ class Problems(logging.Handler):
             self.records.append(f"{record.name}: {message}")
 
 
+def signature(keys: auth.Keys, case: Case) -> dict[str, str]:
+    """The token a real worker (or launcher) would send with a valid event or heartbeat (runherd.auth)."""
+    if case.reason is not None or case.kind not in ("event", "heartbeat"):
+        return {}
+    data = contract.decode(case.body)
+    if case.kind == "heartbeat":
+        beat = contract.parse_heartbeat(data)
+        return {auth.TOKEN_HEADER: auth.token(keys.current, auth.WORKER, beat.run_id, beat.attempt)}
+    event = contract.parse_event(data)
+    role = auth.role_of(event.source)
+    return {auth.TOKEN_HEADER: auth.token(keys.current, role, event.run_id, event.attempt)} if role else {}
+
+
 async def publish(env: harness.Env, cases: list[Case]) -> None:
+    keys = await env.store.event_keys()
+
     async def one(case: Case) -> None:
         exchange, key, persistent = routing(case.kind)
-        await env.broker.publish(exchange, key, case.body, persistent=persistent, headers={CASE_HEADER: case.index})
+        headers = {CASE_HEADER: case.index, **signature(keys, case)}
+        await env.broker.publish(exchange, key, case.body, persistent=persistent, headers=headers)
 
     for start in range(0, len(cases), 250):
         await asyncio.gather(*(one(c) for c in cases[start : start + 250]))

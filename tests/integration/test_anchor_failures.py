@@ -16,7 +16,7 @@ async def test_late_run_success_after_timeout_is_refused(env: Env) -> None:
         timed_out = await env.submit([{"key": "a", "command": ["sleep", "600"]}], tags={"runherd/max_runtime": 1})
         await env.wait_status(timed_out, "FAILURE")
         late = Event(run_id=timed_out, attempt=1, seq=10_000, type=EventType.RUN_SUCCESS, ts=now_iso())
-        await env.broker.publish_event(timed_out, late.body())
+        await env.broker.publish_event(timed_out, late.body(), token=await env.token(timed_out, 1))
 
         async def refused() -> list[dict[str, object]]:
             return [e for e in await env.events(timed_out) if e["seq"] == 10_000 and e["refused"]]

@@ -9,6 +9,7 @@ import aio_pika
 import orjson
 import pytest
 
+from runherd.auth import TOKEN_HEADER
 from runherd.broker import ERROR_HEADER
 from runherd.contract import Event, EventType, now_iso
 from tests.harness import Env, eventually
@@ -125,10 +126,12 @@ async def test_commands_for_unknown_runs_are_dead_lettered(env: Env, command: st
 async def test_bad_events_and_heartbeats_are_dead_lettered_and_services_survive(env: Env) -> None:
     await env.start()
     await env.broker.publish("runherd.events", "run.x", b"garbage")
+    stranger = str(uuid.uuid4())
     await env.broker.publish(
         "runherd.events",
         f"run.{uuid.uuid4()}",
-        Event(run_id=str(uuid.uuid4()), attempt=1, seq=1, type=EventType.RUN_START, ts=now_iso()).body(),
+        Event(run_id=stranger, attempt=1, seq=1, type=EventType.RUN_START, ts=now_iso()).body(),
+        headers={TOKEN_HEADER: await env.token(stranger, 1)},
     )
     await env.broker.publish("runherd.heartbeats", "hb", b'{"v": 1, "run_id": "nope", "attempt": 1}', persistent=False)
     dead = await _dead_letters(env.amqp_url, 3)
@@ -178,10 +181,10 @@ async def test_redelivered_event_adds_no_row(env: Env) -> None:
         ts=now_iso(),
     )
     for _ in range(3):
-        await env.broker.publish_event(run_id, replay.body())
+        await env.broker.publish_event(run_id, replay.body(), token=await env.token(run_id, replay.attempt))
     # A barrier: events are applied in order, and this one is dead-lettered after its batch commits.
     marker = Event(run_id=str(uuid.uuid4()), attempt=1, seq=1, type=EventType.RUN_START, ts=now_iso())
-    await env.broker.publish_event(marker.run_id, marker.body())
+    await env.broker.publish_event(marker.run_id, marker.body(), token=await env.token(marker.run_id, 1))
     [dead] = await _dead_letters(env.amqp_url, 1)
     assert marker.run_id in dead.headers[ERROR_HEADER]
     after = await env.events(run_id)
@@ -201,7 +204,7 @@ async def test_poison_event_is_retried_then_dead_lettered_without_holding_back_o
     )
     await env.store.fetch("CREATE TRIGGER poison BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION poison()")
     poison = Event(run_id=first, attempt=1, seq=5000, type=EventType.STEP_START, step_key="poison", ts=now_iso())
-    await env.broker.publish_event(first, poison.body())
+    await env.broker.publish_event(first, poison.body(), token=await env.token(first, 1))
     second = await env.submit([STEP])
     await env.wait_status(second, "SUCCESS")
     [dead] = await _dead_letters(env.amqp_url, 1, timeout=30)
@@ -244,7 +247,7 @@ async def test_a_burst_of_step_events_applied_together_keeps_every_step_right(en
         ),
     ]
     for event in [*burst, burst[1]]:  # the success twice
-        await env.broker.publish_event(run_id, event.body())
+        await env.broker.publish_event(run_id, event.body(), token=await env.token(run_id, 1))
     await env.start({"monitor": 1})  # the backlog arrives as one batch
 
     async def applied() -> dict[str, dict[str, object]] | None:

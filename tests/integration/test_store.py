@@ -66,8 +66,9 @@ async def test_heartbeats_batched_written_once_and_stale_attempts_ignored(env: E
     run_id = await _started_run(env)
     await env.start({"heartbeat": 2})
     for _ in range(50):
-        await env.broker.publish_heartbeat(heartbeat_body(run_id, 1))
-    await env.broker.publish_heartbeat(heartbeat_body(run_id, 7))  # an attempt that is not current
+        await env.broker.publish_heartbeat(heartbeat_body(run_id, 1), token=await env.token(run_id, 1))
+    # an attempt that is not current
+    await env.broker.publish_heartbeat(heartbeat_body(run_id, 7), token=await env.token(run_id, 7))
 
     async def seen() -> datetime | None:
         rows = await env.store.fetch("SELECT last_heartbeat_at FROM attempts WHERE run_id = $1", uuid.UUID(run_id))

@@ -44,7 +44,7 @@ async def _free_while_hanging(env: Env, run_id: str) -> None:
 async def _ingest_goes_on(env: Env, run_id: str, attempt: int) -> None:
     """A worker event for the same run is applied (in the event log) within seconds."""
     event = Event(run_id=run_id, attempt=attempt, seq=9999, type=EventType.STEP_START, step_key="probe", ts=now_iso())
-    await env.broker.publish_event(run_id, event.body())
+    await env.broker.publish_event(run_id, event.body(), token=await env.token(run_id, attempt))
 
     async def applied() -> bool:
         return any(e["seq"] == 9999 for e in await env.events(run_id))

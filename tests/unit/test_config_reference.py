@@ -59,12 +59,13 @@ def test_the_process_launcher_keys_in_the_comments_are_its_defaults(monkeypatch:
     monkeypatch.delenv("RUNHERD_LOG_DIR", raising=False)
     commented = re.findall(r"^  #  (\w+): (.*?)(?:\s+#.*)?$", _block().split("run_launcher:", 1)[1], re.MULTILINE)
     shown = {key: value for key, value in commented}
-    assert set(shown) == {"log_dir", "terminate_grace_seconds", "max_log_bytes", "worker_command", "env"}
+    assert set(shown) == {"log_dir", "terminate_grace_seconds", "max_log_bytes", "worker_command", "env", "inherit_env"}
     launcher = ProcessLauncher({})
     assert Path(shown["log_dir"]) == launcher.log_dir
     assert float(shown["terminate_grace_seconds"]) == launcher.grace
     assert int(shown["max_log_bytes"]) == launcher.max_log_bytes
     assert yaml.safe_load(shown["env"]) == launcher.env
+    assert frozenset(yaml.safe_load(shown["inherit_env"])) == launcher.inherit_env
     # Not `python`: the launcher's own interpreter, so the worker finds runherd whatever PATH says.
     assert launcher.worker_command == [sys.executable, "-m", "runherd.cli", "worker"]
     assert shown["worker_command"] == "[<the launcher's own python>, -m, runherd.cli, worker]"

@@ -8,7 +8,8 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
-from runherd import contract, metrics
+from runherd import auth, contract, metrics
+from runherd.auth import Keys
 from runherd.config import Config
 from runherd.contract import RunStatus
 from runherd.errors import LaunchError
@@ -58,11 +59,13 @@ def claims_to_take(concurrency: int, in_flight: int, cap: int = MAX_CLAIMS) -> i
     return max(0, min(cap, concurrency - in_flight))
 
 
-def worker_run(claim: LaunchClaim, config: Config) -> WorkerRun:
-    """The worker's whole contract: its plan (steps, completed outputs) and broker credentials.
+def worker_run(claim: LaunchClaim, config: Config, keys: Keys) -> WorkerRun:
+    """The worker's whole contract: its plan (steps, completed outputs), its broker credentials
+    (``worker_amqp_url``) and its attempt's token, which proves its events (runherd.auth).
 
     The plan goes in ``WorkerRun.plan``, which the launcher hands over as a file: in the
-    environment a resume's completed outputs would hit Linux's 128 KiB per variable."""
+    environment a resume's completed outputs would hit Linux's 128 KiB per variable, and every
+    step would inherit the credentials. ``env`` is the user's alone."""
     worker_id = uuid.uuid4().hex[:12]
     plan = Plan(
         run_id=claim.run_id,
@@ -72,8 +75,10 @@ def worker_run(claim: LaunchClaim, config: Config) -> WorkerRun:
         completed=claim.completed,
         heartbeat_interval_seconds=config.run_monitoring.heartbeat_interval_seconds,
         worker_id=worker_id,
+        amqp_url=config.workers_amqp_url,
+        token=auth.token(keys.current, auth.WORKER, claim.run_id, claim.attempt),
     )
-    env = {**claim.env, "RUNHERD_AMQP_URL": config.amqp_url}
+    env = dict(claim.env)
     max_runtime = contract.max_runtime(claim.tags, config.run_monitoring.max_runtime_seconds)
     return WorkerRun(
         run_id=claim.run_id,
@@ -115,7 +120,9 @@ class Launching:
         launcher: RunLauncher,
         handles: HandleMap,
         concurrency: int = 16,
+        keys: Keys | None = None,
     ) -> None:
+        self.keys = keys  # read from the store at the first launch when not given
         self.config = config
         self.store = store
         self.launcher = launcher
@@ -190,8 +197,11 @@ class Launching:
                         source="launcher",
                     )
 
+            if self.keys is None:
+                self.keys = await self.store.event_keys()
             try:
-                handle = await launch_with_retries(self.launcher, worker_run(claim, self.config), on_retry=note_retry)
+                run = worker_run(claim, self.config, self.keys)
+                handle = await launch_with_retries(self.launcher, run, on_retry=note_retry)
             except Exception as exc:
                 await self._failed(claim, exc)
                 return

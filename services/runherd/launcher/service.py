@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from runherd import auth, outbox
 from runherd import broker as topology
-from runherd import outbox
 from runherd.broker import Broker, Delivery
 from runherd.config import Config
 from runherd.consume import APPLIED, Reject, Verdict, consume, each
@@ -152,5 +152,8 @@ class LauncherService:
             },
             ts=now_iso(),
         )
-        await self.broker.publish_event(exit_.run_id, event.body())
+        keys = self.launching.keys or await self.store.event_keys()
+        self.launching.keys = keys
+        proof = auth.token(keys.current, auth.LAUNCHER, exit_.run_id, exit_.attempt)
+        await self.broker.publish_event(exit_.run_id, event.body(), token=proof)
         log.info("worker exited run_id=%s attempt=%s %s", exit_.run_id, exit_.attempt, event.message)

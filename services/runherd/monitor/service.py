@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from runherd import broker as topology
 from runherd import metrics, outbox
+from runherd.auth import TOKEN_HEADER, Keys, refusal, role_of
 from runherd.broker import Broker, Delivery
 from runherd.config import Config
 from runherd.consume import APPLIED, Reject, Retry, Verdict, consume
@@ -34,6 +35,7 @@ class MonitorService:
         self.actions = Actions(store, launcher, broker)
         self.sweeper = Sweeper(config, store, launcher, self.actions)
         self.sweep_now = asyncio.Event()
+        self.keys: Keys | None = None  # read from the store at the first batch
 
     async def run(self, supervisor: Supervisor, *, relay: bool = True) -> None:
         stop = supervisor.stop
@@ -98,13 +100,33 @@ class MonitorService:
         """The batch in one transaction; if a statement fails, again event by event (savepoints)."""
         verdicts: list[Verdict] = [APPLIED] * len(batch)
         parsed: list[tuple[int, Event]] = []
+        if self.keys is None:
+            self.keys = await self.store.event_keys()
         for i, delivery in enumerate(batch):
             try:
-                parsed.append((i, parse_event(decode(delivery.body))))
+                event = parse_event(decode(delivery.body))
             except InvalidMessage as exc:
                 verdicts[i] = Reject(str(exc))
+                continue
             except Exception as exc:  # a validator bug: refuse this event, not the whole batch
                 verdicts[i] = Reject(f"event could not be parsed: {exc!r}")
+                continue
+            token = delivery.headers.get(TOKEN_HEADER)
+            forged = refusal(self.keys, role_of(event.source), event.run_id, event.attempt, token)
+            if forged is not None:
+                # Dead-lettered, not dropped: an event is rare, and a forged one is evidence.
+                metrics.FORGED.labels("event").inc()
+                log.warning(
+                    "refused %s run_id=%s attempt=%s source=%s: %s",
+                    event.type.value,
+                    event.run_id,
+                    event.attempt,
+                    event.source[:64],
+                    forged,
+                )
+                verdicts[i] = Reject(f"{forged} (source {event.source[:64]!r})")
+                continue
+            parsed.append((i, event))
         try:
             effects = await self._apply(parsed, verdicts, careful=False)
         except TransientDbError:

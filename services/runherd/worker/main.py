@@ -14,12 +14,13 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from runherd.broker import Broker
 from runherd.config import DEFAULT_AMQP_URL
 from runherd.contract import Event, EventType, Step, heartbeat_body, now_iso
-from runherd.launchers.process import record_self
+from runherd.launchers.process import LOG_MAX_ENV, RECORD_ENV, record_self
 from runherd.plan import PLAN_ENV, PLAN_FILE_ENV, Plan, from_env, ready, upstream_outputs
 from runherd.worker import logcap
 from runherd.worker.steps import StepProcess, StepResult
@@ -62,7 +63,7 @@ class Reporter:
                 data=data or {},
                 ts=now_iso(),
             )
-            await self.broker.publish_event(self.plan.run_id, event.body())
+            await self.broker.publish_event(self.plan.run_id, event.body(), token=self.plan.token)
         log.info(
             "%s run_id=%s attempt=%s step=%s %s",
             kind.value,
@@ -76,7 +77,9 @@ class Reporter:
         while True:
             logcap.CAP.check()  # the worker's own lines count too, not only its steps' stderr
             with contextlib.suppress(Exception):  # a lost heartbeat is fine; the next one follows
-                await self.broker.publish_heartbeat(heartbeat_body(self.plan.run_id, self.plan.attempt))
+                await self.broker.publish_heartbeat(
+                    heartbeat_body(self.plan.run_id, self.plan.attempt), token=self.plan.token
+                )
             await asyncio.sleep(self.plan.heartbeat_interval_seconds)
 
 
@@ -141,7 +144,7 @@ class Executor:
 async def run(plan: Plan, amqp_url: str, *, handle_sigterm: bool = True) -> int:
     broker = await Broker.connect(amqp_url, declare=False)
     reporter = Reporter(broker, plan)
-    env = {k: v for k, v in os.environ.items() if k not in (PLAN_ENV, PLAN_FILE_ENV)}
+    env = step_environment(os.environ)
     executor = Executor(plan, reporter, env)
     canceled = asyncio.Event()
     if handle_sigterm:
@@ -176,11 +179,31 @@ async def run(plan: Plan, amqp_url: str, *, handle_sigterm: bool = True) -> int:
         await broker.close()
 
 
+# The worker's own: what it was started with, never what its steps need. A step's environment is
+# the worker's less these (issue 9): its credentials, its plan (which holds them) and its record.
+WORKER_ONLY_ENV = frozenset({"RUNHERD_AMQP_URL", PLAN_ENV, PLAN_FILE_ENV, RECORD_ENV, LOG_MAX_ENV})
+
+
+def step_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if k not in WORKER_ONLY_ENV}
+
+
+def _forget_plan_file() -> None:
+    """The plan holds the worker's broker password and token: once read, the file goes, so a
+    step cannot read it back (a read-only mount, as on Kubernetes, stays)."""
+    path = os.environ.get(PLAN_FILE_ENV)
+    if path:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     plan = from_env()
+    _forget_plan_file()
     record_self(plan.worker_id)
-    amqp_url = os.environ.get("RUNHERD_AMQP_URL", DEFAULT_AMQP_URL)
+    # An explicit RUNHERD_AMQP_URL (a wrapper's, a launcher of one's own) wins over the plan's.
+    amqp_url = os.environ.get("RUNHERD_AMQP_URL") or plan.amqp_url or DEFAULT_AMQP_URL
     try:
         return asyncio.run(run(plan, amqp_url))
     except Exception:

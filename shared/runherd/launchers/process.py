@@ -35,7 +35,21 @@ from runherd.launchers.base import Handle, Health, HealthStatus, RunLauncher, Wo
 
 log = logging.getLogger("runherd.launchers.process")
 
-_KEYS = {"worker_command", "log_dir", "terminate_grace_seconds", "env", "max_log_bytes"}
+_KEYS = {"worker_command", "log_dir", "terminate_grace_seconds", "env", "max_log_bytes", "inherit_env"}
+
+# What a worker takes from the launcher's own environment: how to find programs and speak the
+# locale, nothing that may hold a credential (issue 9: the launcher's RUNHERD_DATABASE_URL and
+# RUNHERD_AMQP_URL once reached every step). More names with ``inherit_env``.
+INHERITED_ENV = frozenset(
+    {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM"}
+    | {"PYTHONPATH", "VIRTUAL_ENV"}
+)
+
+
+def inherited(environ: Mapping[str, str], extra: frozenset[str] = frozenset()) -> dict[str, str]:
+    """The part of the launcher's environment a worker gets: INHERITED_ENV, LC_*, and ``extra``."""
+    return {k: v for k, v in environ.items() if k in INHERITED_ENV or k in extra or k.startswith("LC_")}
+
 
 DEFAULT_MAX_LOG_BYTES = 64 * 1024 * 1024
 LOG_MAX_ENV = "RUNHERD_LOG_MAX_BYTES"  # read by the worker, which rotates its own log
@@ -95,6 +109,10 @@ class ProcessLauncher(RunLauncher):
             raise ConfigError("run_launcher.config.terminate_grace_seconds: expected a number >= 0")
         self.grace = float(grace)
         self.env = dict(self.config.get("env") or {})
+        extra = self.config.get("inherit_env", [])
+        if not isinstance(extra, list) or not all(isinstance(n, str) for n in extra):
+            raise ConfigError("run_launcher.config.inherit_env: expected a list of variable names")
+        self.inherit_env = frozenset(extra)
         max_log = self.config.get("max_log_bytes", DEFAULT_MAX_LOG_BYTES)
         if isinstance(max_log, bool) or not isinstance(max_log, int) or max_log < 0:
             raise ConfigError("run_launcher.config.max_log_bytes: expected an integer >= 0 (0: no cap)")
@@ -137,7 +155,7 @@ class ProcessLauncher(RunLauncher):
         except OSError as exc:
             raise LaunchError(f"cannot write the worker's files in {log_path.parent}: {exc.strerror}") from exc
         env = {
-            **os.environ,
+            **inherited(os.environ, self.inherit_env),
             **self.env,
             **run.env,
             LOG_MAX_ENV: str(self.max_log_bytes),

@@ -490,3 +490,7 @@ FROM (
     SELECT min(started_at + make_interval(secs => coalesce(max_runtime_seconds, $5))) FROM runs
     WHERE status = 'STARTED' AND coalesce(max_runtime_seconds, $5) > 0
 ) deadlines;
+
+-- name: event_keys
+-- The key that signs worker and launcher tokens, and the one before it (runherd.auth).
+SELECT key, previous FROM runherd_keys WHERE name = 'events';

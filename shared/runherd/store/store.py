@@ -17,6 +17,7 @@ from uuid import UUID
 import asyncpg
 import orjson
 
+from runherd.auth import Keys
 from runherd.config import redact
 from runherd.contract import ALLOWED_FROM, Launch, RunStatus
 from runherd.errors import NotMigrated, RunherdError
@@ -393,6 +394,13 @@ class Store:
         """Every event published before these canaries is applied: advance the event watermark."""
         if nonces:
             await self.pool.execute(q("record_event_canaries"), list(nonces))
+
+    async def event_keys(self) -> Keys:
+        """The services' key for event and heartbeat tokens (made by ``runherd migrate``)."""
+        row = await self.pool.fetchrow(q("event_keys"))
+        if row is None:
+            raise NotMigrated("the event key is missing (table runherd_keys): run `runherd migrate`")
+        return Keys(bytes(row["key"]), bytes(row["previous"]) if row["previous"] is not None else None)
 
     async def heard_lag(self) -> float | None:
         """Seconds the workers are heard behind the database's clock (heartbeats and events); None:

@@ -1,0 +1,14 @@
+-- The key that authenticates lifecycle events and heartbeats (issue 9, runherd.auth). Each worker
+-- gets an HMAC of its run and attempt under it, in its plan; the launcher signs its WORKER_EXITED
+-- with another. Only the services read this table: workers never connect to PostgreSQL.
+-- Rotation (README, Security): previous := key, key := new, then restart the services.
+CREATE TABLE runherd_keys (
+    name       text        PRIMARY KEY,
+    key        bytea       NOT NULL CHECK (length(key) >= 16),
+    previous   bytea,
+    rotated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- 32 bytes from gen_random_uuid() (PostgreSQL's strong random source, 244 random bits).
+INSERT INTO runherd_keys (name, key)
+VALUES ('events', decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'));
