@@ -134,10 +134,16 @@ class Broker:
         channel = await connection.channel(publisher_confirms=True)
         broker = cls(connection, channel)
         if declare:
-            await broker.declare()
-        else:
-            for name in _EXCHANGES:
-                broker._exchanges[name] = await channel.get_exchange(name, ensure=False)
+            try:
+                await broker.declare()
+                return broker
+            except aiormq.exceptions.ChannelAccessRefused:
+                # A user that may not configure (a client's, README Security): the services have
+                # declared the topology; the refusal closed the channel, so take a new one.
+                log.debug("may not declare the topology as this user; using it as it is")
+                broker.channel = await connection.channel(publisher_confirms=True)
+        for name in _EXCHANGES:
+            broker._exchanges[name] = await broker.channel.get_exchange(name, ensure=False)
         return broker
 
     async def declare(self) -> None:
