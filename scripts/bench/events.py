@@ -25,7 +25,7 @@ from datetime import datetime  # noqa: E402
 import aio_pika  # noqa: E402
 import orjson  # noqa: E402
 
-from runherd import app, config  # noqa: E402
+from runherd import app, auth, config  # noqa: E402
 from runherd.contract import Event, EventType, now_iso  # noqa: E402
 from runherd.store import Store  # noqa: E402
 from scripts.bench._benchlib import (  # noqa: E402
@@ -66,7 +66,14 @@ def bodies(ids: list[str], steps: int) -> list[tuple[str, bytes]]:
     return out
 
 
-async def publish(amqp_url: str, messages: list[tuple[str, bytes]], exchange: str = "runherd.events") -> None:
+async def publish(
+    amqp_url: str, messages: list[tuple[str, bytes]], exchange: str = "runherd.events", keys: auth.Keys | None = None
+) -> None:
+    """The backlog, each event with its worker's token (runherd.auth) when ``keys`` are given."""
+
+    def headers(run_id: str) -> dict[str, str]:
+        return {auth.TOKEN_HEADER: auth.token(keys.current, auth.WORKER, run_id, 1)} if keys else {}
+
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -74,7 +81,9 @@ async def publish(amqp_url: str, messages: list[tuple[str, bytes]], exchange: st
         for i in range(0, len(messages), 1000):
             await asyncio.gather(
                 *(
-                    ex.publish(aio_pika.Message(body, delivery_mode=2), routing_key=f"run.{run_id}")
+                    ex.publish(
+                        aio_pika.Message(body, delivery_mode=2, headers=headers(run_id)), routing_key=f"run.{run_id}"
+                    )
                     for run_id, body in messages[i : i + 1000]
                 )
             )
@@ -90,7 +99,7 @@ async def runherd_rate(env: BenchEnv, runs: int, steps: int) -> tuple[float, int
         messages = bodies(ids, steps)
         running = await app.start(cfg, {"monitor": 1})
         await running.close(grace=2)  # declares the topology, then stops: the backlog builds up
-        await publish(env.amqp_url, messages)
+        await publish(env.amqp_url, messages, keys=await store.event_keys())
         began = time.perf_counter()
         running = await app.start(cfg, {"monitor": 1})
         try:

@@ -41,7 +41,7 @@ from typing import Any  # noqa: E402
 import aio_pika  # noqa: E402
 import orjson  # noqa: E402
 
-from runherd import app, config, contract  # noqa: E402
+from runherd import app, auth, config, contract  # noqa: E402
 from runherd import broker as topology  # noqa: E402
 from runherd.broker import Broker  # noqa: E402
 from runherd.heartbeat import service as heartbeat_service  # noqa: E402
@@ -96,15 +96,22 @@ def count_commits() -> None:
     heartbeat_service.HeartbeatService.write = write  # type: ignore[method-assign]
 
 
+TOKENS: dict[str, str] = {}  # run id -> its worker's token (runherd.auth), as a worker would send it
+
+
 async def insert_live_attempts(store: Store, r: int) -> list[str]:
-    return await insert_started_runs(store, r, "bench-hb")
+    ids = await insert_started_runs(store, r, "bench-hb")
+    keys = await store.event_keys()
+    TOKENS.update({run_id: auth.token(keys.current, auth.WORKER, run_id, 1) for run_id in ids})
+    return ids
 
 
-def bodies(ids: list[str], n: int, offset: int) -> list[bytes]:
-    return [contract.heartbeat_body(ids[(offset + i) % len(ids)], 1) for i in range(n)]
+def bodies(ids: list[str], n: int, offset: int) -> list[tuple[bytes, str]]:
+    picked = [ids[(offset + i) % len(ids)] for i in range(n)]
+    return [(contract.heartbeat_body(run_id, 1), TOKENS[run_id]) for run_id in picked]
 
 
-async def publish(env: BenchEnv, payloads: list[bytes]) -> float:
+async def publish(env: BenchEnv, payloads: list[tuple[bytes, str]]) -> float:
     """Publishes on the heartbeats exchange (no confirms: the queue depth is checked instead, since
     publishing is set-up here, not what is measured); returns messages/s."""
     conn = await aio_pika.connect(env.amqp_url)
@@ -117,11 +124,14 @@ async def publish(env: BenchEnv, payloads: list[bytes]) -> float:
                 *(
                     exchange.publish(
                         aio_pika.Message(
-                            b, content_type="application/json", delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT
+                            b,
+                            content_type="application/json",
+                            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+                            headers={auth.TOKEN_HEADER: token},
                         ),
                         routing_key="hb",
                     )
-                    for b in payloads[start : start + 1000]
+                    for b, token in payloads[start : start + 1000]
                 )
             )
         depth, deadline = -1, time.monotonic() + 30
