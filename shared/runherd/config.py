@@ -233,7 +233,7 @@ def _fold_tls(config: Config) -> None:
     config (the services' and any other ``*amqp_url``, such as the workers') and the database's."""
     for f in fields(config):
         if f.name.endswith("amqp_url") and isinstance(getattr(config, f.name), str):
-            object.__setattr__(config, f.name, tls.amqp_url(getattr(config, f.name), config.amqp_tls))
+            object.__setattr__(config, f.name, tls.amqp_url(getattr(config, f.name), config.amqp_tls, f.name))
     object.__setattr__(config, "database_url", tls.database_url(config.database_url, config.database_tls))
 
 

@@ -50,13 +50,13 @@ def _with_query(url: str, params: dict[str, str]) -> str:
     return urlunsplit(parts._replace(query=urlencode({**query, **added}, safe="/:")))
 
 
-def amqp_url(url: str, tls: AmqpTls) -> str:
+def amqp_url(url: str, tls: AmqpTls, key: str = "amqp_url") -> str:
     params = {"cafile": tls.ca_file, "certfile": tls.cert_file, "keyfile": tls.key_file}
     found = {k: v for k, v in params.items() if v}
     if not tls.verify:
         found["no_verify_ssl"] = "1"
     if found and not url.startswith("amqps://"):
-        raise ConfigError("amqp_tls: set, but the AMQP URL is not amqps:// (its TLS listener, often port 5671)")
+        raise ConfigError(f"amqp_tls: set, but {key} is not amqps:// (the broker's TLS listener, often port 5671)")
     return _with_query(url, found)
 
 

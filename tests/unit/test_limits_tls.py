@@ -101,7 +101,7 @@ def test_a_parameter_in_the_url_wins_and_no_section_changes_nothing() -> None:
 @pytest.mark.parametrize(
     ("raw", "error"),
     [
-        ({"amqp_tls": {"ca_file": "/ca.pem"}}, "amqp_tls: set, but the AMQP URL is not amqps://"),
+        ({"amqp_tls": {"ca_file": "/ca.pem"}}, "amqp_tls: set, but amqp_url is not amqps://"),
         ({"database_tls": {"sslmode": "on"}}, "database_tls.sslmode: expected one of disable"),
         ({"database_tls": {"ca_file": 1}}, "database_tls.ca_file: expected a string"),
         ({"amqp_tls": {"verify": "no"}}, "amqp_tls.verify: expected true or false"),
