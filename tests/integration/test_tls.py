@@ -6,6 +6,7 @@ certificates are made by the test. The machine's own RabbitMQ and PostgreSQL are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import shutil
@@ -100,8 +101,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         pg = await pg_started
     except BaseException:
         await rabbit.remove()
-        if pg_started.done() and pg_started.exception() is None:
-            pg_started.result().destroy()
+        with contextlib.suppress(BaseException):
+            (await pg_started).destroy()
         raise
     try:
         yield Stack(certs, rabbit, pg, tls_port, tmp)
