@@ -1,0 +1,66 @@
+"""Issue 11, item 1: the executors under the monitoring scenarios (SIGKILL, hang, max runtime,
+cancel). ``multiprocess`` is the default, which tests/integration/test_monitoring.py covers; here
+``in_process`` (a call step running inside the worker) and ``launcher`` (each step in its own
+process group, outliving the worker, adopted by a resumed attempt)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import pytest
+
+from tests.harness import Env, eventually, pids_alive
+
+IN_PROCESS = {"runherd/executor": "in_process"}
+
+
+def _marks(path: os.PathLike[str]) -> list[int]:
+    try:
+        with open(path) as f:
+            return [int(x) for x in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+async def _blocked(env: Env, tags: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    mark = env.tmp / "mark"
+    run_id = await env.submit(
+        [
+            {"key": "where", "call": "tests.fixtures.steps:where"},
+            {"key": "block", "call": "tests.fixtures.steps:block_first_attempt", "deps": ["where"]},
+        ],
+        tags=tags,
+        env={"RUNHERD_TEST_MARK": str(mark), "PYTHONPATH": str(os.getcwd())},
+    )
+    await eventually(lambda: bool(_marks(mark)), what="the blocking step to start")
+    return run_id, await env.handle(run_id, attempt=1)
+
+
+@pytest.mark.parametrize("scenario", ["sigkill", "hang"])
+async def test_in_process_worker_crash_or_hang_resumes(env: Env, scenario: str) -> None:
+    await env.start()
+    run_id, handle = await _blocked(env, IN_PROCESS)
+    assert _marks(env.tmp / "mark") == [handle["pid"]]  # the call ran in the worker's own process
+    os.kill(int(handle["pid"]), signal.SIGKILL if scenario == "sigkill" else signal.SIGSTOP)
+    run = await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=30)
+    assert run["status"] == "SUCCESS" and run["attempt"] == 2, run["reason"]
+    steps = {s["step_key"]: s for s in run["steps_status"]}
+    assert steps["where"]["attempt"] == 1 and steps["where"]["output"]["pid"] == handle["pid"]
+    assert steps["block"]["attempt"] == 2
+    starts = [e for e in await env.events(run_id) if e["type"] == "RUN_START"]
+    assert {e["data"]["executor"] for e in starts} == {"in_process"} and starts[0]["data"]["max_concurrent"] == 1
+    await eventually(lambda: not pids_alive([int(handle["pid"])]), what="the old worker gone")
+
+
+@pytest.mark.parametrize("scenario", ["max_runtime", "cancel"])
+async def test_in_process_max_runtime_and_cancel_stop_the_worker(env: Env, scenario: str) -> None:
+    await env.start()
+    tags = {**IN_PROCESS, **({"runherd/max_runtime": "2"} if scenario == "max_runtime" else {})}
+    run_id, handle = await _blocked(env, tags)
+    if scenario == "cancel":
+        await env.cancel(run_id)
+    run = await env.wait_status(run_id, "FAILURE", "CANCELED", "SUCCESS")
+    assert run["status"] == ("FAILURE" if scenario == "max_runtime" else "CANCELED"), run["reason"]
+    await eventually(lambda: not pids_alive([int(handle["pid"])]), what="the worker and its step gone")
