@@ -64,3 +64,86 @@ async def test_in_process_max_runtime_and_cancel_stop_the_worker(env: Env, scena
     run = await env.wait_status(run_id, "FAILURE", "CANCELED", "SUCCESS")
     assert run["status"] == ("FAILURE" if scenario == "max_runtime" else "CANCELED"), run["reason"]
     await eventually(lambda: not pids_alive([int(handle["pid"])]), what="the worker and its step gone")
+
+
+# --- launcher: each step its own process group, outliving the worker ------------------------------
+
+LAUNCHER = {"runherd/executor": "launcher"}
+
+
+def _gated(effects: os.PathLike[str], gate: os.PathLike[str]) -> list[str]:
+    """Notes the attempt it started in, waits for the test's gate file, notes that it finished."""
+    return [
+        "sh",
+        "-c",
+        f'echo "start$RUNHERD_ATTEMPT" >> {effects}; '
+        f"while [ ! -e {gate} ]; do sleep 0.05; done; echo done >> {effects}",
+    ]
+
+
+def _lines(path: os.PathLike[str]) -> list[str]:
+    try:
+        with open(path) as f:
+            return f.read().split()
+    except FileNotFoundError:
+        return []
+
+
+async def _step_handle(env: Env, run_id: str, attempt: int) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        for e in await env.events(run_id):
+            if e["type"] == "STEP_START" and e["attempt"] == attempt and e["data"].get("handle"):
+                return dict(e["data"]["handle"])
+        return None
+
+    return await eventually(check, what=f"the step's handle in attempt {attempt}")
+
+
+async def test_launcher_a_resumed_attempt_adopts_the_step_still_running_after_a_sigkill(env: Env) -> None:
+    await env.start()
+    effects, gate = env.tmp / "effects", env.tmp / "gate"
+    run_id = await env.submit([{"key": "long", "command": _gated(effects, gate)}], tags=LAUNCHER)
+    step = await _step_handle(env, run_id, 1)
+    worker = await env.handle(run_id, attempt=1)
+    assert step["pgid"] != worker["pid"] and not step["adopted"]
+    os.kill(worker["pid"], signal.SIGKILL)
+    adopted = await _step_handle(env, run_id, 2)
+    assert adopted["pid"] == step["pid"] and adopted["adopted"]  # the same group, not started again
+    assert pids_alive([step["pid"]])
+    gate.touch()
+    run = await env.wait_status(run_id, "SUCCESS", "FAILURE")
+    assert run["status"] == "SUCCESS" and run["attempt"] == 2, run["reason"]
+    assert _lines(effects) == ["start1", "done"]  # ran once, across two workers
+
+
+@pytest.mark.parametrize("scenario", ["cancel", "max_runtime", "hang"])
+async def test_launcher_cancel_max_runtime_and_hang_stop_the_steps_group(env: Env, scenario: str) -> None:
+    await env.start()
+    effects, gate = env.tmp / "effects", env.tmp / "gate"
+    tags = {**LAUNCHER, **({"runherd/max_runtime": "2"} if scenario == "max_runtime" else {})}
+    run_id = await env.submit([{"key": "long", "command": _gated(effects, gate)}], tags=tags)
+    step = await _step_handle(env, run_id, 1)
+    worker = await env.handle(run_id, attempt=1)
+    await eventually(lambda: _lines(effects) == ["start1"], what="the step running")
+    if scenario == "cancel":
+        await env.cancel(run_id)
+    elif scenario == "hang":
+        os.kill(worker["pid"], signal.SIGSTOP)
+    if scenario == "hang":
+        # The hung worker is terminated with the steps it owned; a resumed attempt that came first
+        # has adopted the step (it owns it then, and it runs on), else starts it anew.
+        second = await _step_handle(env, run_id, 2)
+        if second["adopted"]:
+            assert second["pid"] == step["pid"]
+        else:
+            await eventually(lambda: not pids_alive([step["pid"]]), what="the hung worker's step gone")
+        gate.touch()
+        run = await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=30)
+        assert run["status"] == "SUCCESS" and run["attempt"] == 2, run["reason"]
+        assert _lines(effects) == (["start1", "done"] if second["adopted"] else ["start1", "start2", "done"])
+        await eventually(lambda: not pids_alive([step["pid"], second["pid"]]), what="no step group left")
+        return
+    run = await env.wait_status(run_id, "CANCELED", "FAILURE", "SUCCESS")
+    assert run["status"] == ("CANCELED" if scenario == "cancel" else "FAILURE"), run["reason"]
+    await eventually(lambda: not pids_alive([step["pid"], worker["pid"]]), what="the worker and the step's group gone")
+    assert _lines(effects) == ["start1"]

@@ -20,6 +20,9 @@ import importlib
 import inspect
 import os
 import random
+import signal
+import socket
+import sys
 import threading
 import time
 import traceback
@@ -29,9 +32,10 @@ from typing import Any, Protocol
 
 import orjson
 
-from runherd import step_retry
+from runherd import step_groups, step_retry
 from runherd.contract import EventType, Step, iso
 from runherd.execution import ExecutorName
+from runherd.launchers.process import start_time
 from runherd.plan import MAX_OUTPUT_BYTES, Plan, ready, upstream_outputs
 from runherd.worker.steps import StepProcess, StepResult, output_too_large
 
@@ -103,8 +107,108 @@ def _call(target: str, inputs: dict[str, Any]) -> StepResult:
     return StepResult(True, output=orjson.loads(data))
 
 
-def runner_for(executor: str, step: Step) -> StepRunner:
-    if executor == ExecutorName.IN_PROCESS and step.call is not None:
+class DetachedStep:
+    """One try of a step under the ``launcher`` executor: its own process group, outliving the
+    worker, recorded in runherd.step_groups' files. ``adopt`` takes over what an earlier attempt
+    left (a live group, or the result of a finished one) before ``spawn`` starts anything."""
+
+    def __init__(self, plan: Plan, step: Step, try_: int) -> None:
+        self.plan, self.step, self.try_ = plan, step, try_
+        self.folder = step_groups.step_dir(plan.run_id)
+        self.record: dict[str, Any] | None = None
+        self.proc: asyncio.subprocess.Process | None = None
+        self.result: StepResult | None = None
+
+    def _handle(self, adopted: bool) -> dict[str, Any]:
+        assert self.record is not None
+        return {
+            "pid": self.record["pid"],
+            "pgid": self.record["pid"],
+            "host": self.record.get("host"),
+            "adopted": adopted,
+        }
+
+    def adopt(self) -> dict[str, Any] | None:
+        seen = step_groups.look(self.folder, self.step.key, self.try_)
+        if seen.result is not None:
+            self.record = seen.record or {"pid": None}
+            self.result = StepResult(bool(seen.result.get("ok")), seen.result.get("output"), seen.result.get("error"))
+            return {**self._handle(True), "finished": True}
+        if seen.adopt:
+            self.record = {**(seen.record or {}), "owner_attempt": self.plan.attempt}
+            step_groups.write_json(step_groups.record_path(self.folder, self.step.key, self.try_), self.record)
+            return self._handle(True)
+        return None
+
+    async def spawn(self, inputs: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        base = step_groups.record_path(self.folder, self.step.key, self.try_)
+        spec = base.with_suffix(".spec")
+        result = step_groups.result_path(self.folder, self.step.key, self.try_)
+        with contextlib.suppress(FileNotFoundError):
+            result.unlink()
+        step_groups.write_json(spec, {"step": self.step.to_json(), "inputs": inputs})
+        with open(base.with_suffix(".log"), "ab") as log:  # noqa: ASYNC230 - a local file, handed to the child
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "runherd.worker.detached",
+                str(spec),
+                str(result),
+                env={**env, "RUNHERD_DETACHED_STEP": "1"},  # not a dead worker's leftover
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # its own group; no PDEATHSIG: it outlives the worker
+            )
+        self.record = {
+            "pid": self.proc.pid,
+            "start_time": start_time(self.proc.pid),
+            "host": socket.gethostname(),
+            "started_at": time.time(),
+            "owner_attempt": self.plan.attempt,
+            "step_key": self.step.key,
+            "try": self.try_,
+        }
+        step_groups.write_json(base, self.record)
+        return self._handle(False)
+
+    async def wait(self) -> StepResult:
+        if self.result is not None:
+            return self.result
+        assert self.record is not None
+        if self.proc is not None:
+            await self.proc.wait()
+        else:
+            while step_groups.alive(self.record):  # adopted: not our child, so polled
+                await asyncio.sleep(0.2)
+        got = step_groups.read_json(step_groups.result_path(self.folder, self.step.key, self.try_))
+        if not isinstance(got, dict):
+            return StepResult(False, error=f"step process group {self.record['pid']} ended without a result")
+        return StepResult(bool(got.get("ok")), got.get("output"), got.get("error"))
+
+    async def run(self, inputs: dict[str, Any], env: dict[str, str]) -> StepResult:
+        if self.adopt() is None:
+            await self.spawn(inputs, env)
+        return await self.wait()
+
+    async def stop(self, grace: float = 3.0) -> None:
+        record = self.record
+        if record is None or not step_groups.alive(record):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(record["pid"], signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while step_groups.alive(record) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(record["pid"], signal.SIGKILL)
+
+
+def runner_for(plan: Plan, step: Step, try_: int) -> StepRunner:
+    if plan.executor == ExecutorName.LAUNCHER:
+        return DetachedStep(plan, step, try_)
+    if plan.executor == ExecutorName.IN_PROCESS and step.call is not None:
         return InProcessCall(step)
     return StepProcess(step)
 
@@ -120,7 +224,7 @@ class Executor:
         *,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
-        runner: Callable[[str, Step], StepRunner] = runner_for,
+        runner: Callable[[Plan, Step, int], StepRunner] = runner_for,
     ) -> None:
         self.plan = plan
         self.emit = emit
@@ -160,16 +264,19 @@ class Executor:
         while True:
             self.tries[step.key] = n
             async with self._slots:
-                data = {"try": n, "max_tries": policy.max_tries, "executor": self.plan.executor}
-                if n == 1:
-                    await self.emit(EventType.STEP_START, step_key=step.key, data=data)
-                else:
-                    message = f"try {n} of {policy.max_tries}"
-                    await self.emit(EventType.STEP_RESTARTED, step_key=step.key, message=message, data=data)
-                runner = self.runner(self.plan.executor, step)
+                data: dict[str, Any] = {"try": n, "max_tries": policy.max_tries, "executor": self.plan.executor}
+                runner = self.runner(self.plan, step, n)
                 self.running[step.key] = runner
                 try:
-                    result = await runner.run(upstream_outputs(step, self.outputs), self._step_env(step, n))
+                    inputs, env = upstream_outputs(step, self.outputs), self._step_env(step, n)
+                    if isinstance(runner, DetachedStep):
+                        # its handle in the start event: the group is found again from the event log
+                        data["handle"] = runner.adopt() or await runner.spawn(inputs, env)
+                        await self._started(step, n, policy.max_tries, data)
+                        result = await runner.wait()
+                    else:
+                        await self._started(step, n, policy.max_tries, data)
+                        result = await runner.run(inputs, env)
                 finally:
                     self.running.pop(step.key, None)
             if result.ok:
@@ -200,6 +307,14 @@ class Executor:
             )
             await asyncio.sleep(nxt.delay)
             n = nxt.next_try
+
+    async def _started(self, step: Step, n: int, max_tries: int, data: dict[str, Any]) -> None:
+        adopted = " (adopted: still running from an earlier attempt)" if data.get("handle", {}).get("adopted") else ""
+        if n == 1:
+            await self.emit(EventType.STEP_START, step_key=step.key, message=adopted.strip() or None, data=data)
+        else:
+            message = f"try {n} of {max_tries}{adopted}"
+            await self.emit(EventType.STEP_RESTARTED, step_key=step.key, message=message, data=data)
 
     def _step_env(self, step: Step, n: int) -> dict[str, str]:
         return {
