@@ -30,12 +30,12 @@ async def test_with_overrides_a_retry_and_a_timeout_in_a_from_failure_reexecutio
                 "command": ["sh", "-c", f'echo flaky$RUNHERD_STEP_TRY >> {effects}; [ "$RUNHERD_STEP_TRY" -ge 2 ]'],
                 "deps": ["one"],
             },
-            # needs 1.5 s, has 0.5 s
+            # needs 1 s, has 0.3 s
             {
                 "key": "slow",
-                "command": ["sh", "-c", f"echo slow >> {effects}; sleep 1.5"],
+                "command": ["sh", "-c", f"echo slow >> {effects}; sleep 1"],
                 "deps": ["one"],
-                "timeout_seconds": 0.5,
+                "timeout_seconds": 0.3,
             },
         ],
         tags={"runherd/max_retries": 0},
@@ -72,7 +72,7 @@ async def test_with_overrides_a_retry_and_a_timeout_in_a_from_failure_reexecutio
     assert steps["flaky"]["retry"]["max_retries"] == 2 and steps["slow"]["timeout_seconds"] == 30
     assert steps["slow"]["retry"]["max_retries"] == 0  # * applied where no step was named
     origin_steps = {s["key"]: s for s in failed["steps"]}
-    assert "retry" not in origin_steps["flaky"] and origin_steps["slow"]["timeout_seconds"] == 0.5
+    assert "retry" not in origin_steps["flaky"] and origin_steps["slow"]["timeout_seconds"] == 0.3
 
     shown = orjson.loads((await runherd(env, "show", new, "--json")).stdout)
     assert shown["overrides"] == {

@@ -24,6 +24,10 @@ def _marks(path: os.PathLike[str]) -> list[int]:
         return []
 
 
+def _quick_hang_detection(env: Env) -> None:
+    env.configure(run_monitoring={"heartbeat_timeout_seconds": 3}, run_launcher=env.process_launcher(grace=1))
+
+
 async def _blocked(env: Env, tags: dict[str, str]) -> tuple[str, dict[str, Any]]:
     mark = env.tmp / "mark"
     run_id = await env.submit(
@@ -40,6 +44,7 @@ async def _blocked(env: Env, tags: dict[str, str]) -> tuple[str, dict[str, Any]]
 
 @pytest.mark.parametrize("scenario", ["sigkill", "hang"])
 async def test_in_process_worker_crash_or_hang_resumes(env: Env, scenario: str) -> None:
+    _quick_hang_detection(env)
     await env.start()
     run_id, handle = await _blocked(env, IN_PROCESS)
     assert _marks(env.tmp / "mark") == [handle["pid"]]  # the call ran in the worker's own process
@@ -118,6 +123,7 @@ async def test_launcher_a_resumed_attempt_adopts_the_step_still_running_after_a_
 
 @pytest.mark.parametrize("scenario", ["cancel", "max_runtime", "hang"])
 async def test_launcher_cancel_max_runtime_and_hang_stop_the_steps_group(env: Env, scenario: str) -> None:
+    _quick_hang_detection(env)
     await env.start()
     effects, gate = env.tmp / "effects", env.tmp / "gate"
     tags = {**LAUNCHER, **({"runherd/max_runtime": "2"} if scenario == "max_runtime" else {})}
