@@ -153,3 +153,38 @@ async def test_launcher_cancel_max_runtime_and_hang_stop_the_steps_group(env: En
     assert run["status"] == ("CANCELED" if scenario == "cancel" else "FAILURE"), run["reason"]
     await eventually(lambda: not pids_alive([step["pid"], worker["pid"]]), what="the worker and the step's group gone")
     assert _lines(effects) == ["start1"]
+
+
+# --- on Docker: the executor runs inside the worker's container ------------------------------------
+
+
+async def test_in_process_on_docker_a_killed_container_resumes_and_cancel_stops_it(
+    env: Env, docker_engine: Any
+) -> None:
+    from tests.integration.test_docker_monitoring import inspect, use_docker
+    from tests.launchers.docker_fixtures import remove_session_containers
+
+    use_docker(env)
+    try:
+        await env.start()
+        run_id, first = await _blocked(env, IN_PROCESS)
+        await docker_engine.containers.container(first["container_id"]).kill(signal="SIGKILL")
+        run = await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=30)
+        assert (run["status"], run["attempt"]) == ("SUCCESS", 2), run["reason"]
+        steps = {s["step_key"]: s for s in run["steps_status"]}
+        assert steps["where"]["attempt"] == 1 and steps["block"]["attempt"] == 2
+        # cancel: the blocking call runs in the worker, so the container stops with it
+        mark = env.tmp / "mark"
+        mark.unlink()
+        second, handle = await _blocked(env, IN_PROCESS)
+        await env.cancel(second)
+        assert (await env.wait_status(second, "CANCELED", "FAILURE", "SUCCESS", timeout=30))["status"] == "CANCELED"
+
+        async def stopped() -> bool:
+            state = await inspect(docker_engine, handle["container_id"])
+            return state is None or not state["Running"]
+
+        await eventually(stopped, timeout=20, what="the container stopped")
+    finally:
+        await env.stop_all()
+        await remove_session_containers(docker_engine)
