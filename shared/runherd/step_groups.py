@@ -27,6 +27,8 @@ import orjson
 from runherd.launchers.process import RECORD_ENV, start_time
 
 STEP_DIR_ENV = "RUNHERD_STEP_DIR"
+ORPHAN_GRACE_ENV = "RUNHERD_STEP_ORPHAN_GRACE_SECONDS"
+ORPHAN_GRACE_SECONDS = 60.0
 
 
 def step_dir(run_id: str, environ: dict[str, str] | None = None) -> Path:
@@ -124,3 +126,19 @@ def reap(folder: Path, up_to_attempt: int | None) -> list[int]:
             os.killpg(record["pid"], signal.SIGKILL)
             killed.append(record["pid"])
     return killed
+
+
+def workers_alive(folder: Path) -> bool:
+    """Some worker of the run is alive: the process launcher's attempt records beside ``folder``."""
+    for path in folder.parent.glob("attempt-*.worker"):
+        record = read_json(path)
+        if isinstance(record, dict) and alive(record):
+            return True
+    return False
+
+
+def orphaned_for(since: float | None, any_worker: bool, now: float) -> float | None:
+    """Pure: when the step's group became an orphan (no worker of its run alive), or None."""
+    if any_worker:
+        return None
+    return now if since is None else since

@@ -121,6 +121,24 @@ async def test_launcher_a_resumed_attempt_adopts_the_step_still_running_after_a_
     assert _lines(effects) == ["start1", "done"]  # ran once, across two workers
 
 
+async def test_launcher_a_step_orphaned_by_a_crash_with_no_resume_left_stops_itself(env: Env) -> None:
+    env.configure(run_monitoring={"max_resume_run_attempts": 0})
+    await env.start()
+    effects, gate = env.tmp / "effects", env.tmp / "gate"
+    run_id = await env.submit(
+        [{"key": "long", "command": _gated(effects, gate)}],
+        tags=LAUNCHER,
+        env={"RUNHERD_STEP_ORPHAN_GRACE_SECONDS": "1"},
+    )
+    step = await _step_handle(env, run_id, 1)
+    await eventually(lambda: _lines(effects) == ["start1"], what="the step running")
+    os.kill((await env.handle(run_id, attempt=1))["pid"], signal.SIGKILL)
+    run = await env.wait_status(run_id, "FAILURE", "SUCCESS")
+    assert "resume is off" in run["reason"]
+    await eventually(lambda: not pids_alive([step["pid"]]), what="the orphaned step group gone")
+    assert _lines(effects) == ["start1"]
+
+
 @pytest.mark.parametrize("scenario", ["cancel", "max_runtime", "hang"])
 async def test_launcher_cancel_max_runtime_and_hang_stop_the_steps_group(env: Env, scenario: str) -> None:
     _quick_hang_detection(env)

@@ -76,3 +76,10 @@ def test_step_tries_with_reasons_handles_and_an_interrupted_try() -> None:
     assert overrides_of(events) == {"with": ["a=retry:2"]}
     lines = tries_lines({"a": tries})
     assert lines[0] == "  a  try 1 (attempt 1) FAILURE: exited with code 1  handle {'pid': 7}"
+
+
+def test_an_orphan_is_timed_from_when_the_last_worker_went() -> None:
+    assert step_groups.orphaned_for(None, True, 10.0) is None
+    assert step_groups.orphaned_for(None, False, 10.0) == 10.0
+    assert step_groups.orphaned_for(10.0, False, 12.0) == 10.0
+    assert step_groups.orphaned_for(10.0, True, 12.0) is None  # a resumed worker came: no longer an orphan
