@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.harness import Env, eventually, pids_alive
+from tests.integration import test_launch_failures
 
 IN_PROCESS = {"runherd/executor": "in_process"}
 
@@ -206,3 +207,36 @@ async def test_in_process_on_docker_a_killed_container_resumes_and_cancel_stops_
     finally:
         await env.stop_all()
         await remove_session_containers(docker_engine)
+
+
+# --- on Kubernetes (the API-server emulator; its kubelet runs each pod as a local process) ------------
+
+
+k8s = test_launch_failures.k8s  # the fixture: the emulator, and the services launching Jobs on it
+
+
+@pytest.mark.usefixtures("k8s")
+async def test_in_process_on_kubernetes_a_killed_worker_resumes_and_cancel_stops_it(env: Env) -> None:
+    await env.start()
+    run_id, _ = await _blocked(env, IN_PROCESS)
+
+    async def first_start() -> dict[str, Any] | None:
+        return next((e for e in await env.events(run_id) if e["type"] == "RUN_START"), None)
+
+    start = await eventually(first_start, what="the RUN_START")
+    assert start["data"]["executor"] == "in_process"
+    os.kill(start["data"]["pid"], signal.SIGKILL)  # the pod's container process: the worker
+    run = await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=30)
+    assert (run["status"], run["attempt"]) == ("SUCCESS", 2), run["reason"]
+    steps = {s["step_key"]: s for s in run["steps_status"]}
+    assert steps["where"]["attempt"] == 1 and steps["block"]["attempt"] == 2
+    (env.tmp / "mark").unlink()
+    second, _ = await _blocked(env, IN_PROCESS)
+
+    async def worker_pid() -> int | None:
+        return next((e["data"]["pid"] for e in await env.events(second) if e["type"] == "RUN_START"), None)
+
+    worker = await eventually(worker_pid, what="the second run's RUN_START")
+    await env.cancel(second)
+    assert (await env.wait_status(second, "CANCELED", "FAILURE", "SUCCESS", timeout=30))["status"] == "CANCELED"
+    await eventually(lambda: not pids_alive([worker]), what="the pod's worker gone")
