@@ -203,3 +203,13 @@ def test_reexecute_carries_the_overrides() -> None:
         with pytest.raises(InvalidMessage) as err:
             contract.parse_reexecute({"v": 1, "run_id": UUID, **body})
         assert str(err.value).startswith(reason), str(err.value)
+
+
+def test_the_clients_reexecute_body_carries_the_overrides() -> None:
+    from runherd import client
+
+    raw, new_run_id = client._reexecute_body(UUID, "FROM_FAILURE", {}, with_=["a=retry:3"], executor="launcher")
+    body = contract.decode(raw)
+    assert body["with"] == ["a=retry:3"] and body["executor"] == "launcher" and body["new_run_id"] == new_run_id
+    with pytest.raises(InvalidMessage, match="with\\[0\\]"):
+        client._reexecute_body(UUID, "FROM_FAILURE", {}, with_=["a=retry"])
