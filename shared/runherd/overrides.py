@@ -28,7 +28,9 @@ class Override:
     value: float
 
     def spec(self) -> str:
-        return f"{self.step}={self.kind}:{self.value:g}"
+        """As given, normalised (``600.0`` -> ``600``), and parsed back to the same override."""
+        value = f"{self.value:.3f}".rstrip("0").rstrip(".")
+        return f"{self.step}={self.kind}:{value}"
 
 
 def parse_spec(text: Any, where: str = "with") -> Override:

@@ -213,3 +213,10 @@ def test_the_clients_reexecute_body_carries_the_overrides() -> None:
     assert body["with"] == ["a=retry:3"] and body["executor"] == "launcher" and body["new_run_id"] == new_run_id
     with pytest.raises(InvalidMessage, match="with\\[0\\]"):
         client._reexecute_body(UUID, "FROM_FAILURE", {}, with_=["a=retry"])
+
+
+def test_an_override_spec_parses_back_to_itself() -> None:
+    for spec in ("a=retry:3", "*=retry:0", "b=timeout:9999999", "b=timeout:0.001", "b=timeout:12.5"):
+        parsed = overrides.parse_spec(spec)
+        assert parsed.spec() == spec and overrides.parse_spec(parsed.spec()) == parsed
+    assert overrides.parse_spec("b=timeout:600.0").spec() == "b=timeout:600"
