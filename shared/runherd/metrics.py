@@ -5,7 +5,21 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RUNS_BY_STATUS = Gauge("runherd_runs", "Runs by status (in-flight and queued)", ["status"])
-QUEUE_DEPTH = Gauge("runherd_queue_depth", "Messages waiting in a runherd queue", ["queue"])
+QUEUE_DEPTH = Gauge(
+    "runherd_queue_depth", "Messages in a runherd queue: ready plus delivered and not yet acknowledged", ["queue"]
+)
+QUEUE_MESSAGES = Gauge(
+    "runherd_queue_messages", "Messages in a runherd queue by state (ready, unacked)", ["queue", "state"]
+)
+OLDEST_QUEUED = Gauge(
+    "runherd_oldest_queued_run_age_seconds", "How long the oldest run QUEUED and past any retry backoff has waited"
+)
+OUTBOX_BACKLOG = Gauge("runherd_outbox_backlog", "Status messages committed and not yet published")
+HEARD_THROUGH_LAG = Gauge(
+    "runherd_heard_through_lag_seconds",
+    "How far behind now the monitor hears heartbeats and events (+Inf: no heartbeat replica alive)",
+)
+SERVICE_REPLICAS = Gauge("runherd_service_replicas", "Service replicas running in this process", ["service"])
 HEARTBEAT_LAG = Histogram(
     "runherd_heartbeat_lag_seconds",
     "From a heartbeat's send to its commit",

@@ -15,6 +15,7 @@ from runherd.contract import Event, decode, parse_event
 from runherd.errors import InvalidMessage
 from runherd.launchers import RunLauncher
 from runherd.monitor.actions import Actions
+from runherd.monitor.gauges import Gauges
 from runherd.monitor.ingest import Effects, LockedRuns, apply_event
 from runherd.monitor.sweeper import Sweeper
 from runherd.monitor.watermark import publish_canaries, split_canaries
@@ -34,6 +35,7 @@ class MonitorService:
         self.actions = Actions(store, launcher, broker)
         self.sweeper = Sweeper(config, store, launcher, self.actions)
         self.sweep_now = asyncio.Event()
+        self.gauges = Gauges(config, store, broker)
 
     async def run(self, supervisor: Supervisor, *, relay: bool = True) -> None:
         stop = supervisor.stop
@@ -68,11 +70,7 @@ class MonitorService:
             await sleep_or_stop(stop, pause, self.sweep_now)
 
     async def refresh_gauges(self) -> None:
-        counts = await self.store.count_active()
-        for status in ("QUEUED", "STARTING", "STARTED", "CANCELING"):
-            metrics.RUNS_BY_STATUS.labels(status).set(counts.get(status, 0))
-        for queue, depth in (await self.broker.queue_depths()).items():
-            metrics.QUEUE_DEPTH.labels(queue).set(depth)
+        await self.gauges.refresh()
 
     async def _ingest(self, stop: asyncio.Event) -> None:
         await consume(
