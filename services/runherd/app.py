@@ -120,6 +120,7 @@ async def start(
             running.services.setdefault(name, []).append(service)
             running.replicas.append((name, store, broker))
             metrics.SERVICE_REPLICAS.labels(name).inc()
+            metrics.touch(name, CONSUMES[name], launcher.name)
     return running
 
 

@@ -46,3 +46,18 @@ STATUS_PUBLISHED = Counter("runherd_status_published_total", "Status messages pu
 def serve(port: int) -> None:
     if port:
         start_http_server(port)
+
+
+def touch(service: str, queue: str, launcher: str) -> None:
+    """Create the labelled series the alerts read at 0, so the first launch failure or dead
+    letter is an increase (a series that appears at 1 is not one to ``increase()``)."""
+    DEAD_LETTERS.labels(queue)
+    CONSUMER_HELD.labels(queue).set(0)
+    if service == "launcher":
+        LAUNCHES.labels(launcher, "ok")
+        LAUNCHES.labels(launcher, "error")
+    if service == "monitor":
+        DETECTION_LATENCY.labels("exit")
+        DETECTION_LATENCY.labels("heartbeat")
+        MONITOR_ACTIONS.labels("resume")
+        MONITOR_ACTIONS.labels("retry")

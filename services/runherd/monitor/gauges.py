@@ -4,6 +4,7 @@ how far behind the monitor hears the workers."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 
@@ -11,6 +12,7 @@ from runherd import broker as topology
 from runherd import metrics, rabbit_admin
 from runherd.broker import Broker
 from runherd.config import Config
+from runherd.runtime import sleep_or_stop
 from runherd.store import Store
 
 log = logging.getLogger("runherd.monitor")
@@ -24,6 +26,15 @@ class Gauges:
         self.broker = broker
         self.endpoint = rabbit_admin.endpoint(config.amqp_url, config.rabbitmq_management_url)
         self._warned = False
+
+    async def loop(self, interval: float, stop: asyncio.Event) -> None:
+        """Refresh every ``interval`` seconds until stop; a failed round is logged, not fatal."""
+        while not stop.is_set():
+            try:
+                await self.refresh()
+            except Exception as exc:
+                log.warning("gauges not refreshed: %r", exc)
+            await sleep_or_stop(stop, interval)
 
     async def refresh(self) -> None:
         counts = await self.store.count_active()

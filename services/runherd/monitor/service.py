@@ -43,6 +43,8 @@ class MonitorService:
         supervisor.spawn("monitor.canaries", publish_canaries(self.store, self.broker, stop))
         # Always: with run_monitoring.enabled false the sweep still reaps and retries (sweeper.py).
         supervisor.spawn("monitor.sweep", self._sweep_loop(stop))
+        # Its own loop: the sweep may sleep until the next deadline (up to a timeout), gauges may not.
+        supervisor.spawn("monitor.gauges", self.gauges.loop(self.config.run_monitoring.poll_interval_seconds, stop))
         if relay:
             supervisor.spawn("monitor.outbox", outbox.relay(self.store, self.broker, stop))
         supervisor.spawn("monitor.actions", self._close_on_stop(stop))
@@ -52,15 +54,10 @@ class MonitorService:
         await self.actions.close()
 
     async def _sweep_loop(self, stop: asyncio.Event) -> None:
-        gauges_due = 0.0
-        loop = asyncio.get_running_loop()
         while not stop.is_set():
             pause = self.config.run_monitoring.poll_interval_seconds
             try:
                 await self.sweeper.sweep()
-                if loop.time() >= gauges_due:
-                    await self.refresh_gauges()
-                    gauges_due = loop.time() + pause
                 pause = await self.sweeper.seconds_to_next_deadline()
             except TransientDbError as exc:
                 log.warning("sweep failed: %r", exc)
