@@ -31,8 +31,9 @@ def _free_port() -> int:
 
 
 class PrivateRabbit:
-    def __init__(self, base: Path, *, management: bool = False) -> None:
+    def __init__(self, base: Path, conf: str = "", *, management: bool = False) -> None:
         self.base = base
+        self.conf = conf  # more rabbitmq.conf lines (a TLS listener, say)
         # management: the management API on its own free port (``management_url``), stats every 0.5 s
         self.management = management
         self.management_port = _free_port() if management else 0
@@ -69,7 +70,7 @@ class PrivateRabbit:
         self.base.mkdir(parents=True, exist_ok=True)
         # No plugins unless asked: no management listener to clash on.
         (self.base / "enabled_plugins").write_text("[rabbitmq_management].\n" if self.management else "[].\n")
-        conf = "loopback_users = none\n"
+        conf = "loopback_users = none\n" + self.conf
         if self.management:
             conf += (
                 f"management.tcp.port = {self.management_port}\nmanagement.tcp.ip = 127.0.0.1\n"
