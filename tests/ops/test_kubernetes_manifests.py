@@ -224,8 +224,10 @@ def test_the_wiring(folder: Path) -> None:
     namespace = by["Deployment", "runherd-launcher"]["metadata"]["namespace"]
     assert launcher_cfg["namespace"] == namespace, "Jobs go where the Role grants"
     assert by["ServiceAccount", launcher_cfg["service_account_name"]].get("automountServiceAccountToken") is False
-    secret = by["Secret", "runherd-urls"]["stringData"]
-    assert set(secret) == {"RUNHERD_AMQP_URL", "RUNHERD_DATABASE_URL"}
+    urls = by["Secret", "runherd-urls"]["stringData"]
+    assert set(urls) == {"RUNHERD_AMQP_URL", "RUNHERD_DATABASE_URL"}
+    owner = by["Secret", "runherd-migrate"]["stringData"]["RUNHERD_DATABASE_URL"]
+    assert "runherd_service:" in urls["RUNHERD_DATABASE_URL"] and "runherd_owner:" in owner, "README: Security"
 
     binding = by["RoleBinding", "runherd-launcher"]
     bound = {s["name"] for s in binding["subjects"] if s["namespace"] == namespace}
@@ -252,6 +254,7 @@ def test_the_wiring(folder: Path) -> None:
             assert pod["spec"]["serviceAccountName"] not in bound
     job = by["Job", "runherd-migrate"]["spec"]["template"]["spec"]
     assert job["containers"][0]["args"] == ["migrate"]
+    assert job["containers"][0]["envFrom"] == [{"secretRef": {"name": "runherd-migrate"}}], "only migrate owns"
     assert job["restartPolicy"] in ("OnFailure", "Never")
 
 
