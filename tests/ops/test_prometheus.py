@@ -180,12 +180,8 @@ async def test_prometheus_scrapes_every_metric_the_dashboard_and_rules_use(env: 
             prometheus(env.tmp, port) as base,
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
         ):
-            # Real traffic: a run to SUCCESS (a launch, heartbeats, events, an exit detected).
             broker = running.brokers[0]
             env.broker = broker
-            run_id = await env.submit([{"key": "a", "command": [sys.executable, "-c", "print('hi')"]}])
-            await env.wait_status(run_id, "SUCCESS", timeout=30)
-
             # 30 messages in a queue nobody in runherd consumes; a consumer takes 20 and acks none.
             for i in range(30):
                 await broker.publish(topology.DEAD, "", b'{"n": %d}' % i)
@@ -199,6 +195,10 @@ async def test_prometheus_scrapes_every_metric_the_dashboard_and_rules_use(env: 
             await (await channel.get_queue(topology.DEAD_QUEUE, ensure=False)).consume(keep)
             await eventually(lambda: len(held) == 20, 10, what="20 deliveries held unacked")
             assert (await broker.queue_depths())[topology.DEAD_QUEUE] == 10, "AMQP alone sees the ready ones"
+
+            # Real traffic: a run to SUCCESS (a launch, heartbeats, events, an exit detected).
+            run_id = await env.submit([{"key": "a", "command": [sys.executable, "-c", "print('hi')"]}])
+            await env.wait_status(run_id, "SUCCESS", timeout=30)
 
             async def target_up() -> bool:
                 data = await api(session, base, "/api/v1/targets")
