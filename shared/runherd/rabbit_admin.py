@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -34,9 +35,11 @@ class Endpoint:
     user: str
     password: str
     vhost: str
+    ca_file: str | None = None  # https: the CA to trust (amqp_tls.ca_file), else the system's
+    verify: bool = True
 
 
-def endpoint(amqp_url: str, management_url: str = "") -> Endpoint:
+def endpoint(amqp_url: str, management_url: str = "", *, ca_file: str | None = None, verify: bool = True) -> Endpoint:
     """Where the management API of ``amqp_url``'s broker is: ``management_url`` if given (its
     credentials, else the AMQP ones), else the AMQP host on port 15672 (https for amqps)."""
     amqp = urlsplit(amqp_url)
@@ -53,7 +56,7 @@ def endpoint(amqp_url: str, management_url: str = "") -> Endpoint:
     else:
         scheme = "https" if amqp.scheme == "amqps" else "http"
         base = f"{scheme}://{amqp.hostname or '127.0.0.1'}:{DEFAULT_PORT}"
-    return Endpoint(base, user, password, vhost)
+    return Endpoint(base, user, password, vhost, ca_file, verify)
 
 
 def parse_queues(payload: object, names: set[str]) -> dict[str, QueueCounts]:
@@ -69,16 +72,22 @@ def parse_queues(payload: object, names: set[str]) -> dict[str, QueueCounts]:
     return counts
 
 
-def _get(url: str, user: str, password: str, timeout: float) -> object:
+def _get(url: str, where: Endpoint, timeout: float) -> object:
     request = urllib.request.Request(url)
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    token = base64.b64encode(f"{where.user}:{where.password}".encode()).decode()
     request.add_header("Authorization", f"Basic {token}")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    context = None
+    if url.startswith("https:"):
+        context = ssl.create_default_context(cafile=where.ca_file)
+        if not where.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
         return json.loads(response.read())
 
 
 async def queue_counts(where: Endpoint, names: set[str], timeout: float = 3.0) -> dict[str, QueueCounts]:
     """Ready and unacknowledged counts of ``names``; raises OSError (URLError) or ValueError."""
     url = f"{where.base}/api/queues/{quote(where.vhost, safe='')}?columns=name,messages_ready,messages_unacknowledged"
-    payload = await asyncio.to_thread(_get, url, where.user, where.password, timeout)
+    payload = await asyncio.to_thread(_get, url, where, timeout)
     return parse_queues(payload, names)

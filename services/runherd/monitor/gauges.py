@@ -24,7 +24,12 @@ class Gauges:
     def __init__(self, config: Config, store: Store, broker: Broker) -> None:
         self.store = store
         self.broker = broker
-        self.endpoint = rabbit_admin.endpoint(config.amqp_url, config.rabbitmq_management_url)
+        self.endpoint = rabbit_admin.endpoint(
+            config.amqp_url,
+            config.rabbitmq_management_url,
+            ca_file=config.amqp_tls.ca_file,
+            verify=config.amqp_tls.verify,
+        )
         self._warned = False
 
     async def loop(self, interval: float, stop: asyncio.Event) -> None:
