@@ -233,6 +233,12 @@ async def test_prometheus_scrapes_every_metric_the_dashboard_and_rules_use(env: 
                 return len(rules) == len(alert_rules()) and all(r["health"] == "ok" for r in rules)
 
             await eventually(rules_ok, 20, 0.25, what="every rule loaded and evaluated without error")
+
+            # Every dashboard panel's query is valid PromQL that Prometheus evaluates.
+            for expr in dashboard_exprs():
+                async with session.get(base + "/api/v1/query", params={"query": expr}) as response:
+                    answer = await response.json()
+                assert answer["status"] == "success", (expr, answer)
     finally:
         await holder.close()
         server.close()
