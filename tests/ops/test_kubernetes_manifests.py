@@ -135,6 +135,8 @@ def render(folder: Path) -> list[dict[str, Any]]:
     for label in k.get("labels", []):
         for d in docs:
             d["metadata"].setdefault("labels", {}).update(label["pairs"])
+            if label.get("includeTemplates") and "template" in d.get("spec", {}):
+                d["spec"]["template"].setdefault("metadata", {}).setdefault("labels", {}).update(label["pairs"])
     if "namespace" in k:
         _namespace(docs, k["namespace"])
     return docs
