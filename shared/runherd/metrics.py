@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 RUNS_BY_STATUS = Gauge("runherd_runs", "Runs by status (in-flight and queued)", ["status"])
 QUEUE_DEPTH = Gauge(
@@ -41,11 +41,6 @@ CONSUMER_HELD = Gauge(
     "runherd_consumer_held_deliveries", "Deliveries held unacked while the database is unavailable", ["queue"]
 )
 STATUS_PUBLISHED = Counter("runherd_status_published_total", "Status messages published")
-
-
-def serve(port: int) -> None:
-    if port:
-        start_http_server(port)
 
 
 def touch(service: str, queue: str, launcher: str) -> None:
