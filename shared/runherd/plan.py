@@ -43,6 +43,10 @@ class Plan:
     # (runherd.auth). Never in the repr.
     amqp_url: str = field(default="", repr=False)
     token: str = field(default="", repr=False)
+    executor: str = "multiprocess"  # in_process | multiprocess | launcher (runherd.execution)
+    # Steps that failed tries before this attempt (a crash during a retry delay): key ->
+    # {"failed_tries": n, "retry_at": epoch seconds or None}. The step goes on at try n + 1.
+    step_tries: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def source(self) -> str:
@@ -63,6 +67,8 @@ class Plan:
                 "worker_id": self.worker_id,
                 "amqp_url": self.amqp_url,
                 "token": self.token,
+                "executor": self.executor,
+                "step_tries": self.step_tries,
             }
         ).decode()
 
@@ -85,6 +91,8 @@ def from_json(text: str) -> Plan:
         worker_id=str(raw.get("worker_id") or ""),
         amqp_url=str(raw.get("amqp_url") or ""),
         token=str(raw.get("token") or ""),
+        executor=str(raw.get("executor") or "multiprocess"),
+        step_tries=dict(raw.get("step_tries") or {}),
     )
 
 

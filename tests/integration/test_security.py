@@ -401,7 +401,6 @@ def _assert_clean(step_env: dict[str, str], service_secrets: dict[str, str], tok
         "RUNHERD_AMQP_URL",
         "RUNHERD_PLAN",
         "RUNHERD_PLAN_FILE",
-        "RUNHERD_WORKER_RECORD",
     ):
         assert name not in step_env, f"{name} reached the step"
     everything = "\n".join(f"{k}={v}" for k, v in step_env.items())

