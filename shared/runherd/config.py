@@ -70,6 +70,19 @@ class RunLauncherConfig:
 
 
 @dataclass(frozen=True)
+class Ui:
+    """`runherd ui`, the read-only web view (services/runherd/ui)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    database_url: str | None = None  # None: database_url; point it at a read-only role
+    basic_auth_user: str | None = None  # both set: every page asks for them (HTTP basic)
+    basic_auth_password: str | None = None
+    allow_actions: bool = False  # true: cancel and re-execute buttons, publishing the normal commands
+    dead_letters_shown: int = 20  # dead letters peeked (never removed) on the fleet page; 0: count only
+
+
+@dataclass(frozen=True)
 class Config:
     amqp_url: str = DEFAULT_AMQP_URL
     database_url: str = DEFAULT_DATABASE_URL
@@ -77,6 +90,7 @@ class Config:
     run_coordinator: RunCoordinator = field(default_factory=RunCoordinator)
     run_retries: RunRetries = field(default_factory=RunRetries)
     run_launcher: RunLauncherConfig = field(default_factory=RunLauncherConfig)
+    ui: Ui = field(default_factory=Ui)
     metrics_port: int = 0  # 0: no Prometheus endpoint
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one object per line, run_id and attempt as fields)
@@ -202,6 +216,7 @@ def from_mapping(raw: Mapping[str, Any] | None) -> Config:
         run_coordinator=_section(RunCoordinator, "run_coordinator", coordinator),
         run_retries=_section(RunRetries, "run_retries", raw.get("run_retries")),
         run_launcher=_run_launcher(raw.get("run_launcher")),
+        ui=_section(Ui, "ui", raw.get("ui")),
         metrics_port=_check("metrics_port", raw.get("metrics_port", 0), int, "an integer"),
         log_level=_check("log_level", raw.get("log_level", "INFO"), str, "a level name"),
         log_format=_check("log_format", raw.get("log_format", "text"), str, "text or json"),
@@ -213,6 +228,11 @@ def from_mapping(raw: Mapping[str, Any] | None) -> Config:
     )
     if config.log_format not in ("text", "json"):
         raise ConfigError(f"log_format: expected text or json, got {config.log_format!r}")
+    for name in ("database_url", "basic_auth_user", "basic_auth_password"):
+        if getattr(config.ui, name) is not None:
+            _check(f"ui.{name}", getattr(config.ui, name), str, "a string")
+    if (config.ui.basic_auth_user is None) != (config.ui.basic_auth_password is None):
+        raise ConfigError("ui.basic_auth_user and ui.basic_auth_password: set both or neither")
     if config.run_retries.retry_strategy not in ("FROM_FAILURE", "ALL_STEPS"):
         raise ConfigError("run_retries.retry_strategy: expected FROM_FAILURE or ALL_STEPS")
     return config
