@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import jinja2
+import markupsafe
 from aiohttp import web
 
 from runherd import client, contract
@@ -52,8 +53,16 @@ def _templates() -> jinja2.Environment:
     env.filters["when"] = lambda t: "" if t is None else t.strftime("%Y-%m-%d %H:%M:%S")
     env.filters["secs"] = lambda s: "" if s is None else (f"{s:.1f} s" if s < 120 else f"{s / 60:.0f} min")
     env.globals["duration"] = model.duration
+    env.globals["tag"] = _tag_chip
     env.globals["now"] = data.now
     return env
+
+
+def _tag_chip(key: str, value: Any) -> markupsafe.Markup:
+    """A tag as a chip; a long value (a run id) shortened, whole in the tooltip."""
+    text = str(value)
+    shown = text if len(text) <= 20 else text[:8] + "…"
+    return markupsafe.Markup('<span class="chip" title="{0}={1}">{0}={2}</span>').format(key, text, shown)
 
 
 def _render(request: web.Request, name: str, **context: Any) -> web.Response:
