@@ -34,7 +34,11 @@ from scripts.bench._benchlib import bench_env  # noqa: E402
 
 
 def sleep_step(key: str, seconds: float, deps: list[str] | None = None) -> dict[str, Any]:
-    return {"key": key, "command": ["sh", "-c", f"echo {key} working; sleep {seconds}; echo {key} done"], "deps": deps or []}
+    return {
+        "key": key,
+        "command": ["sh", "-c", f"echo {key} working; sleep {seconds}; echo {key} done"],
+        "deps": deps or [],
+    }
 
 
 async def wait(store: Store, run_id: str, *statuses: str, timeout: float = 60) -> dict[str, Any]:
@@ -75,11 +79,23 @@ async def main(out: Path, extra: bool) -> None:
         ui = await server.start(cfg, host="127.0.0.1", port=0)
         try:
             for i in range(6):
-                await launch(broker, "hourly-sync", [sleep_step("pull", 0.2), sleep_step("push", 0.2, ["pull"])],
-                             {"team": "data", "shard": str(i)})
-            report = await launch(broker, "billing-report", [
-                {"key": "query", "command": ["sh", "-c", "echo 'ERROR: relation invoices does not exist' >&2; exit 3"]}
-            ], {"team": "finance"})
+                await launch(
+                    broker,
+                    "hourly-sync",
+                    [sleep_step("pull", 0.2), sleep_step("push", 0.2, ["pull"])],
+                    {"team": "data", "shard": str(i)},
+                )
+            report = await launch(
+                broker,
+                "billing-report",
+                [
+                    {
+                        "key": "query",
+                        "command": ["sh", "-c", "echo 'ERROR: relation invoices does not exist' >&2; exit 3"],
+                    }
+                ],
+                {"team": "finance"},
+            )
             gate = env.tmp / "transform-started"
             etl = await launch(
                 broker,
@@ -91,7 +107,8 @@ async def main(out: Path, extra: bool) -> None:
                         "command": [
                             "sh",
                             "-c",
-                            f'echo transforming 1.2M rows; if [ "$RUNHERD_ATTEMPT" = 1 ]; then touch {gate}; sleep 600; '
+                            "echo transforming 1.2M rows; "
+                            f'if [ "$RUNHERD_ATTEMPT" = 1 ]; then touch {gate}; sleep 600; '
                             "else sleep 1.4; fi; echo transform done",
                         ],
                         "deps": ["extract"],
@@ -133,7 +150,13 @@ def shoot(url: str, etl: str, out: Path, extra: bool) -> None:
 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1440,1000"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        "--window-size=1440,1000",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:

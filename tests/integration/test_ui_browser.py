@@ -23,7 +23,8 @@ CHROMEDRIVER = os.environ.get("RUNHERD_TEST_CHROMEDRIVER", "/usr/bin/chromedrive
 
 _missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
 pytestmark = pytest.mark.skipif(
-    bool(_missing), reason=f"no headless Chromium: {', '.join(_missing)} not found (apt-get install chromium chromium-driver)"
+    bool(_missing),
+    reason=f"no headless Chromium: {', '.join(_missing)} not found (apt-get install chromium chromium-driver)",
 )
 
 
@@ -36,7 +37,13 @@ class Browser:
 
         options = webdriver.ChromeOptions()
         options.binary_location = CHROMIUM
-        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1440,1000"):
+        for arg in (
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-dev-shm-usage",
+            "--disable-gpu",
+            "--window-size=1440,1000",
+        ):
             options.add_argument(arg)
         self.driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
         self.driver.set_page_load_timeout(20)
@@ -192,8 +199,8 @@ async def test_a_crash_and_its_resume_are_drawn_on_the_timeline_live(
     # The x of the crash lies where step two's bar ends, after step one's.
     geometry = await browser.js(
         "var s = e => document.querySelector(e).getBoundingClientRect();"
-        "return [s('[data-lane=\"1\"] [data-step=\"one\"]').right, s('[data-lane=\"1\"] [data-step=\"two\"]').right,"
-        " s('[data-lane=\"1\"] .crash').left, s('[data-lane=\"2\"] [data-step=\"two\"]').left]"
+        'return [s(\'[data-lane="1"] [data-step="one"]\').right, s(\'[data-lane="1"] [data-step="two"]\').right,'
+        ' s(\'[data-lane="1"] .crash\').left, s(\'[data-lane="2"] [data-step="two"]\').left]'
     )
     one_end, two_end, crash_x, resumed_x = geometry
     assert one_end <= crash_x + 1 and abs(two_end - crash_x) <= 3 and resumed_x >= crash_x - 1, geometry
@@ -254,7 +261,9 @@ async def test_the_filters_narrow_the_list_and_page_by_keyset(
         if await browser.js("return document.getElementById('older')") is None:
             break
         await browser.js("document.getElementById('older').click()")
-        await eventually(lambda: browser.js("return document.readyState === 'complete' && !!document.getElementById('newer')"))
+        await eventually(
+            lambda: browser.js("return document.readyState === 'complete' && !!document.getElementById('newer')")
+        )
     assert seen == [str(i) for i in ids], seen
     await browser.js("document.getElementById('newer').click()")
     await eventually(lambda: _shown(browser, {str(i) for i in ids[4:8]}), what="the previous page")
@@ -265,4 +274,3 @@ async def _shown(b: Browser, expected: set[str]) -> bool:
         "return Array.from(document.querySelectorAll('#runs tbody tr[data-run-id]')).map(e => e.dataset.runId)"
     )
     return set(shown) == expected
-
