@@ -45,7 +45,7 @@ async def runs_page(src: Sources, query: model.ListQuery) -> dict[str, Any]:
     f = query.filter
     rows, counts = await asyncio.gather(
         reads.runs_page(src.store, f, query.limit + 1, older_than=query.older_than, newer_than=query.newer_than),
-        reads.status_counts(src.store, f),
+        reads.status_counts(src.store, f, [s.value for s in RunStatus]),
     )
     # One row more than shown says whether there is a page beyond (older, or newer when paging back).
     more = len(rows) > query.limit
@@ -59,6 +59,7 @@ async def runs_page(src: Sources, query: model.ListQuery) -> dict[str, Any]:
         "rows": rows,
         "counts": counts,
         "total": sum(counts.values()),
+        "cap": reads.COUNT_CAP,
         "statuses": [s.value for s in RunStatus],
         "newer": query.params(before=model.encode_cursor(rows[0]), after=None) if rows and has_newer else None,
         "older": query.params(after=model.encode_cursor(rows[-1]), before=None) if rows and has_older else None,
