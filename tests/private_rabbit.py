@@ -31,8 +31,9 @@ def _free_port() -> int:
 
 
 class PrivateRabbit:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, conf: str = "") -> None:
         self.base = base
+        self.conf = conf  # more rabbitmq.conf lines (a TLS listener, say)
         self.name = f"runherd-{uuid.uuid4().hex[:8]}@localhost"
         self.port = _free_port()
         self.dist_port = _free_port()
@@ -61,7 +62,7 @@ class PrivateRabbit:
     async def start(self, timeout: float = 90) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
         (self.base / "enabled_plugins").write_text("[].\n")  # no management listener to clash on
-        (self.base / "rabbitmq.conf").write_text("loopback_users = none\n")
+        (self.base / "rabbitmq.conf").write_text("loopback_users = none\n" + self.conf)
         (self.base / "rabbitmq-env.conf").write_text("")
         log = open(self.base / f"server-{self.starts}.log", "wb")
         self.process = subprocess.Popen(

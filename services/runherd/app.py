@@ -61,7 +61,7 @@ async def start(
     for name, count in services.items():
         for _ in range(count):
             store = await Store.connect(config.database_url)
-            broker = await Broker.connect(config.amqp_url)
+            broker = await Broker.connect(config.amqp_url, max_body_bytes=config.limits.max_message_bytes)
             running.stores.append(store)
             running.brokers.append(broker)
             service: LauncherService | HeartbeatService | MonitorService
