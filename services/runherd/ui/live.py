@@ -23,6 +23,7 @@ log = logging.getLogger("runherd.ui")
 
 CLIENT_QUEUE = 100
 RETRY_SECONDS = 1.0
+MAX_RETRY_SECONDS = 30.0
 
 
 @dataclass(eq=False)
@@ -78,14 +79,17 @@ class Hub:
 
     async def _follow(self) -> None:
         first = True
+        delay = RETRY_SECONDS
         while True:
             try:
                 subscription = await self.broker.follow(STATUS, ["#"])
-            except Exception as exc:  # the exchange not declared yet, or the broker away
+            except Exception as exc:  # the exchange not declared yet (no service ran), or the broker away
                 self.connected.clear()
-                log.warning("cannot follow %s (%r); again in %.0f s", STATUS, exc, RETRY_SECONDS)
-                await asyncio.sleep(RETRY_SECONDS)
+                log.warning("cannot follow %s (%r); again in %.0f s", STATUS, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_SECONDS)
                 continue
+            delay = RETRY_SECONDS
             self.connected.set()
             if not first:
                 for listener in list(self.listeners):
