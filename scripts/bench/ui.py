@@ -27,7 +27,6 @@ import aiohttp  # noqa: E402
 
 from runherd import config  # noqa: E402
 from runherd.broker import Broker  # noqa: E402
-from runherd.contract import RunStatus  # noqa: E402
 from runherd.store import Store  # noqa: E402
 from runherd.store import ui as reads  # noqa: E402
 from runherd.ui import model, server  # noqa: E402
@@ -107,7 +106,7 @@ async def main(runs: int, requests: int) -> None:
                         await store.pool.fetch(sql, *args)
 
                     async def counts(f: reads.RunFilter = query.filter) -> None:
-                        await reads.status_counts(store, f, [s.value for s in RunStatus])
+                        await reads.status_counts(store, f)
 
                     raw = await timed(bare, requests)
                     count = await timed(counts, requests)

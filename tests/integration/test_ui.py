@@ -152,6 +152,7 @@ async def test_dead_letters_are_shown_with_their_reasons_and_left_in_the_queue(e
     await eventually(dead, what="both dead letters still in the queue")
 
 
+ALL = ("QUEUED", "STARTING", "STARTED", "CANCELING", "SUCCESS", "FAILURE", "CANCELED")
 QUERIES = [{}, {"status": "FAILURE"}, {"job": "j3"}, {"tag": "team=t1"}, {"status": "SUCCESS", "within": "1h"}]
 
 
@@ -181,6 +182,26 @@ async def test_a_page_is_an_index_scan_never_a_scan_of_every_run(env: Env) -> No
         # And the page before it leads back to the first.
         back = await reads.runs_page(env.store, q.filter, 2, newer_than=reads.Cursor(*keys[0]))
         assert [r["run_id"] for r in back] == [r["run_id"] for r in first[1:]]
+    # Counts per status: capped without a job or tag filter (each through its own index), exact with one.
+    none = reads.RunFilter()
+    assert await reads.status_counts(env.store, none) == {**dict.fromkeys(ALL, 0), "SUCCESS": 10_000, "FAILURE": 1000}
+    assert (await reads.status_counts(env.store, none, cap=300))["FAILURE"] == 300
+    assert await reads.status_counts(env.store, reads.RunFilter(job="j0")) == {"SUCCESS": 1000, "FAILURE": 1000}
+    sql = reads._render("ui_status_counts", reads._where(none, with_status=False))
+    plan = await env.store.pool.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", 10_000)
+    plan = plan if isinstance(plan, list) else orjson.loads(plan)
+    # Each status's scan stops at the cap (a Limit above it), whichever way the planner reads it.
+    assert _unlimited_scans(plan[0]["Plan"]) == []
+
+
+def _unlimited_scans(plan: dict[str, Any], limited: bool = False) -> list[str]:
+    found = []
+    if "Scan" in str(plan.get("Node Type", "")) and not limited and plan.get("Relation Name") == "runs":
+        found.append(str(plan["Node Type"]))
+    limited = limited or plan.get("Node Type") == "Limit"
+    for child in plan.get("Plans", []) or []:
+        found.extend(_unlimited_scans(child, limited))
+    return found
 
 
 def _scans(plan: dict[str, Any]) -> list[tuple[str, str]]:

@@ -45,7 +45,7 @@ async def runs_page(src: Sources, query: model.ListQuery) -> dict[str, Any]:
     f = query.filter
     rows, counts = await asyncio.gather(
         reads.runs_page(src.store, f, query.limit + 1, older_than=query.older_than, newer_than=query.newer_than),
-        reads.status_counts(src.store, f, [s.value for s in RunStatus]),
+        reads.status_counts(src.store, f),
     )
     # One row more than shown says whether there is a page beyond (older, or newer when paging back).
     more = len(rows) > query.limit
