@@ -184,9 +184,15 @@ async def test_a_page_is_an_index_scan_never_a_scan_of_every_run(env: Env) -> No
         assert [r["run_id"] for r in back] == [r["run_id"] for r in first[1:]]
     # Counts per status: capped without a job or tag filter (each through its own index), exact with one.
     none = reads.RunFilter()
-    assert await reads.status_counts(env.store, none) == {**dict.fromkeys(ALL, 0), "SUCCESS": 10_000, "FAILURE": 1000}
-    assert (await reads.status_counts(env.store, none, cap=300))["FAILURE"] == 300
-    assert await reads.status_counts(env.store, reads.RunFilter(job="j0")) == {"SUCCESS": 1000, "FAILURE": 1000}
+    counts = {**dict.fromkeys(ALL, 0), "SUCCESS": 10_000, "FAILURE": 1000}
+    assert await reads.status_counts(env.store, none) == (counts, {"SUCCESS"})
+    assert (await reads.status_counts(env.store, none, cap=300))[0]["FAILURE"] == 300
+    assert await reads.status_counts(env.store, reads.RunFilter(job="j0")) == (
+        {"SUCCESS": 1000, "FAILURE": 1000},
+        set(),
+    )
+    capped, at_least = await reads.status_counts(env.store, reads.RunFilter(job="j0"), cap=500)
+    assert sum(capped.values()) == 500 and at_least == set(ALL)
     sql = reads._render("ui_status_counts", reads._where(none, with_status=False))
     plan = await env.store.pool.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", 10_000)
     plan = plan if isinstance(plan, list) else orjson.loads(plan)

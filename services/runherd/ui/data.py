@@ -43,7 +43,7 @@ def now() -> datetime:
 
 async def runs_page(src: Sources, query: model.ListQuery) -> dict[str, Any]:
     f = query.filter
-    rows, counts = await asyncio.gather(
+    rows, (counts, at_least) = await asyncio.gather(
         reads.runs_page(src.store, f, query.limit + 1, older_than=query.older_than, newer_than=query.newer_than),
         reads.status_counts(src.store, f),
     )
@@ -59,7 +59,7 @@ async def runs_page(src: Sources, query: model.ListQuery) -> dict[str, Any]:
         "rows": rows,
         "counts": counts,
         "total": sum(counts.values()),
-        "cap": reads.COUNT_CAP,
+        "at_least": {str(s) for s in at_least},
         "statuses": [s.value for s in RunStatus],
         "newer": query.params(before=model.encode_cursor(rows[0]), after=None) if rows and has_newer else None,
         "older": query.params(after=model.encode_cursor(rows[-1]), before=None) if rows and has_older else None,

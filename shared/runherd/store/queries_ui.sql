@@ -41,10 +41,9 @@ UNION ALL
 SELECT 'CANCELED' AS status, (SELECT count(*) FROM (SELECT 1 FROM runs WHERE status = 'CANCELED' /*filters*/ LIMIT $1) c) AS n;
 
 -- name: ui_status_counts_grouped
--- The same under a job or tag filter: one pass over the matching runs (runs_job, runs_tags), exact.
--- $1 is unused here (it keeps the numbering of ui_status_counts).
-SELECT status, count(*) AS n FROM runs
-WHERE $1::integer IS NOT NULL /*filters*/
+-- The same under a job or tag filter: one pass over the matching runs (runs_job, runs_tags), stopping
+-- after $1 of them; then each count is a lower bound (the caller marks them so).
+SELECT status, count(*) AS n FROM (SELECT status FROM runs WHERE true /*filters*/ LIMIT $1) matching
 GROUP BY status;
 
 -- name: ui_attempts

@@ -122,14 +122,20 @@ def page_sql(f: RunFilter, limit: int, older_than: Cursor | None = None) -> tupl
 COUNT_CAP = 10_000
 
 
-async def status_counts(store: Store, f: RunFilter, cap: int = COUNT_CAP) -> dict[str, int]:
-    """Runs per status under ``f``'s other filters. Without a job or tag filter each status is counted
-    up to ``cap`` (a count equal to the cap means "at least"); with one, the matching runs are few
-    enough to count exactly in one pass through that filter's index."""
+async def status_counts(store: Store, f: RunFilter, cap: int = COUNT_CAP) -> tuple[dict[str, int], set[str]]:
+    """Runs per status under ``f``'s other filters, and the statuses whose count is only a lower bound.
+    Without a job or tag filter each status is counted through its own index up to ``cap``; with one,
+    the matching runs are counted in one pass through that filter's index, up to ``cap`` in all (past
+    it every count is a lower bound). Either way a count reads at most ``cap`` rows per status."""
     sql = _where(f, with_status=False, offset=1)
-    name = "ui_status_counts_grouped" if f.job or f.tags else "ui_status_counts"
-    rows = await store.pool.fetch(_render(name, sql), cap, *sql.args)
-    return {r["status"]: r["n"] for r in rows}
+    grouped = bool(f.job or f.tags)
+    rows = await store.pool.fetch(
+        _render("ui_status_counts_grouped" if grouped else "ui_status_counts", sql), cap, *sql.args
+    )
+    counts = {r["status"]: r["n"] for r in rows}
+    if grouped:
+        return counts, (set(RunStatus) if sum(counts.values()) >= cap else set())
+    return counts, {s for s, n in counts.items() if n >= cap}
 
 
 async def attempts(store: Store, run_id: str) -> list[dict[str, Any]]:
