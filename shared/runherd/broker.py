@@ -134,6 +134,14 @@ class Broker:
         self.channel = channel
         self._exchanges: dict[str, AbstractExchange] = {}
         self.max_body_bytes = max_body_bytes  # consumers refuse larger bodies unparsed (runherd.consume)
+        # queue name -> consumers of it on this connection that are registered right now (readyz)
+        self.consuming: dict[str, int] = {}
+
+    @property
+    def connected(self) -> bool:
+        """True while the AMQP connection is up (False during a reconnect)."""
+        transport = self.connection.transport
+        return not self.connection.is_closed and transport is not None and not transport.connection.is_closed
 
     @classmethod
     async def connect(
@@ -281,6 +289,7 @@ class Broker:
         channel.close_callbacks.add(lambda *_: lost.set())
         tag = await queue.consume(inbox.put)
         stop = stop or asyncio.Event()
+        self.consuming[queue_name] = self.consuming.get(queue_name, 0) + 1
         try:
             while not stop.is_set():
                 batch = await _gather(inbox, max_size, max_wait, stop, lost)
@@ -289,6 +298,7 @@ class Broker:
                 if batch:
                     yield [Delivery(m.body, m.routing_key or "", dict(m.headers or {}), m) for m in batch]
         finally:
+            self.consuming[queue_name] -= 1
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
             # Unacked messages still in the inbox go back to the queue when the channel closes.

@@ -93,7 +93,10 @@ class Config:
     run_retries: RunRetries = field(default_factory=RunRetries)
     run_launcher: RunLauncherConfig = field(default_factory=RunLauncherConfig)
     ui: Ui = field(default_factory=Ui)
-    metrics_port: int = 0  # 0: no Prometheus endpoint
+    metrics_port: int = 0  # 0: no HTTP endpoint (/metrics, /healthz, /readyz)
+    # RabbitMQ's management API, for the queue-depth gauge (ready + unacknowledged); "": the AMQP
+    # host on port 15672 with the AMQP credentials
+    rabbitmq_management_url: str = ""
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one object per line, run_id and attempt as fields)
     amqp_tls: tls.AmqpTls = field(default_factory=tls.AmqpTls)
@@ -224,6 +227,7 @@ def from_mapping(raw: Mapping[str, Any] | None) -> Config:
         run_launcher=_run_launcher(raw.get("run_launcher")),
         ui=_section(Ui, "ui", raw.get("ui")),
         metrics_port=_check("metrics_port", raw.get("metrics_port", 0), int, "an integer"),
+        rabbitmq_management_url=_check("rabbitmq_management_url", raw.get("rabbitmq_management_url", ""), str, "a URL"),
         log_level=_check("log_level", raw.get("log_level", "INFO"), str, "a level name"),
         log_format=_check("log_format", raw.get("log_format", "text"), str, "text or json"),
         amqp_tls=_section(tls.AmqpTls, "amqp_tls", raw.get("amqp_tls")),
@@ -280,4 +284,6 @@ def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] 
         raw["amqp_url"] = env["RUNHERD_AMQP_URL"]
     if "RUNHERD_DATABASE_URL" in env:
         raw["database_url"] = env["RUNHERD_DATABASE_URL"]
+    if env.get("RUNHERD_METRICS_PORT", "").isdigit():
+        raw["metrics_port"] = int(env["RUNHERD_METRICS_PORT"])
     return from_mapping(raw)
