@@ -276,8 +276,7 @@ async def start(cfg: Config, *, host: str | None = None, port: int | None = None
     await runner.setup()
     site = web.TCPSite(runner, host or cfg.ui.host, cfg.ui.port if port is None else port)
     await site.start()
-    sockets = [s.getsockname() for s in getattr(site._server, "sockets", []) or []]
-    bound_host, bound_port = (sockets[0][0], sockets[0][1]) if sockets else (host or cfg.ui.host, port)
+    bound_host, bound_port = runner.addresses[0][:2]
     url = f"http://{bound_host}:{bound_port}"
     log.info(
         "runherd ui on %s (database %s, actions %s)",
