@@ -64,6 +64,15 @@ class RunRetries:
 
 
 @dataclass(frozen=True)
+class Execution:
+    """How steps execute unless a run's tags say otherwise (README: "Steps: executors and retries")."""
+
+    executor: str = "multiprocess"  # in_process | multiprocess | launcher
+    max_concurrent: int = 4
+    step_retry: Mapping[str, Any] | None = None  # the default step retry policy; None: no retries
+
+
+@dataclass(frozen=True)
 class RunLauncherConfig:
     name: str | None = "process"
     module: str | None = None
@@ -91,6 +100,7 @@ class Config:
     run_monitoring: RunMonitoring = field(default_factory=RunMonitoring)
     run_coordinator: RunCoordinator = field(default_factory=RunCoordinator)
     run_retries: RunRetries = field(default_factory=RunRetries)
+    execution: Execution = field(default_factory=Execution)
     run_launcher: RunLauncherConfig = field(default_factory=RunLauncherConfig)
     ui: Ui = field(default_factory=Ui)
     metrics_port: int = 0  # 0: no HTTP endpoint (/metrics, /healthz, /readyz)
@@ -210,6 +220,21 @@ def _run_launcher(raw: Any) -> RunLauncherConfig:
     return RunLauncherConfig(name=name, config=config)
 
 
+def _execution(raw: Any) -> Execution:
+    from runherd import execution, step_retry  # pure validators of the same values in messages
+    from runherd.errors import InvalidMessage
+
+    section: Execution = _section(Execution, "execution", raw)
+    try:
+        execution.parse_executor(section.executor, "execution.executor")
+        execution.parse_max_concurrent(section.max_concurrent, "execution.max_concurrent")
+        if section.step_retry is not None:
+            step_retry.parse_policy(section.step_retry, "execution.step_retry")
+    except InvalidMessage as exc:
+        raise ConfigError(str(exc)) from None
+    return section
+
+
 def from_mapping(raw: Mapping[str, Any] | None) -> Config:
     raw = dict(raw or {})
     known = {f.name for f in fields(Config)}
@@ -224,6 +249,7 @@ def from_mapping(raw: Mapping[str, Any] | None) -> Config:
         run_monitoring=_section(RunMonitoring, "run_monitoring", raw.get("run_monitoring")),
         run_coordinator=_section(RunCoordinator, "run_coordinator", coordinator),
         run_retries=_section(RunRetries, "run_retries", raw.get("run_retries")),
+        execution=_execution(raw.get("execution")),
         run_launcher=_run_launcher(raw.get("run_launcher")),
         ui=_section(Ui, "ui", raw.get("ui")),
         metrics_port=_check("metrics_port", raw.get("metrics_port", 0), int, "an integer"),

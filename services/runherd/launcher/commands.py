@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from runherd import contract, killing
+from runherd import contract, execution, killing, overrides
 from runherd.contract import Launch, RetryStrategy, RunStatus
 from runherd.errors import InvalidMessage
 from runherd.launchers import RunLauncher
@@ -18,6 +18,8 @@ from runherd.rules.retries import retry_tags
 from runherd.store import RunRef, Store
 
 log = logging.getLogger("runherd.launcher.commands")
+
+REEXECUTED = "REEXECUTED"  # the event log's line that says what a re-executed run was given
 
 
 @dataclass
@@ -163,15 +165,29 @@ async def reexecute(store: Store, request: contract.Reexecute) -> None:
     if request.strategy is RetryStrategy.FROM_FAILURE:
         reused = {s["step_key"]: s["output"] for s in origin["steps_status"] if s["status"] == "SUCCESS"}
     root = str(origin["root_run_id"] or request.run_id)
-    tags = retry_tags(
-        {**origin["tags"], **request.tags}, retry_number=0, parent_run_id=request.run_id, root_run_id=root
-    )
+    given = dict(request.tags)
+    if request.max_runtime is not None:
+        given["runherd/max_runtime"] = request.max_runtime
+    if request.executor is not None:
+        given[f"runherd/{execution.EXECUTOR_TAG}"] = request.executor
+    tags = retry_tags({**origin["tags"], **given}, retry_number=0, parent_run_id=request.run_id, root_run_id=root)
+    steps = overrides.apply(contract.parse_steps(origin["steps"]), overrides.parse_list(list(request.with_)))
     launch = Launch(
         run_id=request.new_run_id,
-        job=origin["job"],
-        steps=contract.parse_steps(origin["steps"]),
+        job=request.job_name or origin["job"],
+        steps=steps,
         tags=tags,
         launcher=origin["launcher"],
         env=origin["env"],
     )
-    await insert_launch(store, launch, parent_run_id=request.run_id, root_run_id=root, reused_steps=reused)
+    inserted = await insert_launch(store, launch, parent_run_id=request.run_id, root_run_id=root, reused_steps=reused)
+    if inserted:
+        given_overrides = request.overrides()
+        text = ", ".join(f"{k} {v}" for k, v in given_overrides.items()) or "no overrides"
+        async with store.tx() as tx:
+            await tx.log(
+                [(launch.run_id, 0, f"re-executed from run {request.run_id} ({request.strategy.value}); {text}")],
+                type_=REEXECUTED,
+                source="launcher",
+                data=[{"origin": request.run_id, "strategy": request.strategy.value, "overrides": given_overrides}],
+            )

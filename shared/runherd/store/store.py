@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -84,6 +84,7 @@ class LaunchClaim:
     launcher: str | None
     max_runtime_seconds: float | None
     completed: dict[str, Any]
+    step_tries: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> failed_tries, retry_at
 
 
 @dataclass(frozen=True)
@@ -342,9 +343,16 @@ class Store:
             if not rows:
                 return []
             done = await tx.conn.fetch(q("completed_steps"), [r["run_id"] for r in rows])
+            retried = await tx.conn.fetch(q("step_tries"), [r["run_id"] for r in rows if r["attempt"] > 1])
         completed: dict[str, dict[str, Any]] = {}
         for row in done:
             completed.setdefault(str(row["run_id"]), {})[row["step_key"]] = row["output"]
+        tries: dict[str, dict[str, Any]] = {}
+        for row in retried:
+            tries.setdefault(str(row["run_id"]), {})[row["step_key"]] = {
+                "failed_tries": row["failed_tries"],
+                "retry_at": row["retry_at"],
+            }
         return [
             LaunchClaim(
                 run_id=str(r["run_id"]),
@@ -358,6 +366,7 @@ class Store:
                 launcher=r["launcher"],
                 max_runtime_seconds=r["max_runtime_seconds"],
                 completed=completed.get(str(r["run_id"]), {}),
+                step_tries=tries.get(str(r["run_id"]), {}),
             )
             for r in rows
         ]
