@@ -195,3 +195,19 @@ def test_a_running_attempt_reaches_now_and_nothing_started_has_no_timeline() -> 
 def test_duration(seconds: float, text: str) -> None:
     assert model.duration(T0, at(seconds), now=at(0)) == text
     assert model.duration(None, None, now=T0) == ""
+
+
+def test_a_retried_step_is_one_bar_per_try() -> None:
+    events = [
+        _event(1, 1, "STEP_START", 1, step="flaky"),
+        _event(2, 1, "STEP_UP_FOR_RETRY", 2, step="flaky", message="exited with code 1"),
+        _event(3, 1, "STEP_RESTARTED", 4, step="flaky"),
+        _event(4, 1, "STEP_SUCCESS", 5, step="flaky"),
+        _status(5, 1, 5, "SUCCESS"),
+    ]
+    attempts = model.attempt_views({"attempt": 1, "status": "SUCCESS"}, [_attempt(1, exited=5)], events)
+    tl = model.timeline(attempts, events, [], now=at(9))
+    assert tl is not None
+    assert [(b.step, b.status) for b in tl.lanes[0].bars] == [("flaky", "RETRY"), ("flaky", "SUCCESS")]
+    first, second = tl.lanes[0].bars
+    assert first.start + first.width < second.start  # the wait before the retry is a gap

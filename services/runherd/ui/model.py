@@ -288,12 +288,22 @@ def attempt_views(
 # --- the timeline -------------------------------------------------------------------------------------
 
 
+# A step's events on the timeline: a start (or a retry's restart) opens a bar, the others close it.
+_STEP_EVENTS = {
+    "STEP_START": "",
+    "STEP_RESTARTED": "",
+    "STEP_SUCCESS": "SUCCESS",
+    "STEP_FAILURE": "FAILURE",
+    "STEP_UP_FOR_RETRY": "RETRY",  # this try failed; the step is tried again
+}
+
+
 @dataclass(frozen=True)
 class Bar:
     step: str
     start: float  # percent of the axis
     width: float
-    status: str  # SUCCESS, FAILURE, RUNNING, INTERRUPTED
+    status: str  # SUCCESS, FAILURE, RETRY, RUNNING, INTERRUPTED
     title: str
 
 
@@ -348,7 +358,7 @@ def timeline(
     if not starts:
         return None
     t0 = min(starts)
-    step_events = [e for e in events if e["step_key"] and e["type"] in ("STEP_START", "STEP_SUCCESS", "STEP_FAILURE")]
+    step_events = [e for e in events if e["step_key"] and e["type"] in _STEP_EVENTS]
     ends = [a.ended_at for a in attempts if a.ended_at] + [e["ts"] for e in step_events]
     running = any(a.kind in ("running", "waiting") for a in attempts)
     t1 = max([*ends, *starts, now] if running else [*ends, *starts])
@@ -365,12 +375,11 @@ def timeline(
         bars: list[Bar] = []
         for e in sorted((e for e in step_events if e["attempt"] == a.number), key=lambda e: (e["ts"], e["id"])):
             key = e["step_key"]
-            if e["type"] == "STEP_START":
+            if e["type"] in ("STEP_START", "STEP_RESTARTED"):
                 opened[key] = e["ts"]
                 continue
             began = opened.pop(key, e["ts"])
-            status = "SUCCESS" if e["type"] == "STEP_SUCCESS" else "FAILURE"
-            bars.append(_bar(key, began, e["ts"], status, pct))
+            bars.append(_bar(key, began, e["ts"], _STEP_EVENTS[e["type"]], pct))
         for key, began in opened.items():
             status = "RUNNING" if a.kind == "running" else "INTERRUPTED"
             bars.append(_bar(key, began, a_end, status, pct))
