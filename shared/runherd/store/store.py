@@ -231,7 +231,12 @@ class Store:
         max_size: int = 10,
         check_schema: bool = True,
         statement_timeout: float = STATEMENT_TIMEOUT_SECONDS,
+        read_only: bool = False,
     ) -> Store:
+        """``read_only``: every transaction of the pool is READ ONLY (`runherd ui`), whatever the role."""
+        settings = {"statement_timeout": str(int(statement_timeout * 1000))}
+        if read_only:
+            settings["default_transaction_read_only"] = "on"
         try:
             pool = await asyncpg.create_pool(
                 url,
@@ -241,7 +246,7 @@ class Store:
                 # A stuck statement (a lock wait, a hung server) fails and is retried instead of
                 # holding the service; the client-side timeout covers a silent network.
                 command_timeout=statement_timeout + 5,
-                server_settings={"statement_timeout": str(int(statement_timeout * 1000))},
+                server_settings=settings,
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise StoreError(f"cannot connect to PostgreSQL at {redact(url)}: {exc}") from exc
