@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
@@ -31,6 +32,7 @@ from typing import Any
 import orjson
 
 from runherd.errors import ConfigError, LaunchError
+from runherd.launchers import exits, groups
 from runherd.launchers.base import Handle, Health, HealthStatus, RunLauncher, WorkerExit, WorkerRun
 
 log = logging.getLogger("runherd.launchers.process")
@@ -44,22 +46,32 @@ MAX_EXITS_KEPT = 4096  # exit codes of reaped children kept for check_health, ne
 RECORD_WAIT_SECONDS = 5.0  # a locked record with nothing in it: its worker is starting up
 
 
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) from /proc/<pid>/stat; None: no such process.
+    One raw read: a mass termination asks it of a thousand workers at once."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        stat = os.read(fd, 4096).decode(errors="replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0], int(fields[19])  # fields 3 and 22 of stat, counted after "pid (comm)"
+
+
 def start_time(pid: int) -> int | None:
     """The process start time in clock ticks since boot, or None if there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])  # field 22 of stat, counted after "pid (comm)"
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
 
 
 def _state(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    return stat[stat.rindex(")") + 2]
+    stat = _stat(pid)
+    return None if stat is None else stat[0]
 
 
 def tail(path: str | os.PathLike[str], lines: int = 40, max_bytes: int = 16_384) -> str:
@@ -101,7 +113,7 @@ class ProcessLauncher(RunLauncher):
         self.max_log_bytes = max_log
         self.host = socket.gethostname()
         # Live children only; the exit codes of reaped ones in a bounded map, by (pid, start time).
-        self._children: dict[int, asyncio.subprocess.Process] = {}
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._exited: OrderedDict[tuple[int, int | None], int] = OrderedDict()
         self._exits: asyncio.Queue[WorkerExit] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -147,12 +159,14 @@ class ProcessLauncher(RunLauncher):
             env.pop("RUNHERD_PLAN", None)
             env["RUNHERD_PLAN_FILE"] = str(plan_path.resolve())
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *(run.command or self.worker_command),
+            # As asyncio's subprocess does (a fork-exec), but its exit is watched with a pidfd
+            # (launchers/exits.py), not with a thread parked in waitpid per worker.
+            proc = subprocess.Popen(  # noqa: ASYNC220
+                [*(run.command or self.worker_command)],
                 env=env,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
                 stdout=log_file,
-                stderr=asyncio.subprocess.STDOUT,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
                 pass_fds=(record_fd,),  # the lock goes with the worker
             )
@@ -221,14 +235,14 @@ class ProcessLauncher(RunLauncher):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _reap_child(self, proc: asyncio.subprocess.Process, handle: Handle) -> None:
-        code = await proc.wait()
+    async def _reap_child(self, proc: subprocess.Popen[bytes], handle: Handle) -> None:
+        code = proc.returncode = await exits.reap(proc.pid)
         self._children.pop(proc.pid, None)
         self._exited[(proc.pid, handle.get("start_time"))] = code
         while len(self._exited) > MAX_EXITS_KEPT:
             self._exited.popitem(last=False)
         if code != 0:
-            kill_leftovers(handle["run_id"], handle["attempt"])
+            kill_leftovers(handle)
         _remove_plan(handle)
         await self._exits.put(_exit_of(handle, code))
 
@@ -241,8 +255,8 @@ class ProcessLauncher(RunLauncher):
             return False
         if (pid, handle.get("start_time")) in self._exited:
             return False
-        started = start_time(pid)
-        return started is not None and started == handle.get("start_time") and _state(pid) != "Z"
+        stat = _stat(pid)
+        return stat is not None and stat[1] == handle.get("start_time") and stat[0] != "Z"
 
     # --- the interface ---------------------------------------------------------------------
 
@@ -265,27 +279,77 @@ class ProcessLauncher(RunLauncher):
         )
 
     async def terminate(self, handle: Handle, *, grace_seconds: float | None = None) -> bool:
-        if not self._alive(handle):
-            return False
-        pid = handle["pid"]
-        grace = self.grace if grace_seconds is None else grace_seconds
-        if grace > 0:
-            _killpg(pid, signal.SIGTERM)
-            if await self._gone_within(handle, grace):
-                return True
-        log.info("killing worker pid %s run_id=%s attempt=%s", pid, handle.get("run_id"), handle.get("attempt"))
-        _killpg(pid, signal.SIGKILL)
-        await self._gone_within(handle, 5)
-        return True
+        result = (await self._terminate_many([handle], grace_seconds=grace_seconds))[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
-    async def _gone_within(self, handle: Handle, seconds: float) -> bool:
+    async def terminate_many(
+        self, handles: list[Handle], *, grace_seconds: float | None = None
+    ) -> list[bool | BaseException]:
+        if type(self).terminate is not ProcessLauncher.terminate:  # a subclass stops workers its own way
+            return await super().terminate_many(handles, grace_seconds=grace_seconds)
+        return await self._terminate_many(handles, grace_seconds=grace_seconds)
+
+    async def _terminate_many(
+        self, handles: list[Handle], *, grace_seconds: float | None = None
+    ) -> list[bool | BaseException]:
+        """Signal every live worker's group at once, then wait for all their exits together (a
+        pidfd each, which also watches a worker that is not our child: no polling), and force
+        those still there after the grace. True for each worker that was found alive."""
+        grace = self.grace if grace_seconds is None else grace_seconds
+        watched: list[tuple[Handle, asyncio.Future[None]]] = []
+        results: list[bool | BaseException] = []
+        for handle in handles:
+            exited = self._exit_future(handle)
+            results.append(exited is not None)
+            if exited is not None:
+                watched.append((handle, exited))
+                if grace > 0:  # signalled as soon as it is known to be ours: the first ones go first
+                    _killpg(handle["pid"], signal.SIGTERM)
+        try:
+            if watched and grace > 0:
+                await asyncio.wait([f for _, f in watched], timeout=grace)
+            stubborn = [(h, f) for h, f in watched if not f.done()]
+            for handle, _ in stubborn:
+                pid, run_id, attempt = handle["pid"], handle.get("run_id"), handle.get("attempt")
+                log.info("killing worker pid %s run_id=%s attempt=%s", pid, run_id, attempt)
+                _killpg(handle["pid"], signal.SIGKILL)
+            if stubborn:
+                await asyncio.wait([f for _, f in stubborn], timeout=5)
+        finally:
+            for _, exited in watched:
+                exited.cancel()
+        return results
+
+    def _exit_future(self, handle: Handle) -> asyncio.Future[None] | None:
+        """A future done when the handle's worker exits; None if it is not alive now."""
+        pid = handle.get("pid")
+        if not isinstance(pid, int) or handle.get("host") != self.host:
+            return None
+        if (pid, handle.get("start_time")) in self._exited:
+            return None
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return None  # no such process
+        if not self._alive(handle):  # checked with the pidfd open: it names this very process
+            os.close(fd)
+            return None
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        while self._alive(handle):
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(0.05)
-        return True
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def ready() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        def release(_: object) -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+
+        loop.add_reader(fd, ready)
+        exited.add_done_callback(release)
+        return exited
 
     async def debug_info(self, handle: Handle) -> str:
         path = handle.get("log_path")
@@ -309,7 +373,7 @@ class ProcessLauncher(RunLauncher):
     async def _poll_adopted(self, handle: Handle) -> None:
         while self._alive(handle):
             await asyncio.sleep(0.5)
-        kill_leftovers(handle["run_id"], handle["attempt"])
+        kill_leftovers(handle)
         _remove_plan(handle)
         await self._exits.put(
             WorkerExit(
@@ -329,26 +393,14 @@ class ProcessLauncher(RunLauncher):
                 await task
 
 
-def kill_leftovers(run_id: str, attempt: int) -> list[int]:
+def kill_leftovers(handle: Handle) -> list[int]:
     """SIGKILL what a dead worker's steps left behind (their children outlive the step's own
-    PR_SET_PDEATHSIG). Steps carry RUNHERD_RUN_ID and RUNHERD_ATTEMPT, and so do their children."""
-    wanted = {f"RUNHERD_RUN_ID={run_id}".encode(), f"RUNHERD_ATTEMPT={attempt}".encode()}
-    killed = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = set(f.read().split(b"\0"))
-        except OSError:
-            continue
-        if wanted <= environ:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(entry), signal.SIGKILL)
-                killed.append(int(entry))
-    if killed:
-        log.info("killed %d leftover step processes run_id=%s attempt=%s", len(killed), run_id, attempt)
-    return killed
+    PR_SET_PDEATHSIG): the step groups the worker recorded (launchers/groups.py), O(1) per exit."""
+    path = handle.get("log_path")
+    if not path:
+        return []
+    record = Path(path).with_name(f"attempt-{handle['attempt']}.worker")
+    return groups.kill_recorded(record, handle["run_id"], handle["attempt"])
 
 
 def read_record(fd: int) -> dict[str, Any] | None:

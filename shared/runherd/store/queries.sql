@@ -69,7 +69,7 @@ SELECT run_id FROM inserted;
 -- name: dequeue
 -- Picks the next queued runs that fit every limit, in priority order (FIFO within), as one
 -- statement. $1 global limit (-1: none), $2 tag limits as JSON, $3 how many at most,
--- $4 candidate window. Runs in a limit group that is already full are left out before the window
+-- $4 the largest candidate window. Runs in a limit group that is already full are left out before the window
 -- is cut, so a blocked run never holds back the ones behind it, however many blocked runs queue
 -- ahead; runs whose retry backoff (not_before) has not passed are left out too. Within the window,
 -- a run fits when every group it belongs to has room for it and for the runs ranked ahead of it
@@ -102,7 +102,12 @@ WITH lim AS (
       AND NOT EXISTS (SELECT 1 FROM lim WHERE lim.cap <= 0 AND r.tags ? lim.key
                                             AND (lim.value IS NULL OR r.tags->>lim.key = lim.value))
     ORDER BY r.priority DESC, r.created_at, r.run_id
-    LIMIT $4
+    -- The window: a few times what may start now (the free slots, at most $3), never over $4.
+    -- Every run in it is checked against every limit, and the scan to fill it reads the blocked
+    -- runs too, so a window sized to the need, not to the queue, keeps a saturated system's
+    -- dequeue cheap. Any window is correct: the first candidate always fits.
+    LIMIT (SELECT least($4::integer, greatest(1, 4 * least($3::integer,
+                 CASE WHEN $1::integer < 0 THEN $3::integer ELSE $1::integer - (SELECT n FROM busy)::integer END))))
 ), memb AS (
     SELECT c.run_id, c.priority, c.created_at, lim.i, lim.cap,
            CASE WHEN lim.per_unique THEN c.tags->>lim.key ELSE '' END AS grp
@@ -490,3 +495,10 @@ FROM (
     SELECT min(started_at + make_interval(secs => coalesce(max_runtime_seconds, $5))) FROM runs
     WHERE status = 'STARTED' AND coalesce(max_runtime_seconds, $5) > 0
 ) deadlines;
+
+-- name: starting_due
+-- Seconds until the earliest STARTING run is past the start timeout $1, before the event
+-- watermark's lag: the monitor publishes an event canary right then, so the start-timeout rule
+-- fires as soon as that canary is applied instead of at the next periodic one. NULL: none STARTING.
+SELECT extract(epoch FROM min(status_changed_at) + make_interval(secs => $1) - clock_timestamp())::float8
+FROM runs WHERE status = 'STARTING';

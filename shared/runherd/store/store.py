@@ -484,6 +484,11 @@ class Store:
             float(max_runtime),
         )
 
+    async def starting_due(self, start_timeout: float) -> float | None:
+        """Seconds until the earliest STARTING run's start deadline (before the watermark's lag)."""
+        value: float | None = await self.pool.fetchval(q("starting_due"), float(start_timeout))
+        return value
+
     async def count_active(self) -> dict[str, int]:
         return {r["status"]: r["n"] for r in await self.pool.fetch(q("count_active"))}
 
