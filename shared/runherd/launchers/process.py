@@ -34,10 +34,12 @@ import orjson
 from runherd.errors import ConfigError, LaunchError
 from runherd.launchers import exits, groups
 from runherd.launchers.base import Handle, Health, HealthStatus, RunLauncher, WorkerExit, WorkerRun
+from runherd.launchers.forkserver import ForkServer
 
 log = logging.getLogger("runherd.launchers.process")
 
-_KEYS = {"worker_command", "log_dir", "terminate_grace_seconds", "env", "max_log_bytes"}
+_KEYS = {"worker_command", "log_dir", "terminate_grace_seconds", "env", "max_log_bytes", "fork_server"}
+DEFAULT_WORKER_COMMAND = [sys.executable, "-m", "runherd.cli", "worker"]
 
 DEFAULT_MAX_LOG_BYTES = 64 * 1024 * 1024
 LOG_MAX_ENV = "RUNHERD_LOG_MAX_BYTES"  # read by the worker, which rotates its own log
@@ -97,7 +99,7 @@ class ProcessLauncher(RunLauncher):
                 f"run_launcher.config.{sorted(unknown)[0]}: unknown key for the process "
                 f"launcher (known: {', '.join(sorted(_KEYS))})"
             )
-        command = self.config.get("worker_command", [sys.executable, "-m", "runherd.cli", "worker"])
+        command = self.config.get("worker_command", DEFAULT_WORKER_COMMAND)
         if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
             raise ConfigError("run_launcher.config.worker_command: expected a non-empty list of strings")
         self.worker_command: list[str] = command
@@ -111,9 +113,13 @@ class ProcessLauncher(RunLauncher):
         if isinstance(max_log, bool) or not isinstance(max_log, int) or max_log < 0:
             raise ConfigError("run_launcher.config.max_log_bytes: expected an integer >= 0 (0: no cap)")
         self.max_log_bytes = max_log
+        fork = self.config.get("fork_server", False)
+        if not isinstance(fork, bool):
+            raise ConfigError("run_launcher.config.fork_server: expected true or false")
+        self._fork_server = ForkServer() if fork else None
         self.host = socket.gethostname()
         # Live children only; the exit codes of reaped ones in a bounded map, by (pid, start time).
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._children: dict[int, str] = {}  # pid -> "exec" (our child) or "fork" (the fork server's)
         self._exited: OrderedDict[tuple[int, int | None], int] = OrderedDict()
         self._exits: asyncio.Queue[WorkerExit] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -159,28 +165,38 @@ class ProcessLauncher(RunLauncher):
             env.pop("RUNHERD_PLAN", None)
             env["RUNHERD_PLAN_FILE"] = str(plan_path.resolve())
         try:
-            # As asyncio's subprocess does (a fork-exec), but its exit is watched with a pidfd
-            # (launchers/exits.py), not with a thread parked in waitpid per worker.
-            proc = subprocess.Popen(  # noqa: ASYNC220
-                [*(run.command or self.worker_command)],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                pass_fds=(record_fd,),  # the lock goes with the worker
-            )
+            pid, how = await self._exec_or_fork(run, env, log_file, record_fd)
         except OSError as exc:
             raise LaunchError(f"cannot start worker {(run.command or self.worker_command)[0]}: {exc.strerror}") from exc
         finally:
             log_file.close()
-        record = {"pid": proc.pid, "start_time": start_time(proc.pid), "host": self.host, "worker_id": run.worker_id}
+        record = {"pid": pid, "start_time": start_time(pid), "host": self.host, "worker_id": run.worker_id}
         write_record(record_fd, record)
         handle = self._handle(run, record, log_path)
-        self._children[proc.pid] = proc
-        self._spawn(self._reap_child(proc, handle))
-        log.info("launched worker pid %s run_id=%s attempt=%s", proc.pid, run.run_id, run.attempt)
+        self._children[pid] = how
+        self._spawn(self._reap_child(pid, handle))
+        log.info("launched worker pid %s run_id=%s attempt=%s", pid, run.run_id, run.attempt)
         return handle
+
+    async def _exec_or_fork(
+        self, run: WorkerRun, env: dict[str, str], log_file: Any, record_fd: int
+    ) -> tuple[int, str]:
+        """The worker's pid: forked from the warm fork server (launchers/forkserver.py) when it is on
+        and the worker is runherd's own, else a fork-exec like asyncio's (its exit watched with a
+        pidfd, launchers/exits.py, not a thread parked in waitpid per worker)."""
+        if self._fork_server is not None and run.command is None and self.worker_command == DEFAULT_WORKER_COMMAND:
+            return await self._fork_server.spawn(env, log_file.fileno(), record_fd, os.getcwd()), "fork"
+        proc = subprocess.Popen(  # noqa: ASYNC220
+            [*(run.command or self.worker_command)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            pass_fds=(record_fd,),  # the lock goes with the worker
+        )
+        proc.returncode = 0  # reaped by _reap_child, not by subprocess
+        return proc.pid, "exec"
 
     async def _adopt_live(self, run: WorkerRun, record_fd: int, log_path: Path) -> Handle:
         """The record is locked: a worker of this attempt is alive (launched by a launcher that
@@ -235,10 +251,18 @@ class ProcessLauncher(RunLauncher):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _reap_child(self, proc: subprocess.Popen[bytes], handle: Handle) -> None:
-        code = proc.returncode = await exits.reap(proc.pid)
-        self._children.pop(proc.pid, None)
-        self._exited[(proc.pid, handle.get("start_time"))] = code
+    async def _reap_child(self, pid: int, handle: Handle) -> None:
+        if self._children.get(pid) == "fork":
+            assert self._fork_server is not None
+            code = await self._fork_server.exit_code(pid)
+            if code is None:  # the fork server went away: watch it as an adopted worker
+                self._children.pop(pid, None)
+                await self._poll_adopted(handle)
+                return
+        else:
+            code = await exits.reap(pid)
+        self._children.pop(pid, None)
+        self._exited[(pid, handle.get("start_time"))] = code
         while len(self._exited) > MAX_EXITS_KEPT:
             self._exited.popitem(last=False)
         if code != 0:
@@ -363,16 +387,17 @@ class ProcessLauncher(RunLauncher):
             yield await self._exits.get()
 
     async def adopt(self, handles: list[Handle]) -> None:
-        """Watch workers started by an earlier launcher process: not our children, so we poll
-        their pid and start time; their exit code is lost."""
+        """Watch workers started by an earlier launcher process: not our children, so a pidfd
+        tells when they exit (their pid and start time say it is them); their exit code is lost."""
         for handle in handles:
             if handle.get("host") != self.host or handle.get("pid") in self._children:
                 continue
             self._spawn(self._poll_adopted(handle))
 
     async def _poll_adopted(self, handle: Handle) -> None:
-        while self._alive(handle):
-            await asyncio.sleep(0.5)
+        exited = self._exit_future(handle)  # a pidfd: it watches a process that is not our child
+        if exited is not None:
+            await exited
         kill_leftovers(handle)
         _remove_plan(handle)
         await self._exits.put(
@@ -391,6 +416,8 @@ class ProcessLauncher(RunLauncher):
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
+        if self._fork_server is not None:
+            await self._fork_server.close()  # its workers live on, as exec'd ones do
 
 
 def kill_leftovers(handle: Handle) -> list[int]:
