@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
+from runherd import tls
 from runherd.errors import ConfigError
+from runherd.limits import Limits
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/runherd"
@@ -77,9 +79,15 @@ class Config:
     run_coordinator: RunCoordinator = field(default_factory=RunCoordinator)
     run_retries: RunRetries = field(default_factory=RunRetries)
     run_launcher: RunLauncherConfig = field(default_factory=RunLauncherConfig)
-    metrics_port: int = 0  # 0: no Prometheus endpoint
+    metrics_port: int = 0  # 0: no HTTP endpoint (/metrics, /healthz, /readyz)
+    # RabbitMQ's management API, for the queue-depth gauge (ready + unacknowledged); "": the AMQP
+    # host on port 15672 with the AMQP credentials
+    rabbitmq_management_url: str = ""
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one object per line, run_id and attempt as fields)
+    amqp_tls: tls.AmqpTls = field(default_factory=tls.AmqpTls)
+    database_tls: tls.DatabaseTls = field(default_factory=tls.DatabaseTls)
+    limits: Limits = field(default_factory=Limits)
 
 
 def redact(url: str) -> str:
@@ -132,8 +140,9 @@ def _section(cls: type, key: str, raw: Any) -> Any:
         if name not in known:
             raise ConfigError(f"{key}.{name}: unknown key (known: {', '.join(sorted(known))})")
         kind = known[name].type
-        kind = {"bool": bool, "int": int, "float": float, "str": str}.get(str(kind), kind)
-        if kind in _KINDS:
+        kind = {"bool": bool, "int": int, "float": float, "str": str, "str | None": str}.get(str(kind), kind)
+        optional = str(known[name].type).endswith("| None") and value is None
+        if kind in _KINDS and not optional:
             types, what = _KINDS[kind]
             _check(f"{key}.{name}", value, types, what)
         values[name] = value
@@ -203,19 +212,33 @@ def from_mapping(raw: Mapping[str, Any] | None) -> Config:
         run_retries=_section(RunRetries, "run_retries", raw.get("run_retries")),
         run_launcher=_run_launcher(raw.get("run_launcher")),
         metrics_port=_check("metrics_port", raw.get("metrics_port", 0), int, "an integer"),
+        rabbitmq_management_url=_check("rabbitmq_management_url", raw.get("rabbitmq_management_url", ""), str, "a URL"),
         log_level=_check("log_level", raw.get("log_level", "INFO"), str, "a level name"),
         log_format=_check("log_format", raw.get("log_format", "text"), str, "text or json"),
+        amqp_tls=_section(tls.AmqpTls, "amqp_tls", raw.get("amqp_tls")),
+        database_tls=_section(tls.DatabaseTls, "database_tls", raw.get("database_tls")),
+        limits=_section(Limits, "limits", raw.get("limits")).check(),
     )
     object.__setattr__(
         config,
         "run_coordinator",
         RunCoordinator(**{**config.run_coordinator.__dict__, "tag_concurrency_limits": limits}),
     )
+    _fold_tls(config)
     if config.log_format not in ("text", "json"):
         raise ConfigError(f"log_format: expected text or json, got {config.log_format!r}")
     if config.run_retries.retry_strategy not in ("FROM_FAILURE", "ALL_STEPS"):
         raise ConfigError("run_retries.retry_strategy: expected FROM_FAILURE or ALL_STEPS")
     return config
+
+
+def _fold_tls(config: Config) -> None:
+    """The TLS sections written into the URLs the drivers read (runherd.tls): every AMQP URL of the
+    config (the services' and any other ``*amqp_url``, such as the workers') and the database's."""
+    for f in fields(config):
+        if f.name.endswith("amqp_url") and isinstance(getattr(config, f.name), str):
+            object.__setattr__(config, f.name, tls.amqp_url(getattr(config, f.name), config.amqp_tls, f.name))
+    object.__setattr__(config, "database_url", tls.database_url(config.database_url, config.database_tls))
 
 
 def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -241,4 +264,6 @@ def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] 
         raw["amqp_url"] = env["RUNHERD_AMQP_URL"]
     if "RUNHERD_DATABASE_URL" in env:
         raw["database_url"] = env["RUNHERD_DATABASE_URL"]
+    if env.get("RUNHERD_METRICS_PORT", "").isdigit():
+        raw["metrics_port"] = int(env["RUNHERD_METRICS_PORT"])
     return from_mapping(raw)

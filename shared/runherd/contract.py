@@ -283,24 +283,35 @@ def check_graph(steps: tuple[Step, ...]) -> list[str]:
         for dep in step.deps:
             if dep not in seen:
                 raise InvalidMessage(f"step {step.key!r} depends on unknown step {dep!r}")
+    return _dependency_order(keys, {s.key: s.deps for s in steps})
+
+
+def _dependency_order(keys: list[str], deps: dict[str, tuple[str, ...]]) -> list[str]:
+    """Depth-first, deps before dependents, in the order the steps are listed. Iterative with an
+    explicit path, so a long chain of steps is refused or ordered, never a RecursionError."""
     order: list[str] = []
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    deps = {s.key: s.deps for s in steps}
-
-    def visit(key: str, path: list[str]) -> None:
-        if state.get(key) == 2:
-            return
-        if state.get(key) == 1:
-            cycle = [*path[path.index(key) :], key]
-            raise InvalidMessage(f"steps form a cycle: {' -> '.join(cycle)}")
-        state[key] = 1
-        for dep in deps[key]:
-            visit(dep, [*path, key])
-        state[key] = 2
-        order.append(key)
-
-    for key in keys:
-        visit(key, [])
+    done: set[str] = set()
+    for root in keys:
+        if root in done:
+            continue
+        path: list[str] = [root]
+        pending = [iter(deps[root])]
+        on_path = {root}
+        while pending:
+            dep = next(pending[-1], None)
+            if dep is None:
+                key = path.pop()
+                pending.pop()
+                on_path.discard(key)
+                done.add(key)
+                order.append(key)
+            elif dep in on_path:
+                cycle = [*path[path.index(dep) :], dep]
+                raise InvalidMessage(f"steps form a cycle: {' -> '.join(cycle)}")
+            elif dep not in done:
+                path.append(dep)
+                pending.append(iter(deps[dep]))
+                on_path.add(dep)
     return order
 
 

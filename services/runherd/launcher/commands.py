@@ -12,6 +12,8 @@ from runherd import contract, killing
 from runherd.contract import Launch, RetryStrategy, RunStatus
 from runherd.errors import InvalidMessage
 from runherd.launchers import RunLauncher
+from runherd.limits import DEFAULT as DEFAULT_LIMITS
+from runherd.limits import Limits, check_command
 from runherd.rules.retries import retry_tags
 from runherd.store import RunRef, Store
 
@@ -58,11 +60,14 @@ async def apply(
     launcher: str | None = None,
     message_id: str | None = None,
     run_launcher: RunLauncher | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> Outcome:
     """``launcher``: the run launcher this service runs; a launch naming another is refused.
     ``message_id``: the AMQP message id; a launch (or reexecute) without a run id of its own gets
     one derived from it, so a redelivery after the commit makes no second run.
-    ``run_launcher``: the instance itself, which carries out ``kill`` requests."""
+    ``run_launcher``: the instance itself, which carries out ``kill`` requests.
+    ``limits``: the input limits, checked before anything else looks at the command."""
+    check_command(key, data, limits)
     data = with_derived_ids(key, data, message_id)
     if key == "launch":
         launch = contract.parse_launch(data)

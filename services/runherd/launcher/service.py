@@ -78,6 +78,7 @@ class LauncherService:
                 launcher=self.launcher.name,
                 message_id=delivery.message_id,
                 run_launcher=self.launcher,
+                limits=self.config.limits,
             )
         except InvalidMessage as exc:
             return Reject(str(exc))

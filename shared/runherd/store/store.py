@@ -260,6 +260,11 @@ class Store:
     async def close(self) -> None:
         await self.pool.close()
 
+    async def ping(self, timeout: float = 2.0) -> None:
+        """Raises unless PostgreSQL answers a trivial query within ``timeout`` (for /readyz)."""
+        async with self.pool.acquire(timeout=timeout) as conn:
+            await conn.fetchval("SELECT 1", timeout=timeout)
+
     @contextlib.asynccontextmanager
     async def tx(self) -> AsyncIterator[Tx]:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -494,6 +499,11 @@ class Store:
 
     async def count_active(self) -> dict[str, int]:
         return {r["status"]: r["n"] for r in await self.pool.fetch(q("count_active"))}
+
+    async def ops_gauges(self) -> dict[str, float | None]:
+        """oldest_queued_seconds, outbox_backlog, heard_through_lag_seconds (queries_ops.sql)."""
+        row = await self.pool.fetchrow(q("ops_gauges"))
+        return {k: (None if v is None else float(v)) for k, v in dict(row or {}).items()}
 
     async def in_flight(self) -> list[dict[str, Any]]:
         return [dict(r) for r in await self.pool.fetch(q("in_flight_by_limit"))]
