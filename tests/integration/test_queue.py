@@ -126,7 +126,7 @@ async def test_limits_of_zero_numeric_tag_values_and_a_window_sized_to_the_free_
     first = await queue(env, {"shard": 7})
     same_shard = await queue(env, {"shard": "7"})
     other = await queue(env, {"shard": 8})
-    assert await env.store.dequeue(2, limits) == [first, other]
+    assert set(await env.store.dequeue(2, limits)) == {first, other}
     assert await env.store.dequeue(3, limits) == []  # shard 7 is taken, whether 7 or "7"
     await finish(env, other)
     behind = [await queue(env, {"shard": 7}) for _ in range(40)]
