@@ -35,9 +35,6 @@ from hypothesis import strategies as st
 
 from runherd import auth, contract
 from runherd import broker as topology
-from runherd.errors import InvalidMessage
-from runherd.limits import DEFAULT as DEFAULT_LIMITS
-from runherd.limits import check_command
 from tests import harness
 from tests.faults import fuzz_bodies as fb
 
@@ -132,28 +129,10 @@ def predict(case: Case, world: World) -> None:
         world.crashes.append(f"{case.kind} {case.body[:200]!r}: {exc!r}")
         case.expect = "dead"
         return
-    over = _over_limits(case)
-    if over is not None:  # the launcher's input limits come before the validator (runherd.limits)
-        case.reason, case.expect, case.reason_prefix = None, "dead", over
-        return
     if case.reason is not None:
         case.expect = "dead"
         return
     _predict_accepted(case, world, contract.decode(case.body))
-
-
-def _over_limits(case: Case) -> str | None:
-    if case.kind not in ("launch", "terminate", "reexecute"):
-        return None
-    try:
-        data = contract.decode(case.body)  # the launcher decodes first: its errors come first
-    except InvalidMessage:
-        return None
-    try:
-        check_command(case.kind, data, DEFAULT_LIMITS)
-    except InvalidMessage as exc:
-        return str(exc)
-    return None
 
 
 def _predict_accepted(case: Case, world: World, data: dict[str, Any]) -> None:
