@@ -9,7 +9,6 @@ reports RUN_CANCELED and exits. It never touches PostgreSQL.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -18,9 +17,10 @@ from typing import Any
 
 from runherd.broker import Broker
 from runherd.config import DEFAULT_AMQP_URL
-from runherd.contract import Event, EventType, Step, heartbeat_body, now_iso
+from runherd.contract import Step
 from runherd.launchers.process import record_self
 from runherd.plan import PLAN_ENV, PLAN_FILE_ENV, Plan, from_env, ready, upstream_outputs
+from runherd.reporting import Reporter
 from runherd.worker import logcap
 from runherd.worker.steps import StepProcess, StepResult
 
@@ -30,54 +30,6 @@ EXIT_SUCCESS = 0
 EXIT_FAILURE = 1
 EXIT_REPORT_FAILED = 3
 EXIT_CANCELED = 143
-
-
-class Reporter:
-    """Publishes this attempt's events (with confirms) and its heartbeats."""
-
-    def __init__(self, broker: Broker, plan: Plan) -> None:
-        self.broker = broker
-        self.plan = plan
-        self.seq = 0
-        self._lock = asyncio.Lock()
-
-    async def emit(
-        self,
-        kind: EventType,
-        *,
-        step_key: str | None = None,
-        message: str | None = None,
-        data: dict[str, Any] | None = None,
-    ) -> None:
-        async with self._lock:  # sequence numbers follow publish order
-            self.seq += 1
-            event = Event(
-                run_id=self.plan.run_id,
-                attempt=self.plan.attempt,
-                seq=self.seq,
-                type=kind,
-                source=self.plan.source,
-                step_key=step_key,
-                message=message,
-                data=data or {},
-                ts=now_iso(),
-            )
-            await self.broker.publish_event(self.plan.run_id, event.body())
-        log.info(
-            "%s run_id=%s attempt=%s step=%s %s",
-            kind.value,
-            self.plan.run_id,
-            self.plan.attempt,
-            step_key or "-",
-            message or "",
-        )
-
-    async def heartbeats(self) -> None:
-        while True:
-            logcap.CAP.check()  # the worker's own lines count too, not only its steps' stderr
-            with contextlib.suppress(Exception):  # a lost heartbeat is fine; the next one follows
-                await self.broker.publish_heartbeat(heartbeat_body(self.plan.run_id, self.plan.attempt))
-            await asyncio.sleep(self.plan.heartbeat_interval_seconds)
 
 
 class Executor:
@@ -108,7 +60,7 @@ class Executor:
 
     async def _run_step(self, step: Step) -> None:
         async with self._slots:
-            await self.reporter.emit(EventType.STEP_START, step_key=step.key)
+            await self.reporter.step_start(step.key)
             process = StepProcess(step)
             self.running[step.key] = process
             try:
@@ -121,10 +73,10 @@ class Executor:
         if result.ok:
             self.outputs[step.key] = result.output
             self.succeeded.add(step.key)
-            await self.reporter.emit(EventType.STEP_SUCCESS, step_key=step.key, data={"output": result.output})
+            await self.reporter.step_success(step.key, result.output)
         else:
             self.failed[step.key] = result.error or "failed"
-            await self.reporter.emit(EventType.STEP_FAILURE, step_key=step.key, message=result.error)
+            await self.reporter.step_failure(step.key, result.error)
 
     def _step_env(self, step: Step) -> dict[str, str]:
         return {
@@ -140,7 +92,7 @@ class Executor:
 
 async def run(plan: Plan, amqp_url: str, *, handle_sigterm: bool = True) -> int:
     broker = await Broker.connect(amqp_url, declare=False)
-    reporter = Reporter(broker, plan)
+    reporter = Reporter(broker, plan, on_beat=logcap.CAP.check)  # the worker's own lines count too
     env = {k: v for k, v in os.environ.items() if k not in (PLAN_ENV, PLAN_FILE_ENV)}
     executor = Executor(plan, reporter, env)
     canceled = asyncio.Event()
@@ -148,28 +100,20 @@ async def run(plan: Plan, amqp_url: str, *, handle_sigterm: bool = True) -> int:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, canceled.set)
     beats = asyncio.ensure_future(reporter.heartbeats())
     try:
-        reused = sorted(plan.completed)
-        await reporter.emit(
-            EventType.RUN_START,
-            message=f"worker pid {os.getpid()}" + (f"; reusing completed steps: {', '.join(reused)}" if reused else ""),
-            data={"pid": os.getpid(), "reused": reused},
-        )
+        await reporter.run_start(os.getpid())
         work = asyncio.ensure_future(executor.run())
         stopper = asyncio.ensure_future(canceled.wait())
         await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if canceled.is_set():
             work.cancel()
             await executor.stop()
-            await reporter.emit(EventType.RUN_CANCELED, message="worker received SIGTERM")
+            await reporter.run_canceled()
             return EXIT_CANCELED
         stopper.cancel()
         if work.result():
-            await reporter.emit(EventType.RUN_SUCCESS)
+            await reporter.run_success()
             return EXIT_SUCCESS
-        failed = ", ".join(f"{k} ({v})" for k, v in executor.failed.items())
-        await reporter.emit(
-            EventType.RUN_FAILURE, message=f"step failed: {failed}", data={"failed_steps": sorted(executor.failed)}
-        )
+        await reporter.run_failure(executor.failed)
         return EXIT_FAILURE
     finally:
         beats.cancel()
