@@ -9,8 +9,9 @@ crashes (stops at once and is reported as exited, like a SIGKILLed process) or h
 heartbeating and progressing, and ignores a polite stop for ``terminate_grace_seconds``):
 
 * at a configured rate: ``step_failure_rate``, ``crash_rate``, ``hang_rate`` (the chance per step);
-* per run, from its launch's ``env``: ``RUNHERD_SIM_OUTCOME`` = succeed | fail | crash | hang | wait
-  (wait: the first step lasts until a command), ``RUNHERD_SIM_STEP_SECONDS``,
+* per run, from its launch's ``env``: ``RUNHERD_SIM_OUTCOME`` = succeed | fail | crash | hang | wait,
+  what becomes of the attempt's last step (wait: it lasts until a command, so a resumed attempt
+  reuses the steps before it and waits again), ``RUNHERD_SIM_STEP_SECONDS``,
   ``RUNHERD_SIM_EXIT_CODE`` (a crash's exit code; default: killed by SIGKILL), ``RUNHERD_SIM_SAY``
   (a line the worker writes to its log, which ``debug_info`` shows);
 * on command: a message ``{"v": 1, "action": "succeed" | "fail" | "crash" | "hang", "run_ids": [...]}``
@@ -328,7 +329,6 @@ class VirtualWorker:
         done: set[str] = set(self.plan.completed)
         started: set[str] = set()
         quick = False
-        first = True
         if self.script.outcome == "wait" and not ready(self.plan.steps, done, started):
             # Nothing left to run: a waiting worker still waits for its command.
             code = await self._act(reporter, await self._wait(None), None)
@@ -341,9 +341,8 @@ class VirtualWorker:
             for step in steps:
                 started.add(step.key)
                 await reporter.step_start(step.key)
-                planned = self.script.outcome if first else None
-                planned = planned or fate(self.cfg, self.fleet.rng.random())
-                first = False
+                last = len(started | done) == len(self.plan.steps)
+                planned = (self.script.outcome if last else None) or fate(self.cfg, self.fleet.rng.random())
                 seconds = self.script.step_seconds if self.script.step_seconds is not None else self.cfg.step_seconds
                 action = await self._wait(None if planned == "wait" else (0.0 if quick else seconds))
                 action = action or (planned if planned not in ("wait", "succeed") else None)
