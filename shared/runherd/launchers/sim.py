@@ -168,10 +168,11 @@ def directives(env: Mapping[str, str]) -> Directives:
 
 def fate(cfg: SimConfig, rand: float) -> str | None:
     """Pure: what the configured rates make of one step, from one uniform draw in [0, 1)."""
+    edge = 0.0
     for name, chance in (("crash", cfg.crash_rate), ("hang", cfg.hang_rate), ("fail", cfg.step_failure_rate)):
-        if rand < chance:
+        edge += chance
+        if rand < edge:
             return name
-        rand -= chance
     return None
 
 
