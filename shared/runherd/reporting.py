@@ -93,11 +93,14 @@ class Reporter:
     async def run_canceled(self, why: str = "worker received SIGTERM") -> None:
         await self.emit(EventType.RUN_CANCELED, message=why)
 
-    async def heartbeats(self) -> None:
-        """Every ``heartbeat_interval_seconds`` until cancelled; a lost heartbeat is fine."""
-        while True:
+    async def heartbeats(self, stop: asyncio.Event | None = None) -> None:
+        """Every ``heartbeat_interval_seconds`` until cancelled (or ``stop`` is set: then it returns
+        after the heartbeat in flight, never cancelling a publish); a lost heartbeat is fine."""
+        stop = stop or asyncio.Event()
+        while not stop.is_set():
             if self._on_beat is not None:
                 self._on_beat()
             with contextlib.suppress(Exception):
                 await self.broker.publish_heartbeat(heartbeat_body(self.plan.run_id, self.plan.attempt))
-            await asyncio.sleep(self.plan.heartbeat_interval_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.plan.heartbeat_interval_seconds)

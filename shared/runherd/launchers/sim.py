@@ -259,7 +259,7 @@ class VirtualWorker:
     hung: bool = False
     exit: WorkerExit | None = None
     task: asyncio.Task[None] | None = None
-    killing: tuple[int | None] | None = None  # set before the task is cancelled to kill it
+    killing: tuple[int | None] | None = None  # set to kill it (with this exit code; None: SIGKILL)
     gone: asyncio.Event = field(default_factory=asyncio.Event)
 
     def note(self, line: str) -> None:
@@ -275,7 +275,9 @@ class VirtualWorker:
         self.poked.set()
 
     def kill(self, code: int | None = None) -> None:
-        """Stops at once, wherever it is, like a SIGKILLed process (or a crash with ``code``)."""
+        """Stops like a SIGKILLed process (or a crash with ``code``): no event more, no heartbeat
+        more. It takes effect once the publish in flight (if any) is done, never by cancelling a
+        broker call midway (a channel left half-open would break the connection it shares)."""
         if self.exit is not None:
             return
         if self.hung or self.task is None or self.task.done():
@@ -283,15 +285,15 @@ class VirtualWorker:
             return
         if self.killing is None:
             self.killing = (code,)
-            self.task.cancel()
+            self.poked.set()
+
+    def check(self) -> None:
+        if self.killing is not None:
+            raise _Stop(self.killing[0])
 
     async def live(self) -> None:
         try:
             await self._live()
-        except asyncio.CancelledError:
-            if self.killing is None:
-                raise  # the launcher is closing: nothing to report
-            self._exited(killed_exit(self.run.run_id, self.run.attempt, self.killing[0]))
         except _Stop as stop:
             if stop.hang:
                 self.hung = True
@@ -312,27 +314,32 @@ class VirtualWorker:
             self._exited(WorkerExit(self.run.run_id, self.run.attempt, EXIT_REPORT_FAILED, message=str(exc)))
             return
         reporter = Reporter(broker, self.plan, quiet=True)
-        beats = asyncio.ensure_future(reporter.heartbeats())
+        silent = asyncio.Event()
+        beats = asyncio.ensure_future(reporter.heartbeats(silent))
         try:
+            self.check()
             code = await self._work(reporter)
         finally:
-            beats.cancel()
+            silent.set()
             with contextlib.suppress(BaseException):
-                await beats
-            await release()
+                await asyncio.shield(beats)
+            await asyncio.shield(release())
         self._exited(WorkerExit(self.run.run_id, self.run.attempt, code, message=f"worker exited with code {code}"))
 
     async def _work(self, reporter: Reporter) -> int:
         if self.script.say:
             self.note(self.script.say)
         await reporter.run_start(os.getpid(), what=f"virtual worker {self.plan.worker_id} in sim fleet")
+        self.check()
         self.note(f"run {self.run.run_id} attempt {self.run.attempt}: started")
         done: set[str] = set(self.plan.completed)
         started: set[str] = set()
         quick = False
         if self.script.outcome == "wait" and not ready(self.plan.steps, done, started):
             # Nothing left to run: a waiting worker still waits for its command.
-            code = await self._act(reporter, await self._wait(None), None)
+            action = await self._wait(None)
+            self.check()
+            code = await self._act(reporter, action, None)
             if code is not None:
                 return code
         while True:
@@ -342,10 +349,12 @@ class VirtualWorker:
             for step in steps:
                 started.add(step.key)
                 await reporter.step_start(step.key)
+                self.check()
                 last = len(started | done) == len(self.plan.steps)
                 planned = (self.script.outcome if last else None) or fate(self.cfg, self.fleet.rng.random())
                 seconds = self.script.step_seconds if self.script.step_seconds is not None else self.cfg.step_seconds
                 action = await self._wait(None if planned == "wait" else (0.0 if quick else seconds))
+                self.check()
                 action = action or (planned if planned not in ("wait", "succeed") else None)
                 quick = quick or action == "succeed"
                 code = await self._act(reporter, action, step.key)
@@ -353,6 +362,7 @@ class VirtualWorker:
                     return code
                 await reporter.step_success(step.key, None)
                 done.add(step.key)
+                self.check()
         if "terminate" in self.pending:
             await reporter.run_canceled()
             return EXIT_CANCELED
@@ -385,7 +395,7 @@ class VirtualWorker:
 
     async def _wait(self, seconds: float | None) -> str | None:
         """Wait the step out, or less when a command comes; returns the command."""
-        if not self.pending and seconds != 0:
+        if not self.pending and self.killing is None and seconds != 0:
             self.poked.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.poked.wait(), seconds)
