@@ -31,8 +31,12 @@ def _free_port() -> int:
 
 
 class PrivateRabbit:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, conf: str = "", *, management: bool = False) -> None:
         self.base = base
+        self.conf = conf  # more rabbitmq.conf lines (a TLS listener, say)
+        # management: the management API on its own free port (``management_url``), stats every 0.5 s
+        self.management = management
+        self.management_port = _free_port() if management else 0
         self.name = f"runherd-{uuid.uuid4().hex[:8]}@localhost"
         self.port = _free_port()
         self.dist_port = _free_port()
@@ -42,6 +46,10 @@ class PrivateRabbit:
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.management_port}"
 
     def _environ(self) -> dict[str, str]:
         return {
@@ -60,8 +68,15 @@ class PrivateRabbit:
 
     async def start(self, timeout: float = 90) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
-        (self.base / "enabled_plugins").write_text("[].\n")  # no management listener to clash on
-        (self.base / "rabbitmq.conf").write_text("loopback_users = none\n")
+        # No plugins unless asked: no management listener to clash on.
+        (self.base / "enabled_plugins").write_text("[rabbitmq_management].\n" if self.management else "[].\n")
+        conf = "loopback_users = none\n" + self.conf
+        if self.management:
+            conf += (
+                f"management.tcp.port = {self.management_port}\nmanagement.tcp.ip = 127.0.0.1\n"
+                "collect_statistics_interval = 500\n"
+            )
+        (self.base / "rabbitmq.conf").write_text(conf)
         (self.base / "rabbitmq-env.conf").write_text("")
         log = open(self.base / f"server-{self.starts}.log", "wb")
         self.process = subprocess.Popen(
@@ -102,6 +117,16 @@ class PrivateRabbit:
 
     async def remove(self) -> None:
         await self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    async def discard(self) -> None:
+        """SIGKILL the node (the group we started) and remove its files: for a node no test will
+        restart, where a clean shutdown only costs seconds."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            await asyncio.to_thread(self.process.wait, 10)
+            self.process = None
         shutil.rmtree(self.base, ignore_errors=True)
 
 

@@ -52,6 +52,10 @@ class Proxy:
                 writer.transport.abort()
         self._pipes.clear()
 
+    def accept(self) -> None:
+        """Stop refusing new connections now (ends a ``cut(refuse_for=...)`` early)."""
+        self._refuse_until = 0.0
+
     @property
     def open_connections(self) -> int:
         return len(self._pipes) // 2

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from runherd import launchers, metrics, outbox
+from runherd import broker as topology
+from runherd import launchers, metrics, outbox, probes
 from runherd.broker import Broker
 from runherd.config import Config
 from runherd.launchers import RunLauncher
@@ -15,6 +16,12 @@ from runherd.store import Store
 log = logging.getLogger("runherd")
 
 SERVICES = ("launcher", "heartbeat", "monitor")
+# The queue each service consumes: /readyz wants a consumer on it.
+CONSUMES = {
+    "launcher": topology.COMMANDS_QUEUE,
+    "heartbeat": topology.HEARTBEATS_QUEUE,
+    "monitor": topology.EVENTS_QUEUE,
+}
 
 
 @dataclass
@@ -26,11 +33,43 @@ class Running:
     brokers: list[Broker] = field(default_factory=list)
     launchers: list[RunLauncher] = field(default_factory=list)
     services: dict[str, list[object]] = field(default_factory=dict)
+    # (service, its store, its broker) per replica, for /readyz
+    replicas: list[tuple[str, Store, Broker]] = field(default_factory=list)
+
+    async def observe(self) -> list[probes.Observation]:
+        """What /readyz decides on: each replica's broker connection, database and consumer."""
+        seen = []
+        for i, (name, store, broker) in enumerate(self.replicas):
+            error = ""
+            try:
+                await store.ping()
+            except Exception as exc:
+                error = repr(exc)[:200]
+            queue = CONSUMES[name]
+            seen.append(
+                probes.Observation(
+                    service=f"{name}#{i}",
+                    broker_connected=broker.connected,
+                    database_ok=not error,
+                    consuming=broker.consuming.get(queue, 0) > 0,
+                    queue=queue,
+                    database_error=error,
+                )
+            )
+        return seen
+
+    async def not_ready(self) -> list[str]:
+        if self.supervisor.stop.is_set():
+            return ["stopping"]
+        return probes.not_ready(await self.observe(), started=bool(self.replicas))
 
     async def close(self, grace: float = 10.0) -> None:
         """Graceful, in a fixed order: stop consuming and finish the batches in hand (the rest go
         back to their queues unacked), flush the status outbox, then close the connections."""
         self.supervisor.stop.set()
+        for name, _, _ in self.replicas:
+            metrics.SERVICE_REPLICAS.labels(name).dec()
+        self.replicas.clear()
         await self.supervisor.wait(grace)
         if self.stores and self.brokers:
             await outbox.flush(self.stores[0], self.brokers[0])
@@ -61,7 +100,7 @@ async def start(
     for name, count in services.items():
         for _ in range(count):
             store = await Store.connect(config.database_url)
-            broker = await Broker.connect(config.amqp_url)
+            broker = await Broker.connect(config.amqp_url, max_body_bytes=config.limits.max_message_bytes)
             running.stores.append(store)
             running.brokers.append(broker)
             service: LauncherService | HeartbeatService | MonitorService
@@ -79,15 +118,24 @@ async def start(
             else:
                 raise ValueError(f"unknown service {name!r}")
             running.services.setdefault(name, []).append(service)
+            running.replicas.append((name, store, broker))
+            metrics.SERVICE_REPLICAS.labels(name).inc()
+            metrics.touch(name, CONSUMES[name], launcher.name)
     return running
 
 
 async def serve(config: Config, services: dict[str, int]) -> int:
     """Run until SIGTERM/SIGINT; exit code 1 if a task crashed."""
-    metrics.serve(config.metrics_port)
     supervisor = Supervisor()
     install_signal_handlers(supervisor.stop)
+    holder: list[Running] = []
+
+    async def not_ready() -> list[str]:
+        return await holder[0].not_ready() if holder else ["starting: services not connected yet"]
+
+    http = await probes.serve(config.metrics_port, not_ready) if config.metrics_port else None
     running = await start(config, services, supervisor=supervisor)
+    holder.append(running)
     log.info(
         "runherd %s running (launcher: %s)",
         ", ".join(f"{n}x{c}" for n, c in services.items()),
@@ -96,4 +144,6 @@ async def serve(config: Config, services: dict[str, int]) -> int:
     await supervisor.stop.wait()
     log.info("stopping")
     await running.close()
+    if http is not None:
+        http.close()
     return 1 if supervisor.failure else 0

@@ -72,6 +72,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     rx.add_argument("--tag", action="append", default=[], metavar="K=V", help="add a tag to the new run (repeatable)")
     rx.add_argument("--max-runtime", type=int, metavar="S", help="the new run's runherd/max_runtime, in seconds")
+    rx.add_argument(
+        "--with",
+        dest="with_",
+        action="append",
+        default=[],
+        metavar="STEP=retry:N|STEP=timeout:S",
+        help="override a step's retries or timeout in the new run only; STEP * is every step (repeatable)",
+    )
+    rx.add_argument("--job-name", metavar="NAME", help="the new run's job name (default: the origin's)")
+    rx.add_argument("--executor", choices=["in_process", "multiprocess", "launcher"], help="the new run's executor")
     w = sub.add_parser("watch", help="follow status changes as they are published")
     w.add_argument("--status", type=_status, help="only changes to this status")
     w.add_argument("--job", help="only runs of this job")

@@ -14,11 +14,11 @@ from typing import Any
 import orjson
 import yaml
 
-from runherd import client, contract
+from runherd import client, contract, overrides, stepview
 from runherd.broker import STATUS, Broker
 from runherd.config import Config
 from runherd.contract import RunStatus
-from runherd.errors import UsageError
+from runherd.errors import InvalidMessage, UsageError
 from runherd.store import Store
 
 # A run not stored this long after its launch was published: no launcher is consuming.
@@ -304,12 +304,18 @@ async def show(args: argparse.Namespace, cfg: Config) -> int:
     try:
         run = await store.get_run(args.run_id)
         lineage = await retry_store.lineage(store, str(run["root_run_id"] or run["run_id"])) if run else []
+        events = await store.list_events(args.run_id) if run else []
     finally:
         await store.close()
     if run is None:
         print(f"runherd: no run {args.run_id}", file=sys.stderr)
         return 2
     view = _show_json(run, lineage)
+    tries = stepview.step_tries(events)
+    for step in view["steps"]:
+        step["tries"] = tries.get(step["key"], [])
+    view["executor"] = stepview.executor_of(events)
+    view["overrides"] = stepview.overrides_of(events)
     if args.json:
         _json(view)
         return 0
@@ -327,6 +333,10 @@ async def show(args: argparse.Namespace, cfg: Config) -> int:
     if view["reused_steps"]:
         print(f"reused   {', '.join(view['reused_steps'])} (outputs from run {view['parent_run_id']}, not executed)")
     print(f"tags     {orjson.dumps(view['tags']).decode()}\nworker   {_handle_text(view['worker'])}")
+    if view["executor"]:
+        print(f"executor {view['executor']['name']} (max_concurrent {view['executor']['max_concurrent']})")
+    if view["overrides"]:
+        print(f"given    {', '.join(f'{k} {v}' for k, v in view['overrides'].items())}")
     _table(
         [
             [
@@ -341,6 +351,8 @@ async def show(args: argparse.Namespace, cfg: Config) -> int:
         ],
         ["STEP", "STATUS", "ATTEMPT", "", "OUTPUT", "ERROR"],
     )
+    if lines := stepview.tries_lines(tries):
+        print("tries\n" + "\n".join(lines))
     return 0
 
 
@@ -427,11 +439,24 @@ async def reexecute(args: argparse.Namespace, cfg: Config) -> int:
         )
         return 2
     tags: dict[str, Any] = dict(contract.parse_tag_args(args.tag))
-    if args.max_runtime is not None:
-        tags["runherd/max_runtime"] = args.max_runtime
+    try:
+        # Checked here too, so a typo exits 2 at once instead of becoming a dead letter.
+        overrides.apply(contract.parse_steps(origin["steps"]), overrides.parse_list(args.with_))
+    except InvalidMessage as exc:
+        print(f"runherd: {exc}", file=sys.stderr)
+        return 2
     broker = await Broker.connect(cfg.amqp_url)
     try:
-        new_id = await client.reexecute(broker, args.run_id, args.strategy, tags)
+        new_id = await client.reexecute(
+            broker,
+            args.run_id,
+            args.strategy,
+            tags,
+            with_=args.with_,
+            job_name=args.job_name,
+            max_runtime=args.max_runtime,
+            executor=args.executor,
+        )
     finally:
         await broker.close()
     print(new_id)

@@ -28,6 +28,7 @@ from aio_pika.abc import (
 
 from runherd.config import redact
 from runherd.errors import RunherdError
+from runherd.limits import DEFAULT as DEFAULT_LIMITS
 
 log = logging.getLogger("runherd.broker")
 
@@ -44,6 +45,10 @@ DEAD_QUEUE = "runherd.dead-letters"
 ERROR_HEADER = "x-runherd-error"
 EXCHANGE_HEADER = "x-runherd-exchange"
 ROUTING_KEY_HEADER = "x-runherd-routing-key"
+BODY_BYTES_HEADER = "x-runherd-body-bytes"
+# A dead letter of a message refused for its size keeps only its head: republishing the whole body
+# would hold it in memory a second time, and the head is enough to tell what it was.
+OVERSIZED_HEAD_BYTES = 64 * 1024
 
 HEARTBEAT_QUEUE_MAX = 100_000
 RECONNECT_SECONDS = 1.0
@@ -119,19 +124,40 @@ class Delivery:
 
 
 class Broker:
-    def __init__(self, connection: AbstractRobustConnection, channel: AbstractChannel) -> None:
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        channel: AbstractChannel,
+        max_body_bytes: int = DEFAULT_LIMITS.max_message_bytes,
+    ) -> None:
         self.connection = connection
         self.channel = channel
         self._exchanges: dict[str, AbstractExchange] = {}
+        self.max_body_bytes = max_body_bytes  # consumers refuse larger bodies unparsed (runherd.consume)
+        # queue name -> consumers of it on this connection that are registered right now (readyz)
+        self.consuming: dict[str, int] = {}
+
+    @property
+    def connected(self) -> bool:
+        """True while the AMQP connection is up (False during a reconnect)."""
+        transport = self.connection.transport
+        return not self.connection.is_closed and transport is not None and not transport.connection.is_closed
 
     @classmethod
-    async def connect(cls, url: str, *, declare: bool = True, timeout: float = 10) -> Broker:
+    async def connect(
+        cls,
+        url: str,
+        *,
+        declare: bool = True,
+        timeout: float = 10,
+        max_body_bytes: int = DEFAULT_LIMITS.max_message_bytes,
+    ) -> Broker:
         try:
             connection = await aio_pika.connect_robust(url, timeout=timeout, reconnect_interval=RECONNECT_SECONDS)
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
             raise BrokerError(f"cannot connect to RabbitMQ at {redact(url)}: {exc!r}") from exc
         channel = await connection.channel(publisher_confirms=True)
-        broker = cls(connection, channel)
+        broker = cls(connection, channel, max_body_bytes)
         if declare:
             await broker.declare()
         else:
@@ -235,8 +261,12 @@ class Broker:
             headers["x-runherd-user-id"] = raw.user_id
         if raw.expiration is not None:
             headers["x-runherd-expiration"] = str(raw.expiration)
+        body = delivery.body
+        if len(body) > self.max_body_bytes:
+            headers[BODY_BYTES_HEADER] = len(body)
+            body = body[:OVERSIZED_HEAD_BYTES]
         copy = aio_pika.Message(
-            delivery.body,
+            body,
             headers=headers,
             content_type=raw.content_type,
             content_encoding=raw.content_encoding,
@@ -277,6 +307,7 @@ class Broker:
         channel.close_callbacks.add(lambda *_: lost.set())
         tag = await queue.consume(inbox.put)
         stop = stop or asyncio.Event()
+        self.consuming[queue_name] = self.consuming.get(queue_name, 0) + 1
         try:
             while not stop.is_set():
                 batch = await _gather(inbox, max_size, max_wait, stop, lost)
@@ -285,6 +316,7 @@ class Broker:
                 if batch:
                     yield [Delivery(m.body, m.routing_key or "", dict(m.headers or {}), m) for m in batch]
         finally:
+            self.consuming[queue_name] -= 1
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
             # Unacked messages still in the inbox go back to the queue when the channel closes.

@@ -277,10 +277,18 @@ class Client:
         run_id: str,
         strategy: contract.RetryStrategy | str = contract.RetryStrategy.FROM_FAILURE,
         tags: Mapping[str, Any] | None = None,
+        *,
+        with_: Sequence[str] = (),
+        job_name: str | None = None,
+        max_runtime: int | None = None,
+        executor: str | None = None,
     ) -> str:
         """Re-execute a run as a new run (FROM_FAILURE reuses the origin's completed steps);
-        returns the new run's id."""
-        body, new_run_id = _reexecute_body(run_id, str(strategy), dict(tags or {}))
+        returns the new run's id. ``with_``: resume-time overrides such as ``"extract=retry:3"``,
+        ``"*=timeout:600"`` for the new run only; ``job_name``, ``max_runtime`` (seconds) and
+        ``executor`` likewise."""
+        extra = _given(with_=list(with_) or None, job_name=job_name, max_runtime=max_runtime, executor=executor)
+        body, new_run_id = _reexecute_body(run_id, str(strategy), dict(tags or {}), **extra)
         await self._send("reexecute", body)
         return new_run_id
 
@@ -449,9 +457,14 @@ async def cancel(broker: Broker, run_id: str) -> None:
 
 
 async def reexecute(
-    broker: Broker, run_id: str, strategy: str = "FROM_FAILURE", tags: dict[str, Any] | None = None
+    broker: Broker,
+    run_id: str,
+    strategy: str = "FROM_FAILURE",
+    tags: dict[str, Any] | None = None,
+    **overrides: Any,
 ) -> str:
-    body, new_run_id = _reexecute_body(run_id, strategy, tags or {})
+    """``overrides``: ``with_``, ``job_name``, ``max_runtime``, ``executor`` (see Client.reexecute)."""
+    body, new_run_id = _reexecute_body(run_id, strategy, tags or {}, **_given(**overrides))
     await broker.publish_command("reexecute", body)
     return new_run_id
 
@@ -465,9 +478,12 @@ def _terminate_body(run_id: str) -> bytes:
     return orjson.dumps({"v": contract.VERSION, "run_id": contract.parse_run_id(run_id)})
 
 
-def _reexecute_body(run_id: str, strategy: str, tags: dict[str, Any]) -> tuple[bytes, str]:
+def _reexecute_body(run_id: str, strategy: str, tags: dict[str, Any], **overrides: Any) -> tuple[bytes, str]:
     """The reexecute command, with the new run's id chosen here so the caller knows it."""
     body = {"v": contract.VERSION, "run_id": contract.parse_run_id(run_id), "strategy": strategy, "tags": tags}
+    if "with_" in overrides:
+        overrides["with"] = list(overrides.pop("with_"))
+    body.update(overrides)
     request = contract.parse_reexecute(body)
     return orjson.dumps({**body, "new_run_id": request.new_run_id}), request.new_run_id
 

@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
+from runherd import tls
 from runherd.errors import ConfigError
+from runherd.limits import Limits
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/runherd"
@@ -62,6 +64,15 @@ class RunRetries:
 
 
 @dataclass(frozen=True)
+class Execution:
+    """How steps execute unless a run's tags say otherwise (README: "Steps: executors and retries")."""
+
+    executor: str = "multiprocess"  # in_process | multiprocess | launcher
+    max_concurrent: int = 4
+    step_retry: Mapping[str, Any] | None = None  # the default step retry policy; None: no retries
+
+
+@dataclass(frozen=True)
 class RunLauncherConfig:
     name: str | None = "process"
     module: str | None = None
@@ -76,10 +87,17 @@ class Config:
     run_monitoring: RunMonitoring = field(default_factory=RunMonitoring)
     run_coordinator: RunCoordinator = field(default_factory=RunCoordinator)
     run_retries: RunRetries = field(default_factory=RunRetries)
+    execution: Execution = field(default_factory=Execution)
     run_launcher: RunLauncherConfig = field(default_factory=RunLauncherConfig)
-    metrics_port: int = 0  # 0: no Prometheus endpoint
+    metrics_port: int = 0  # 0: no HTTP endpoint (/metrics, /healthz, /readyz)
+    # RabbitMQ's management API, for the queue-depth gauge (ready + unacknowledged); "": the AMQP
+    # host on port 15672 with the AMQP credentials
+    rabbitmq_management_url: str = ""
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one object per line, run_id and attempt as fields)
+    amqp_tls: tls.AmqpTls = field(default_factory=tls.AmqpTls)
+    database_tls: tls.DatabaseTls = field(default_factory=tls.DatabaseTls)
+    limits: Limits = field(default_factory=Limits)
 
 
 def redact(url: str) -> str:
@@ -132,8 +150,9 @@ def _section(cls: type, key: str, raw: Any) -> Any:
         if name not in known:
             raise ConfigError(f"{key}.{name}: unknown key (known: {', '.join(sorted(known))})")
         kind = known[name].type
-        kind = {"bool": bool, "int": int, "float": float, "str": str}.get(str(kind), kind)
-        if kind in _KINDS:
+        kind = {"bool": bool, "int": int, "float": float, "str": str, "str | None": str}.get(str(kind), kind)
+        optional = str(known[name].type).endswith("| None") and value is None
+        if kind in _KINDS and not optional:
             types, what = _KINDS[kind]
             _check(f"{key}.{name}", value, types, what)
         values[name] = value
@@ -187,6 +206,21 @@ def _run_launcher(raw: Any) -> RunLauncherConfig:
     return RunLauncherConfig(name=name, config=config)
 
 
+def _execution(raw: Any) -> Execution:
+    from runherd import execution, step_retry  # pure validators of the same values in messages
+    from runherd.errors import InvalidMessage
+
+    section: Execution = _section(Execution, "execution", raw)
+    try:
+        execution.parse_executor(section.executor, "execution.executor")
+        execution.parse_max_concurrent(section.max_concurrent, "execution.max_concurrent")
+        if section.step_retry is not None:
+            step_retry.parse_policy(section.step_retry, "execution.step_retry")
+    except InvalidMessage as exc:
+        raise ConfigError(str(exc)) from None
+    return section
+
+
 def from_mapping(raw: Mapping[str, Any] | None) -> Config:
     raw = dict(raw or {})
     known = {f.name for f in fields(Config)}
@@ -201,21 +235,36 @@ def from_mapping(raw: Mapping[str, Any] | None) -> Config:
         run_monitoring=_section(RunMonitoring, "run_monitoring", raw.get("run_monitoring")),
         run_coordinator=_section(RunCoordinator, "run_coordinator", coordinator),
         run_retries=_section(RunRetries, "run_retries", raw.get("run_retries")),
+        execution=_execution(raw.get("execution")),
         run_launcher=_run_launcher(raw.get("run_launcher")),
         metrics_port=_check("metrics_port", raw.get("metrics_port", 0), int, "an integer"),
+        rabbitmq_management_url=_check("rabbitmq_management_url", raw.get("rabbitmq_management_url", ""), str, "a URL"),
         log_level=_check("log_level", raw.get("log_level", "INFO"), str, "a level name"),
         log_format=_check("log_format", raw.get("log_format", "text"), str, "text or json"),
+        amqp_tls=_section(tls.AmqpTls, "amqp_tls", raw.get("amqp_tls")),
+        database_tls=_section(tls.DatabaseTls, "database_tls", raw.get("database_tls")),
+        limits=_section(Limits, "limits", raw.get("limits")).check(),
     )
     object.__setattr__(
         config,
         "run_coordinator",
         RunCoordinator(**{**config.run_coordinator.__dict__, "tag_concurrency_limits": limits}),
     )
+    _fold_tls(config)
     if config.log_format not in ("text", "json"):
         raise ConfigError(f"log_format: expected text or json, got {config.log_format!r}")
     if config.run_retries.retry_strategy not in ("FROM_FAILURE", "ALL_STEPS"):
         raise ConfigError("run_retries.retry_strategy: expected FROM_FAILURE or ALL_STEPS")
     return config
+
+
+def _fold_tls(config: Config) -> None:
+    """The TLS sections written into the URLs the drivers read (runherd.tls): every AMQP URL of the
+    config (the services' and any other ``*amqp_url``, such as the workers') and the database's."""
+    for f in fields(config):
+        if f.name.endswith("amqp_url") and isinstance(getattr(config, f.name), str):
+            object.__setattr__(config, f.name, tls.amqp_url(getattr(config, f.name), config.amqp_tls, f.name))
+    object.__setattr__(config, "database_url", tls.database_url(config.database_url, config.database_tls))
 
 
 def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -241,4 +290,6 @@ def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] 
         raw["amqp_url"] = env["RUNHERD_AMQP_URL"]
     if "RUNHERD_DATABASE_URL" in env:
         raw["database_url"] = env["RUNHERD_DATABASE_URL"]
+    if env.get("RUNHERD_METRICS_PORT", "").isdigit():
+        raw["metrics_port"] = int(env["RUNHERD_METRICS_PORT"])
     return from_mapping(raw)

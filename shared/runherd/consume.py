@@ -7,6 +7,9 @@ A handler gets a batch of deliveries and returns one verdict per delivery:
   last delivery, so a poison message cannot loop forever;
 * ``Reject(reason)``: it breaks the contract -> dead-lettered at once with the reason.
 
+A body over the broker's ``max_body_bytes`` (``limits.max_message_bytes``) never reaches a handler:
+it is rejected here, unparsed.
+
 A handler that raises one of the ``unavailable`` errors (the database is restarting, unreachable or
 out of connections, a deadlock) has applied nothing: the loop keeps the whole batch unacked, stops
 taking new deliveries and calls the handler again with the same batch after a jittered backoff.
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 
 from runherd import metrics
 from runherd.broker import MAX_DELIVERIES, Broker, BrokerError, Delivery
+from runherd.limits import oversized
 from runherd.runtime import sleep_or_stop
 
 log = logging.getLogger("runherd.consume")
@@ -74,10 +78,23 @@ async def consume(
 ) -> None:
     """Consume ``queue`` until ``stop``; every delivery is settled here and nowhere else."""
     async for batch in broker.batches(queue, max_size=max_size, max_wait=max_wait, prefetch=prefetch, stop=stop):
+        batch = await _refuse_oversized(broker, queue, batch)
+        if not batch:
+            continue
         verdicts = await _verdicts(queue, handler, batch, stop, unavailable)
         if verdicts is None:
             return  # stopped while holding: the channel closes and RabbitMQ requeues the batch
         await settle(broker, queue, batch, verdicts)
+
+
+async def _refuse_oversized(broker: Broker, queue: str, batch: list[Delivery]) -> list[Delivery]:
+    """Dead-letters the bodies over the size limit, before anything parses them; returns the rest."""
+    refused = [(d, oversized(len(d.body), broker.max_body_bytes)) for d in batch]
+    dead = [(d, reason) for d, reason in refused if reason is not None]
+    if not dead:
+        return batch
+    await settle(broker, queue, [d for d, _ in dead], [Reject(reason) for _, reason in dead])
+    return [d for d, reason in refused if reason is None]
 
 
 async def _verdicts(

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from runherd import execution, step_retry
 from runherd.errors import InvalidMessage
 
 VERSION = 1
@@ -59,6 +60,7 @@ class StepStatus(enum.StrEnum):
     SUCCESS = "SUCCESS"
     FAILURE = "FAILURE"
     SKIPPED = "SKIPPED"
+    UP_FOR_RETRY = "UP_FOR_RETRY"  # a try failed; the next one follows its retry policy's delay
 
 
 class EventType(enum.StrEnum):
@@ -68,6 +70,8 @@ class EventType(enum.StrEnum):
     STEP_SUCCESS = "STEP_SUCCESS"
     STEP_FAILURE = "STEP_FAILURE"
     STEP_SKIPPED = "STEP_SKIPPED"
+    STEP_UP_FOR_RETRY = "STEP_UP_FOR_RETRY"  # data: try, next_try, max_tries, delay_seconds, retry_at, reason
+    STEP_RESTARTED = "STEP_RESTARTED"  # a retry's try begins; data: try, max_tries
     RUN_SUCCESS = "RUN_SUCCESS"
     RUN_FAILURE = "RUN_FAILURE"
     RUN_CANCELED = "RUN_CANCELED"
@@ -125,6 +129,11 @@ def validate_tags(tags: dict[str, Any]) -> None:
         for name in ("max_runtime", "priority", "max_retries", "retry_number"):
             _int_tag(spelled, name)
         _bool_tag(spelled, "retry_on_step_failure")
+        step_retry.parse_tag(tag(spelled, step_retry.STEP_RETRY_TAG))
+        if tag(spelled, execution.EXECUTOR_TAG) is not None:
+            execution.parse_executor(tag(spelled, execution.EXECUTOR_TAG))
+        if tag(spelled, execution.MAX_CONCURRENT_TAG) is not None:
+            execution.parse_max_concurrent(tag(spelled, execution.MAX_CONCURRENT_TAG))
         strategy = tag(spelled, "retry_strategy")
         if strategy is not None and (not isinstance(strategy, str) or strategy not in RetryStrategy.__members__):
             raise InvalidMessage(f"tag runherd/retry_strategy: expected FROM_FAILURE or ALL_STEPS, got {strategy!r}")
@@ -215,6 +224,7 @@ class Step:
     call: str | None = None
     deps: tuple[str, ...] = ()
     timeout_seconds: float | None = None
+    retry: step_retry.RetryPolicy | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"key": self.key, "deps": list(self.deps)}
@@ -224,6 +234,8 @@ class Step:
             out["call"] = self.call
         if self.timeout_seconds is not None:
             out["timeout_seconds"] = self.timeout_seconds
+        if self.retry is not None:
+            out["retry"] = self.retry.to_json()
         return out
 
 
@@ -241,7 +253,7 @@ def parse_step(raw: Any, index: int) -> Step:
     where = f"steps[{index}]."
     if not isinstance(raw, dict):
         raise InvalidMessage(f"steps[{index}]: expected an object, got {raw!r}")
-    unknown = set(raw) - {"key", "command", "call", "deps", "timeout_seconds"}
+    unknown = set(raw) - {"key", "command", "call", "deps", "timeout_seconds", "retry"}
     if unknown:
         raise InvalidMessage(f"{where}{sorted(unknown)[0]}: unknown field")
     key = _require(raw, "key", str, "a string", where)
@@ -263,7 +275,8 @@ def parse_step(raw: Any, index: int) -> Step:
     timeout = _optional(raw, "timeout_seconds", (int, float), "a number of seconds", where)
     if timeout is not None and timeout <= 0:
         raise InvalidMessage(f"step {key!r}: timeout_seconds must be positive")
-    return Step(key=key, command=command, call=call, deps=tuple(deps), timeout_seconds=timeout)
+    retry = step_retry.parse_policy(raw["retry"], f"{where}retry") if raw.get("retry") is not None else None
+    return Step(key=key, command=command, call=call, deps=tuple(deps), timeout_seconds=timeout, retry=retry)
 
 
 def parse_steps(raw: list[Any]) -> tuple[Step, ...]:
@@ -283,24 +296,35 @@ def check_graph(steps: tuple[Step, ...]) -> list[str]:
         for dep in step.deps:
             if dep not in seen:
                 raise InvalidMessage(f"step {step.key!r} depends on unknown step {dep!r}")
+    return _dependency_order(keys, {s.key: s.deps for s in steps})
+
+
+def _dependency_order(keys: list[str], deps: dict[str, tuple[str, ...]]) -> list[str]:
+    """Depth-first, deps before dependents, in the order the steps are listed. Iterative with an
+    explicit path, so a long chain of steps is refused or ordered, never a RecursionError."""
     order: list[str] = []
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    deps = {s.key: s.deps for s in steps}
-
-    def visit(key: str, path: list[str]) -> None:
-        if state.get(key) == 2:
-            return
-        if state.get(key) == 1:
-            cycle = [*path[path.index(key) :], key]
-            raise InvalidMessage(f"steps form a cycle: {' -> '.join(cycle)}")
-        state[key] = 1
-        for dep in deps[key]:
-            visit(dep, [*path, key])
-        state[key] = 2
-        order.append(key)
-
-    for key in keys:
-        visit(key, [])
+    done: set[str] = set()
+    for root in keys:
+        if root in done:
+            continue
+        path: list[str] = [root]
+        pending = [iter(deps[root])]
+        on_path = {root}
+        while pending:
+            dep = next(pending[-1], None)
+            if dep is None:
+                key = path.pop()
+                pending.pop()
+                on_path.discard(key)
+                done.add(key)
+                order.append(key)
+            elif dep in on_path:
+                cycle = [*path[path.index(dep) :], dep]
+                raise InvalidMessage(f"steps form a cycle: {' -> '.join(cycle)}")
+            elif dep not in done:
+                path.append(dep)
+                pending.append(iter(deps[dep]))
+                on_path.add(dep)
     return order
 
 
@@ -332,6 +356,20 @@ class Reexecute:
     strategy: RetryStrategy
     tags: dict[str, Any]
     new_run_id: str
+    # Resume-time overrides (Metaflow's resume): ["STEP=retry:N" | "STEP=timeout:S", ...] as given,
+    # a new job name, the max runtime (seconds) and the executor of the new run.
+    with_: tuple[str, ...] = ()
+    job_name: str | None = None
+    max_runtime: int | None = None
+    executor: str | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        """What the new run was given beyond strategy and tags, for ``runherd show``."""
+        out: dict[str, Any] = {"with": list(self.with_)} if self.with_ else {}
+        for key in ("job_name", "max_runtime", "executor"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
 
 # Ids derived from an AMQP message_id: a redelivered launch or reexecute that carries no id of its
@@ -354,7 +392,28 @@ def parse_reexecute(data: dict[str, Any]) -> Reexecute:
     new_run_id = (
         parse_run_id(data["new_run_id"], "new_run_id") if data.get("new_run_id") is not None else str(uuid.uuid4())
     )
-    return Reexecute(run_id=run_id, strategy=RetryStrategy(strategy), tags=tags, new_run_id=new_run_id)
+    from runherd import overrides  # it builds on Step, defined here
+
+    with_ = tuple(o.spec() for o in overrides.parse_list(data.get("with")))
+    job_name = _optional(data, "job_name", str, "a job name")
+    if job_name is not None and (not job_name.strip() or len(job_name) > 200):
+        raise InvalidMessage("job_name: must be a non-empty name of at most 200 characters")
+    max_runtime_ = _optional(data, "max_runtime", int, "an integer number of seconds")
+    if max_runtime_ is not None and not 0 <= max_runtime_ <= _INT32:
+        raise InvalidMessage(f"max_runtime: expected an integer from 0 to {_INT32}, got {max_runtime_}")
+    executor = data.get("executor")
+    if executor is not None:
+        executor = execution.parse_executor(executor, "executor").value
+    return Reexecute(
+        run_id=run_id,
+        strategy=RetryStrategy(strategy),
+        tags=tags,
+        new_run_id=new_run_id,
+        with_=with_,
+        job_name=job_name,
+        max_runtime=max_runtime_,
+        executor=executor,
+    )
 
 
 def parse_terminate(data: dict[str, Any]) -> str:

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 RUNS_BY_STATUS = Gauge("runherd_runs", "Runs by status (in-flight and queued)", ["status"])
-QUEUE_DEPTH = Gauge("runherd_queue_depth", "Messages waiting in a runherd queue", ["queue"])
+QUEUE_DEPTH = Gauge(
+    "runherd_queue_depth", "Messages in a runherd queue: ready plus delivered and not yet acknowledged", ["queue"]
+)
+QUEUE_MESSAGES = Gauge(
+    "runherd_queue_messages", "Messages in a runherd queue by state (ready, unacked)", ["queue", "state"]
+)
+OLDEST_QUEUED = Gauge(
+    "runherd_oldest_queued_run_age_seconds", "How long the oldest run QUEUED and past any retry backoff has waited"
+)
+OUTBOX_BACKLOG = Gauge("runherd_outbox_backlog", "Status messages committed and not yet published")
+HEARD_THROUGH_LAG = Gauge(
+    "runherd_heard_through_lag_seconds",
+    "How far behind now the monitor hears heartbeats and events (+Inf: no heartbeat replica alive)",
+)
+SERVICE_REPLICAS = Gauge("runherd_service_replicas", "Service replicas running in this process", ["service"])
 HEARTBEAT_LAG = Histogram(
     "runherd_heartbeat_lag_seconds",
     "From a heartbeat's send to its commit",
@@ -29,6 +43,16 @@ CONSUMER_HELD = Gauge(
 STATUS_PUBLISHED = Counter("runherd_status_published_total", "Status messages published")
 
 
-def serve(port: int) -> None:
-    if port:
-        start_http_server(port)
+def touch(service: str, queue: str, launcher: str) -> None:
+    """Create the labelled series the alerts read at 0, so the first launch failure or dead
+    letter is an increase (a series that appears at 1 is not one to ``increase()``)."""
+    DEAD_LETTERS.labels(queue)
+    CONSUMER_HELD.labels(queue).set(0)
+    if service == "launcher":
+        LAUNCHES.labels(launcher, "ok")
+        LAUNCHES.labels(launcher, "error")
+    if service == "monitor":
+        DETECTION_LATENCY.labels("exit")
+        DETECTION_LATENCY.labels("heartbeat")
+        MONITOR_ACTIONS.labels("resume")
+        MONITOR_ACTIONS.labels("retry")

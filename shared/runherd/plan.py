@@ -38,6 +38,10 @@ class Plan:
     heartbeat_interval_seconds: float = 5.0
     max_concurrent_steps: int = 4
     worker_id: str = ""  # this worker instance: its events' source is ``worker:<id>``
+    executor: str = "multiprocess"  # in_process | multiprocess | launcher (runherd.execution)
+    # Steps that failed tries before this attempt (a crash during a retry delay): key ->
+    # {"failed_tries": n, "retry_at": epoch seconds or None}. The step goes on at try n + 1.
+    step_tries: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def source(self) -> str:
@@ -56,6 +60,8 @@ class Plan:
                 "heartbeat_interval_seconds": self.heartbeat_interval_seconds,
                 "max_concurrent_steps": self.max_concurrent_steps,
                 "worker_id": self.worker_id,
+                "executor": self.executor,
+                "step_tries": self.step_tries,
             }
         ).decode()
 
@@ -76,6 +82,8 @@ def from_json(text: str) -> Plan:
         heartbeat_interval_seconds=float(raw.get("heartbeat_interval_seconds", 5)),
         max_concurrent_steps=int(raw.get("max_concurrent_steps", 4)),
         worker_id=str(raw.get("worker_id") or ""),
+        executor=str(raw.get("executor") or "multiprocess"),
+        step_tries=dict(raw.get("step_tries") or {}),
     )
 
 

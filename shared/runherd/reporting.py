@@ -69,18 +69,24 @@ class Reporter:
         reused = sorted(self.plan.completed)
         await self.emit(
             EventType.RUN_START,
-            message=f"{what} pid {pid}" + (f"; reusing completed steps: {', '.join(reused)}" if reused else ""),
-            data={"pid": pid, "reused": reused},
+            message=f"{what} pid {pid}, executor {self.plan.executor}"
+            + (f"; reusing completed steps: {', '.join(reused)}" if reused else ""),
+            data={
+                "pid": pid,
+                "reused": reused,
+                "executor": self.plan.executor,
+                "max_concurrent": self.plan.max_concurrent_steps,
+            },
         )
 
     async def step_start(self, key: str) -> None:
         await self.emit(EventType.STEP_START, step_key=key)
 
     async def step_success(self, key: str, output: Any) -> None:
-        await self.emit(EventType.STEP_SUCCESS, step_key=key, data={"output": output})
+        await self.emit(EventType.STEP_SUCCESS, step_key=key, data={"output": output, "try": 1})
 
     async def step_failure(self, key: str, error: str | None) -> None:
-        await self.emit(EventType.STEP_FAILURE, step_key=key, message=error)
+        await self.emit(EventType.STEP_FAILURE, step_key=key, message=error, data={"tries": 1})
 
     async def run_success(self) -> None:
         await self.emit(EventType.RUN_SUCCESS)

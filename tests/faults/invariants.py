@@ -199,7 +199,7 @@ async def check(
     report.runs = len(runs)
     report.outcomes = dict(Counter(r["status"] for r in runs))
     _lost_and_stuck(report, load, runs, attempts, now, limits)
-    _stuck_on_the_way(report, events, limits)
+    _stuck_on_the_way(report, events, limits, recorder)
     _two_workers(report, recorder, attempts)
     _terminal_changed(report, recorder, events)
     _spurious_resumes(report, recorder, events)
@@ -241,22 +241,45 @@ def _lost_and_stuck(
                 report.note("stuck", f"{run_id}: STARTED, silent for {silent:.0f} s")
 
 
-def _stuck_on_the_way(report: Report, events: list[dict[str, Any]], lim: Limits) -> None:
+def _stuck_on_the_way(
+    report: Report, events: list[dict[str, Any]], lim: Limits, recorder: Recorder | None = None
+) -> None:
     """A run that stayed STARTING or CANCELING longer than its timeout (plus two sweeps), even if it
-    finished in the end: the timeout did not fire when it should have."""
+    finished in the end: the timeout did not fire when it should have.
+
+    A STARTING run whose worker said RUN_START in time was not stuck, even if that event was applied
+    late (its monitor restarting, or a loaded machine): the start timeout is measured up to what the
+    monitor has heard, so it rightly let the run start. There the hold ends when the recorder heard
+    RUN_START on the broker, not when the event log applied it."""
     slack = 2 * lim.poll_interval + 2 + lim.deaf_seconds
     limit = {"STARTING": lim.start_timeout, "CANCELING": lim.cancel_timeout}
+    said_start = _first_run_start(recorder)
     since: dict[str, tuple[str, datetime]] = {}
     for e in events:
         if e["type"] != "RUN_STATUS":
             continue
         run_id = str(e["run_id"])
+        to = e["data"].get("to")
         previous = since.get(run_id)
         if previous is not None and previous[0] in limit:
-            held = (e["ts"] - previous[1]).total_seconds()
+            ended = e["ts"].timestamp()
+            if previous[0] == "STARTING" and to == "STARTED":
+                ended = min(ended, said_start.get((run_id, e["attempt"]), ended))
+            held = ended - previous[1].timestamp()
             if held > limit[previous[0]] + slack:
-                report.note("stuck", f"{run_id}: {previous[0]} for {held:.0f} s before {e['data'].get('to')}")
-        since[run_id] = (e["data"].get("to"), e["ts"])
+                report.note("stuck", f"{run_id}: {previous[0]} for {held:.0f} s before {to}")
+        since[run_id] = (to, e["ts"])
+
+
+def _first_run_start(recorder: Recorder | None) -> dict[tuple[str, int], float]:
+    """When each attempt's RUN_START first crossed the broker (time.time(), as the event log's clock)."""
+    first: dict[tuple[str, int], float] = {}
+    for rec in recorder.events if recorder is not None else []:
+        body = rec.body
+        if body.get("type") == "RUN_START":
+            key = (str(body.get("run_id")), body.get("attempt"))
+            first[key] = min(first.get(key, rec.received), rec.received)  # type: ignore[index]
+    return first
 
 
 def _pid_alive(pid: Any) -> bool:

@@ -144,3 +144,26 @@ def test_a_run_held_starting_past_its_timeout_is_stuck() -> None:
     clean = _report()
     inv._stuck_on_the_way(clean, HISTORY, LIMITS)
     assert clean.violations() == {}
+
+
+def test_a_start_said_in_time_but_applied_late_is_not_stuck() -> None:
+    """The start timeout is measured up to what the monitor heard: a RUN_START sent at 5 s and applied
+    at 30 s (its monitor was restarting) was on time; one first sent at 25 s was not."""
+    history = [
+        _status_event(None, "QUEUED", 0, 0),
+        _status_event("QUEUED", "STARTING", 1, 1),
+        _status_event("STARTING", "STARTED", 1, 30),
+    ]
+    on_time = Recorder()
+    on_time.events = [_heard("RUN_START", 5)]
+    clean = _report()
+    inv._stuck_on_the_way(clean, history, LIMITS, on_time)
+    assert clean.violations() == {}
+    late = Recorder()
+    late.events = [_heard("RUN_START", 25)]
+    report = _report()
+    inv._stuck_on_the_way(report, history, LIMITS, late)
+    assert report.stuck == 1
+    unheard = _report()
+    inv._stuck_on_the_way(unheard, history, LIMITS, Recorder())
+    assert unheard.stuck == 1

@@ -50,3 +50,21 @@ def test_help_lists_every_verb_of_the_design() -> None:
         "watch",
     ):
         assert verb in VERBS and verb in help_text
+
+
+def test_compose_migrates_as_the_owner_and_serves_as_the_service_role() -> None:
+    """Issue 9, item 5: the roles of scripts/postgres-roles.sql, made at the postgres container's first
+    start; no runherd process connects as the superuser."""
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    mounts = dict(
+        v.rsplit(":", 2)[:2] if v.endswith(":ro") else v.split(":", 1) for v in services["postgres"]["volumes"]
+    )
+    assert mounts["./scripts/postgres-roles.sql"] == "/runherd/postgres-roles.sql"
+    init = mounts["./scripts/compose/postgres-roles.sh"]
+    assert init.startswith("/docker-entrypoint-initdb.d/")
+    assert "-f /runherd/postgres-roles.sql" in (ROOT / "scripts" / "compose" / "postgres-roles.sh").read_text()
+    for name, service in services.items():
+        if "build" in service:
+            url = service["environment"]["RUNHERD_DATABASE_URL"]
+            role = "runherd_owner" if name == "migrate" else "runherd_service"
+            assert url.startswith(f"postgresql://{role}:"), (name, url)

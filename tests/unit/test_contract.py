@@ -116,3 +116,14 @@ def test_events_and_heartbeats_refuse_out_of_range_numbers_and_bad_timestamps() 
         contract.parse_event({**base, "type": "RUN_EXPLODED"})
     with pytest.raises(InvalidMessage, match="attempt: expected an integer from 1"):
         contract.parse_heartbeat({"v": 1, "run_id": base["run_id"], "attempt": 0})
+
+
+def test_a_long_chain_is_ordered_and_a_long_cycle_refused_without_recursion() -> None:
+    """5,000 steps listed against their order: deps first, and a cycle through all of them named."""
+    n = 5000
+    steps = [{"key": f"s{i}", "command": ["true"], "deps": [f"s{i + 1}"] if i < n - 1 else []} for i in range(n)]
+    parsed = contract.parse_launch({"job": "chain", "steps": steps})
+    assert contract.check_graph(parsed.steps) == [f"s{i}" for i in reversed(range(n))]
+    steps[-1]["deps"] = ["s0"]
+    with pytest.raises(InvalidMessage, match=r"steps form a cycle: s0 -> s1 -> .* -> s4999 -> s0"):
+        contract.parse_launch({"job": "chain", "steps": steps})

@@ -8,14 +8,18 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from runherd import contract, killing
+from runherd import contract, execution, killing, overrides
 from runherd.contract import Launch, RetryStrategy, RunStatus
 from runherd.errors import InvalidMessage
 from runherd.launchers import RunLauncher
+from runherd.limits import DEFAULT as DEFAULT_LIMITS
+from runherd.limits import Limits, check_command
 from runherd.rules.retries import retry_tags
 from runherd.store import RunRef, Store
 
 log = logging.getLogger("runherd.launcher.commands")
+
+REEXECUTED = "REEXECUTED"  # the event log's line that says what a re-executed run was given
 
 
 @dataclass
@@ -50,9 +54,10 @@ async def insert_launch(
     return inserted
 
 
-def parse_launch(data: Any, *, launcher: str | None, message_id: str | None) -> Launch:
-    """A launch command validated (its run id derived from the message id when it has none);
-    raises InvalidMessage naming what is wrong."""
+def parse_launch(data: Any, *, launcher: str | None, message_id: str | None, limits: Limits = DEFAULT_LIMITS) -> Launch:
+    """A launch command validated (the input limits first; its run id derived from the message id
+    when it has none); raises InvalidMessage naming what is wrong."""
+    check_command("launch", data, limits)
     launch = contract.parse_launch(with_derived_ids("launch", data, message_id))
     if launch.launcher is not None and launcher is not None and launch.launcher != launcher:
         raise InvalidMessage(
@@ -81,14 +86,17 @@ async def apply(
     launcher: str | None = None,
     message_id: str | None = None,
     run_launcher: RunLauncher | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> Outcome:
     """``launcher``: the run launcher this service runs; a launch naming another is refused.
     ``message_id``: the AMQP message id; a launch (or reexecute) without a run id of its own gets
     one derived from it, so a redelivery after the commit makes no second run.
-    ``run_launcher``: the instance itself, which carries out ``kill`` requests."""
+    ``run_launcher``: the instance itself, which carries out ``kill`` requests.
+    ``limits``: the input limits, checked before anything else looks at the command."""
     if key == "launch":
-        await insert_launch(store, parse_launch(data, launcher=launcher, message_id=message_id))
+        await insert_launch(store, parse_launch(data, launcher=launcher, message_id=message_id, limits=limits))
         return Outcome()
+    check_command(key, data, limits)
     data = with_derived_ids(key, data, message_id)
     if key == "terminate":
         return await cancel(store, contract.parse_terminate(data))
@@ -176,15 +184,29 @@ async def reexecute(store: Store, request: contract.Reexecute) -> None:
     if request.strategy is RetryStrategy.FROM_FAILURE:
         reused = {s["step_key"]: s["output"] for s in origin["steps_status"] if s["status"] == "SUCCESS"}
     root = str(origin["root_run_id"] or request.run_id)
-    tags = retry_tags(
-        {**origin["tags"], **request.tags}, retry_number=0, parent_run_id=request.run_id, root_run_id=root
-    )
+    given = dict(request.tags)
+    if request.max_runtime is not None:
+        given["runherd/max_runtime"] = request.max_runtime
+    if request.executor is not None:
+        given[f"runherd/{execution.EXECUTOR_TAG}"] = request.executor
+    tags = retry_tags({**origin["tags"], **given}, retry_number=0, parent_run_id=request.run_id, root_run_id=root)
+    steps = overrides.apply(contract.parse_steps(origin["steps"]), overrides.parse_list(list(request.with_)))
     launch = Launch(
         run_id=request.new_run_id,
-        job=origin["job"],
-        steps=contract.parse_steps(origin["steps"]),
+        job=request.job_name or origin["job"],
+        steps=steps,
         tags=tags,
         launcher=origin["launcher"],
         env=origin["env"],
     )
-    await insert_launch(store, launch, parent_run_id=request.run_id, root_run_id=root, reused_steps=reused)
+    inserted = await insert_launch(store, launch, parent_run_id=request.run_id, root_run_id=root, reused_steps=reused)
+    if inserted:
+        given_overrides = request.overrides()
+        text = ", ".join(f"{k} {v}" for k, v in given_overrides.items()) or "no overrides"
+        async with store.tx() as tx:
+            await tx.log(
+                [(launch.run_id, 0, f"re-executed from run {request.run_id} ({request.strategy.value}); {text}")],
+                type_=REEXECUTED,
+                source="launcher",
+                data=[{"origin": request.run_id, "strategy": request.strategy.value, "overrides": given_overrides}],
+            )

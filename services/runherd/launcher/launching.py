@@ -7,8 +7,10 @@ import logging
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any
 
-from runherd import contract, metrics
+from runherd import contract, execution, metrics, step_retry
 from runherd.config import Config
 from runherd.contract import RunStatus
 from runherd.errors import LaunchError
@@ -58,20 +60,41 @@ def claims_to_take(concurrency: int, in_flight: int, cap: int = MAX_CLAIMS) -> i
     return max(0, min(cap, concurrency - in_flight))
 
 
+def plan_steps(steps: tuple[contract.Step, ...], tags: dict[str, Any], config: Config) -> tuple[contract.Step, ...]:
+    """Each step with its effective retry policy: its own, else the run's tag, else the config's."""
+    run_default = step_retry.parse_tag(contract.tag(tags, step_retry.STEP_RETRY_TAG))
+    raw = config.execution.step_retry
+    config_default = step_retry.parse_policy(dict(raw), "execution.step_retry") if raw is not None else None
+    return tuple(replace(s, retry=step_retry.effective(s.retry, run_default, config_default)) for s in steps)
+
+
+def run_execution(tags: dict[str, Any], config: Config) -> execution.Execution:
+    return execution.choose(
+        contract.tag(tags, execution.EXECUTOR_TAG),
+        contract.tag(tags, execution.MAX_CONCURRENT_TAG),
+        config.execution.executor,
+        config.execution.max_concurrent,
+    )
+
+
 def worker_run(claim: LaunchClaim, config: Config) -> WorkerRun:
     """The worker's whole contract: its plan (steps, completed outputs) and broker credentials.
 
     The plan goes in ``WorkerRun.plan``, which the launcher hands over as a file: in the
     environment a resume's completed outputs would hit Linux's 128 KiB per variable."""
     worker_id = uuid.uuid4().hex[:12]
+    chosen = run_execution(claim.tags, config)
     plan = Plan(
         run_id=claim.run_id,
         attempt=claim.attempt,
         job=claim.job,
-        steps=contract.parse_steps(claim.steps),
+        steps=plan_steps(contract.parse_steps(claim.steps), claim.tags, config),
         completed=claim.completed,
         heartbeat_interval_seconds=config.run_monitoring.heartbeat_interval_seconds,
+        max_concurrent_steps=chosen.max_concurrent,
         worker_id=worker_id,
+        executor=chosen.executor.value,
+        step_tries={k: v for k, v in claim.step_tries.items() if k not in claim.completed},
     )
     env = {**claim.env, "RUNHERD_AMQP_URL": config.amqp_url}
     max_runtime = contract.max_runtime(claim.tags, config.run_monitoring.max_runtime_seconds)

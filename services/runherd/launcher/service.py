@@ -99,7 +99,10 @@ class LauncherService:
         for i, delivery in enumerate(batch):
             try:
                 launch = commands.parse_launch(
-                    decode(delivery.body), launcher=self.launcher.name, message_id=delivery.message_id
+                    decode(delivery.body),
+                    launcher=self.launcher.name,
+                    message_id=delivery.message_id,
+                    limits=self.config.limits,
                 )
             except InvalidMessage as exc:
                 verdicts[i] = Reject(str(exc))
@@ -136,6 +139,7 @@ class LauncherService:
                 launcher=self.launcher.name,
                 message_id=delivery.message_id,
                 run_launcher=self.launcher,
+                limits=self.config.limits,
             )
         except InvalidMessage as exc:
             return Reject(str(exc))

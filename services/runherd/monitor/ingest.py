@@ -27,6 +27,7 @@ _STEP_STATUS = {
     EventType.STEP_SUCCESS: StepStatus.SUCCESS,
     EventType.STEP_FAILURE: StepStatus.FAILURE,
     EventType.STEP_SKIPPED: StepStatus.SKIPPED,
+    EventType.STEP_UP_FOR_RETRY: StepStatus.UP_FOR_RETRY,
 }
 
 

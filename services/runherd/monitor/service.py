@@ -15,6 +15,7 @@ from runherd.contract import Event, decode, parse_event
 from runherd.errors import InvalidMessage
 from runherd.launchers import RunLauncher
 from runherd.monitor.actions import Actions
+from runherd.monitor.gauges import Gauges
 from runherd.monitor.ingest import Effects, LockedRuns, apply_event
 from runherd.monitor.sweeper import Sweeper
 from runherd.monitor.watermark import publish_canaries, split_canaries
@@ -34,6 +35,7 @@ class MonitorService:
         self.actions = Actions(store, launcher, broker)
         self.sweeper = Sweeper(config, store, launcher, self.actions)
         self.sweep_now = asyncio.Event()
+        self.gauges = Gauges(config, store, broker)
 
     async def run(self, supervisor: Supervisor, *, relay: bool = True) -> None:
         stop = supervisor.stop
@@ -41,6 +43,8 @@ class MonitorService:
         supervisor.spawn("monitor.canaries", publish_canaries(self.store, self.broker, stop))
         # Always: with run_monitoring.enabled false the sweep still reaps and retries (sweeper.py).
         supervisor.spawn("monitor.sweep", self._sweep_loop(stop))
+        # Its own loop: the sweep may sleep until the next deadline (up to a timeout), gauges may not.
+        supervisor.spawn("monitor.gauges", self.gauges.loop(self.config.run_monitoring.poll_interval_seconds, stop))
         if relay:
             supervisor.spawn("monitor.outbox", outbox.relay(self.store, self.broker, stop))
         supervisor.spawn("monitor.actions", self._close_on_stop(stop))
@@ -50,15 +54,10 @@ class MonitorService:
         await self.actions.close()
 
     async def _sweep_loop(self, stop: asyncio.Event) -> None:
-        gauges_due = 0.0
-        loop = asyncio.get_running_loop()
         while not stop.is_set():
             pause = self.config.run_monitoring.poll_interval_seconds
             try:
                 await self.sweeper.sweep()
-                if loop.time() >= gauges_due:
-                    await self.refresh_gauges()
-                    gauges_due = loop.time() + pause
                 pause = await self.sweeper.seconds_to_next_deadline()
             except TransientDbError as exc:
                 log.warning("sweep failed: %r", exc)
@@ -68,11 +67,7 @@ class MonitorService:
             await sleep_or_stop(stop, pause, self.sweep_now)
 
     async def refresh_gauges(self) -> None:
-        counts = await self.store.count_active()
-        for status in ("QUEUED", "STARTING", "STARTED", "CANCELING"):
-            metrics.RUNS_BY_STATUS.labels(status).set(counts.get(status, 0))
-        for queue, depth in (await self.broker.queue_depths()).items():
-            metrics.QUEUE_DEPTH.labels(queue).set(depth)
+        await self.gauges.refresh()
 
     async def _ingest(self, stop: asyncio.Event) -> None:
         await consume(

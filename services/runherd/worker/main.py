@@ -1,7 +1,7 @@
 """`runherd worker`: executes one attempt of a run and reports on the broker.
 
 It skips the steps the plan lists as completed (reusing their outputs), runs the rest in
-dependency order (independent ones concurrently, bounded), emits lifecycle events with a
+dependency order under the plan's executor (runherd.worker.executors), emits lifecycle events with a
 per-attempt sequence number and heartbeats every interval. On SIGTERM it stops its steps,
 reports RUN_CANCELED and exits. It never touches PostgreSQL.
 """
@@ -13,16 +13,14 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
 
 from runherd.broker import Broker
 from runherd.config import DEFAULT_AMQP_URL
-from runherd.contract import Step
 from runherd.launchers.process import record_self
-from runherd.plan import PLAN_ENV, PLAN_FILE_ENV, Plan, from_env, ready, upstream_outputs
+from runherd.plan import PLAN_ENV, PLAN_FILE_ENV, Plan, from_env
 from runherd.reporting import Reporter
 from runherd.worker import logcap
-from runherd.worker.steps import StepProcess, StepResult
+from runherd.worker.executors import Executor
 
 log = logging.getLogger("runherd.worker")
 
@@ -32,69 +30,11 @@ EXIT_REPORT_FAILED = 3
 EXIT_CANCELED = 143
 
 
-class Executor:
-    def __init__(self, plan: Plan, reporter: Reporter, env: dict[str, str]) -> None:
-        self.plan = plan
-        self.reporter = reporter
-        self.env = env
-        self.outputs: dict[str, Any] = dict(plan.completed)
-        self.succeeded: set[str] = set(plan.completed)
-        self.started: set[str] = set()
-        self.failed: dict[str, str] = {}
-        self.running: dict[str, StepProcess] = {}
-        self._slots = asyncio.Semaphore(max(1, plan.max_concurrent_steps))
-
-    async def run(self) -> bool:
-        """Runs every step that can run; True if all succeeded."""
-        tasks: dict[str, asyncio.Task[None]] = {}
-        while True:
-            if not self.failed:
-                for step in ready(self.plan.steps, self.succeeded, self.started):
-                    self.started.add(step.key)
-                    tasks[step.key] = asyncio.ensure_future(self._run_step(step))
-            pending = [t for t in tasks.values() if not t.done()]
-            if not pending:
-                break
-            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        return not self.failed and self.succeeded >= {s.key for s in self.plan.steps}
-
-    async def _run_step(self, step: Step) -> None:
-        async with self._slots:
-            await self.reporter.step_start(step.key)
-            process = StepProcess(step)
-            self.running[step.key] = process
-            try:
-                result = await process.run(upstream_outputs(step, self.outputs), self._step_env(step))
-            finally:
-                self.running.pop(step.key, None)
-            await self._report(step, result)
-
-    async def _report(self, step: Step, result: StepResult) -> None:
-        if result.ok:
-            self.outputs[step.key] = result.output
-            self.succeeded.add(step.key)
-            await self.reporter.step_success(step.key, result.output)
-        else:
-            self.failed[step.key] = result.error or "failed"
-            await self.reporter.step_failure(step.key, result.error)
-
-    def _step_env(self, step: Step) -> dict[str, str]:
-        return {
-            **self.env,
-            "RUNHERD_RUN_ID": self.plan.run_id,
-            "RUNHERD_ATTEMPT": str(self.plan.attempt),
-            "RUNHERD_STEP_KEY": step.key,
-        }
-
-    async def stop(self) -> None:
-        await asyncio.gather(*(p.stop() for p in list(self.running.values())), return_exceptions=True)
-
-
 async def run(plan: Plan, amqp_url: str, *, handle_sigterm: bool = True) -> int:
     broker = await Broker.connect(amqp_url, declare=False)
     reporter = Reporter(broker, plan, on_beat=logcap.CAP.check)  # the worker's own lines count too
     env = {k: v for k, v in os.environ.items() if k not in (PLAN_ENV, PLAN_FILE_ENV)}
-    executor = Executor(plan, reporter, env)
+    executor = Executor(plan, reporter.emit, env)
     canceled = asyncio.Event()
     if handle_sigterm:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, canceled.set)

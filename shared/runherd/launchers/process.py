@@ -40,6 +40,8 @@ _KEYS = {"worker_command", "log_dir", "terminate_grace_seconds", "env", "max_log
 DEFAULT_MAX_LOG_BYTES = 64 * 1024 * 1024
 LOG_MAX_ENV = "RUNHERD_LOG_MAX_BYTES"  # read by the worker, which rotates its own log
 RECORD_ENV = "RUNHERD_WORKER_RECORD"  # the attempt's worker record, also read by the worker
+# The `launcher` executor's steps outlive their worker on purpose (runherd.step_groups): not leftovers.
+DETACHED_STEP_MARK = b"RUNHERD_DETACHED_STEP=1"
 MAX_EXITS_KEPT = 4096  # exit codes of reaped children kept for check_health, newest first
 RECORD_WAIT_SECONDS = 5.0  # a locked record with nothing in it: its worker is starting up
 
@@ -265,6 +267,16 @@ class ProcessLauncher(RunLauncher):
         )
 
     async def terminate(self, handle: Handle, *, grace_seconds: float | None = None) -> bool:
+        try:
+            return await self._terminate(handle, grace_seconds)
+        finally:
+            # The `launcher` executor's steps (own process groups) stop with the worker that owned them.
+            from runherd import step_groups
+
+            if handle.get("log_path"):
+                step_groups.reap(Path(handle["log_path"]).parent / "steps", handle.get("attempt"))
+
+    async def _terminate(self, handle: Handle, grace_seconds: float | None) -> bool:
         if not self._alive(handle):
             return False
         pid = handle["pid"]
@@ -342,7 +354,7 @@ def kill_leftovers(run_id: str, attempt: int) -> list[int]:
                 environ = set(f.read().split(b"\0"))
         except OSError:
             continue
-        if wanted <= environ:
+        if wanted <= environ and DETACHED_STEP_MARK not in environ:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(int(entry), signal.SIGKILL)
                 killed.append(int(entry))

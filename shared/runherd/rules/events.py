@@ -38,6 +38,8 @@ _STEP = {
     EventType.STEP_SUCCESS: Action.STEP_END,
     EventType.STEP_FAILURE: Action.STEP_END,
     EventType.STEP_SKIPPED: Action.STEP_END,
+    EventType.STEP_UP_FOR_RETRY: Action.STEP_END,  # the step waits for its next try
+    EventType.STEP_RESTARTED: Action.STEP_START,
 }
 
 

@@ -156,6 +156,15 @@ RETURNING a.run_id, a.attempt, r.job, r.status, r.attempt AS current_attempt, r.
 -- name: completed_steps
 SELECT run_id, step_key, output FROM steps WHERE run_id = ANY($1::uuid[]) AND status = 'SUCCESS';
 
+-- name: step_tries
+-- Steps with failed tries, from their applied STEP_UP_FOR_RETRY events: a resumed attempt goes on at
+-- the next try (after what is left of its delay), not from the first.
+SELECT DISTINCT ON (run_id, step_key) run_id, step_key,
+       (data->>'try')::integer AS failed_tries, (data->>'retry_at_epoch')::double precision AS retry_at
+FROM events
+WHERE run_id = ANY($1::uuid[]) AND type = 'STEP_UP_FOR_RETRY' AND refused IS NULL AND seq IS NOT NULL
+ORDER BY run_id, step_key, (data->>'try')::integer DESC;
+
 -- name: record_launch
 -- Records the worker's handle and says what became of the run meanwhile (a cancel that arrived
 -- while the worker was starting found no handle to stop).

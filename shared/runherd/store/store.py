@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -84,6 +84,7 @@ class LaunchClaim:
     launcher: str | None
     max_runtime_seconds: float | None
     completed: dict[str, Any]
+    step_tries: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> failed_tries, retry_at
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,11 @@ class Store:
     async def close(self) -> None:
         await self.pool.close()
 
+    async def ping(self, timeout: float = 2.0) -> None:
+        """Raises unless PostgreSQL answers a trivial query within ``timeout`` (for /readyz)."""
+        async with self.pool.acquire(timeout=timeout) as conn:
+            await conn.fetchval("SELECT 1", timeout=timeout)
+
     @contextlib.asynccontextmanager
     async def tx(self) -> AsyncIterator[Tx]:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -357,9 +363,16 @@ class Store:
             if not rows:
                 return []
             done = await tx.conn.fetch(q("completed_steps"), [r["run_id"] for r in rows])
+            retried = await tx.conn.fetch(q("step_tries"), [r["run_id"] for r in rows if r["attempt"] > 1])
         completed: dict[str, dict[str, Any]] = {}
         for row in done:
             completed.setdefault(str(row["run_id"]), {})[row["step_key"]] = row["output"]
+        tries: dict[str, dict[str, Any]] = {}
+        for row in retried:
+            tries.setdefault(str(row["run_id"]), {})[row["step_key"]] = {
+                "failed_tries": row["failed_tries"],
+                "retry_at": row["retry_at"],
+            }
         return [
             LaunchClaim(
                 run_id=str(r["run_id"]),
@@ -373,6 +386,7 @@ class Store:
                 launcher=r["launcher"],
                 max_runtime_seconds=r["max_runtime_seconds"],
                 completed=completed.get(str(r["run_id"]), {}),
+                step_tries=tries.get(str(r["run_id"]), {}),
             )
             for r in rows
         ]
@@ -511,6 +525,11 @@ class Store:
 
     async def count_active(self) -> dict[str, int]:
         return {r["status"]: r["n"] for r in await self.pool.fetch(q("count_active"))}
+
+    async def ops_gauges(self) -> dict[str, float | None]:
+        """oldest_queued_seconds, outbox_backlog, heard_through_lag_seconds (queries_ops.sql)."""
+        row = await self.pool.fetchrow(q("ops_gauges"))
+        return {k: (None if v is None else float(v)) for k, v in dict(row or {}).items()}
 
     async def in_flight(self) -> list[dict[str, Any]]:
         return [dict(r) for r in await self.pool.fetch(q("in_flight_by_limit"))]

@@ -1,0 +1,242 @@
+"""Issue 11, item 1: the executors under the monitoring scenarios (SIGKILL, hang, max runtime,
+cancel). ``multiprocess`` is the default, which tests/integration/test_monitoring.py covers; here
+``in_process`` (a call step running inside the worker) and ``launcher`` (each step in its own
+process group, outliving the worker, adopted by a resumed attempt)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import pytest
+
+from tests.harness import Env, eventually, pids_alive
+from tests.integration import test_launch_failures
+
+IN_PROCESS = {"runherd/executor": "in_process"}
+
+
+def _marks(path: os.PathLike[str]) -> list[int]:
+    try:
+        with open(path) as f:
+            return [int(x) for x in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _quick_hang_detection(env: Env) -> None:
+    env.configure(run_monitoring={"heartbeat_timeout_seconds": 3}, run_launcher=env.process_launcher(grace=1))
+
+
+async def _blocked(env: Env, tags: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    mark = env.tmp / "mark"
+    run_id = await env.submit(
+        [
+            {"key": "where", "call": "tests.fixtures.steps:where"},
+            {"key": "block", "call": "tests.fixtures.steps:block_first_attempt", "deps": ["where"]},
+        ],
+        tags=tags,
+        env={"RUNHERD_TEST_MARK": str(mark), "PYTHONPATH": str(os.getcwd())},
+    )
+    await eventually(lambda: bool(_marks(mark)), what="the blocking step to start")
+    return run_id, await env.handle(run_id, attempt=1)
+
+
+@pytest.mark.parametrize("scenario", ["sigkill", "hang"])
+async def test_in_process_worker_crash_or_hang_resumes(env: Env, scenario: str) -> None:
+    _quick_hang_detection(env)
+    await env.start()
+    run_id, handle = await _blocked(env, IN_PROCESS)
+    assert _marks(env.tmp / "mark") == [handle["pid"]]  # the call ran in the worker's own process
+    os.kill(int(handle["pid"]), signal.SIGKILL if scenario == "sigkill" else signal.SIGSTOP)
+    run = await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=30)
+    assert run["status"] == "SUCCESS" and run["attempt"] == 2, run["reason"]
+    steps = {s["step_key"]: s for s in run["steps_status"]}
+    assert steps["where"]["attempt"] == 1 and steps["where"]["output"]["pid"] == handle["pid"]
+    assert steps["block"]["attempt"] == 2
+    starts = [e for e in await env.events(run_id) if e["type"] == "RUN_START"]
+    assert {e["data"]["executor"] for e in starts} == {"in_process"} and starts[0]["data"]["max_concurrent"] == 1
+    await eventually(lambda: not pids_alive([int(handle["pid"])]), what="the old worker gone")
+
+
+@pytest.mark.parametrize("scenario", ["max_runtime", "cancel"])
+async def test_in_process_max_runtime_and_cancel_stop_the_worker(env: Env, scenario: str) -> None:
+    await env.start()
+    tags = {**IN_PROCESS, **({"runherd/max_runtime": "2"} if scenario == "max_runtime" else {})}
+    run_id, handle = await _blocked(env, tags)
+    if scenario == "cancel":
+        await env.cancel(run_id)
+    run = await env.wait_status(run_id, "FAILURE", "CANCELED", "SUCCESS")
+    assert run["status"] == ("FAILURE" if scenario == "max_runtime" else "CANCELED"), run["reason"]
+    await eventually(lambda: not pids_alive([int(handle["pid"])]), what="the worker and its step gone")
+
+
+# --- launcher: each step its own process group, outliving the worker ------------------------------
+
+LAUNCHER = {"runherd/executor": "launcher"}
+
+
+def _gated(effects: os.PathLike[str], gate: os.PathLike[str]) -> list[str]:
+    """Notes the attempt it started in, waits for the test's gate file, notes that it finished."""
+    return [
+        "sh",
+        "-c",
+        f'echo "start$RUNHERD_ATTEMPT" >> {effects}; '
+        f"while [ ! -e {gate} ]; do sleep 0.05; done; echo done >> {effects}",
+    ]
+
+
+def _lines(path: os.PathLike[str]) -> list[str]:
+    try:
+        with open(path) as f:
+            return f.read().split()
+    except FileNotFoundError:
+        return []
+
+
+async def _step_handle(env: Env, run_id: str, attempt: int) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        for e in await env.events(run_id):
+            if e["type"] == "STEP_START" and e["attempt"] == attempt and e["data"].get("handle"):
+                return dict(e["data"]["handle"])
+        return None
+
+    return await eventually(check, what=f"the step's handle in attempt {attempt}")
+
+
+async def test_launcher_a_resumed_attempt_adopts_the_step_still_running_after_a_sigkill(env: Env) -> None:
+    await env.start()
+    effects, gate = env.tmp / "effects", env.tmp / "gate"
+    run_id = await env.submit([{"key": "long", "command": _gated(effects, gate)}], tags=LAUNCHER)
+    step = await _step_handle(env, run_id, 1)
+    worker = await env.handle(run_id, attempt=1)
+    assert step["pgid"] != worker["pid"] and not step["adopted"]
+    os.kill(worker["pid"], signal.SIGKILL)
+    adopted = await _step_handle(env, run_id, 2)
+    assert adopted["pid"] == step["pid"] and adopted["adopted"]  # the same group, not started again
+    assert pids_alive([step["pid"]])
+    gate.touch()
+    run = await env.wait_status(run_id, "SUCCESS", "FAILURE")
+    assert run["status"] == "SUCCESS" and run["attempt"] == 2, run["reason"]
+    assert _lines(effects) == ["start1", "done"]  # ran once, across two workers
+
+
+async def test_launcher_a_step_orphaned_by_a_crash_with_no_resume_left_stops_itself(env: Env) -> None:
+    env.configure(run_monitoring={"max_resume_run_attempts": 0})
+    await env.start()
+    effects, gate = env.tmp / "effects", env.tmp / "gate"
+    run_id = await env.submit(
+        [{"key": "long", "command": _gated(effects, gate)}],
+        tags=LAUNCHER,
+        env={"RUNHERD_STEP_ORPHAN_GRACE_SECONDS": "1"},
+    )
+    step = await _step_handle(env, run_id, 1)
+    await eventually(lambda: _lines(effects) == ["start1"], what="the step running")
+    os.kill((await env.handle(run_id, attempt=1))["pid"], signal.SIGKILL)
+    run = await env.wait_status(run_id, "FAILURE", "SUCCESS")
+    assert "resume is off" in run["reason"]
+    await eventually(lambda: not pids_alive([step["pid"]]), what="the orphaned step group gone")
+    assert _lines(effects) == ["start1"]
+
+
+@pytest.mark.parametrize("scenario", ["cancel", "max_runtime", "hang"])
+async def test_launcher_cancel_max_runtime_and_hang_stop_the_steps_group(env: Env, scenario: str) -> None:
+    _quick_hang_detection(env)
+    await env.start()
+    effects, gate = env.tmp / "effects", env.tmp / "gate"
+    tags = {**LAUNCHER, **({"runherd/max_runtime": "2"} if scenario == "max_runtime" else {})}
+    run_id = await env.submit([{"key": "long", "command": _gated(effects, gate)}], tags=tags)
+    step = await _step_handle(env, run_id, 1)
+    worker = await env.handle(run_id, attempt=1)
+    await eventually(lambda: _lines(effects) == ["start1"], what="the step running")
+    if scenario == "cancel":
+        await env.cancel(run_id)
+    elif scenario == "hang":
+        os.kill(worker["pid"], signal.SIGSTOP)
+    if scenario == "hang":
+        # The hung worker is terminated with the steps it owned; a resumed attempt that came first
+        # has adopted the step (it owns it then, and it runs on), else starts it anew.
+        second = await _step_handle(env, run_id, 2)
+        if second["adopted"]:
+            assert second["pid"] == step["pid"]
+        else:
+            await eventually(lambda: not pids_alive([step["pid"]]), what="the hung worker's step gone")
+        gate.touch()
+        run = await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=30)
+        assert run["status"] == "SUCCESS" and run["attempt"] == 2, run["reason"]
+        assert _lines(effects) == (["start1", "done"] if second["adopted"] else ["start1", "start2", "done"])
+        await eventually(lambda: not pids_alive([step["pid"], second["pid"]]), what="no step group left")
+        return
+    run = await env.wait_status(run_id, "CANCELED", "FAILURE", "SUCCESS")
+    assert run["status"] == ("CANCELED" if scenario == "cancel" else "FAILURE"), run["reason"]
+    await eventually(lambda: not pids_alive([step["pid"], worker["pid"]]), what="the worker and the step's group gone")
+    assert _lines(effects) == ["start1"]
+
+
+# --- on Docker: the executor runs inside the worker's container ------------------------------------
+
+
+async def test_in_process_on_docker_a_killed_container_resumes_and_cancel_stops_it(
+    env: Env, docker_engine: Any
+) -> None:
+    from tests.integration.test_docker_monitoring import inspect, use_docker
+    from tests.launchers.docker_fixtures import remove_session_containers
+
+    use_docker(env)
+    try:
+        await env.start()
+        run_id, first = await _blocked(env, IN_PROCESS)
+        await docker_engine.containers.container(first["container_id"]).kill(signal="SIGKILL")
+        run = await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=30)
+        assert (run["status"], run["attempt"]) == ("SUCCESS", 2), run["reason"]
+        steps = {s["step_key"]: s for s in run["steps_status"]}
+        assert steps["where"]["attempt"] == 1 and steps["block"]["attempt"] == 2
+        # cancel: the blocking call runs in the worker, so the container stops with it
+        mark = env.tmp / "mark"
+        mark.unlink()
+        second, handle = await _blocked(env, IN_PROCESS)
+        await env.cancel(second)
+        assert (await env.wait_status(second, "CANCELED", "FAILURE", "SUCCESS", timeout=30))["status"] == "CANCELED"
+
+        async def stopped() -> bool:
+            state = await inspect(docker_engine, handle["container_id"])
+            return state is None or not state["Running"]
+
+        await eventually(stopped, timeout=20, what="the container stopped")
+    finally:
+        await env.stop_all()
+        await remove_session_containers(docker_engine)
+
+
+# --- on Kubernetes (the API-server emulator; its kubelet runs each pod as a local process) ------------
+
+
+k8s = test_launch_failures.k8s  # the fixture: the emulator, and the services launching Jobs on it
+
+
+@pytest.mark.usefixtures("k8s")
+async def test_in_process_on_kubernetes_a_killed_worker_resumes_and_cancel_stops_it(env: Env) -> None:
+    await env.start()
+    run_id, _ = await _blocked(env, IN_PROCESS)
+
+    async def first_start() -> dict[str, Any] | None:
+        return next((e for e in await env.events(run_id) if e["type"] == "RUN_START"), None)
+
+    start = await eventually(first_start, what="the RUN_START")
+    assert start["data"]["executor"] == "in_process"
+    os.kill(start["data"]["pid"], signal.SIGKILL)  # the pod's container process: the worker
+    run = await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=30)
+    assert (run["status"], run["attempt"]) == ("SUCCESS", 2), run["reason"]
+    steps = {s["step_key"]: s for s in run["steps_status"]}
+    assert steps["where"]["attempt"] == 1 and steps["block"]["attempt"] == 2
+    (env.tmp / "mark").unlink()
+    second, _ = await _blocked(env, IN_PROCESS)
+
+    async def worker_pid() -> int | None:
+        return next((e["data"]["pid"] for e in await env.events(second) if e["type"] == "RUN_START"), None)
+
+    worker = await eventually(worker_pid, what="the second run's RUN_START")
+    await env.cancel(second)
+    assert (await env.wait_status(second, "CANCELED", "FAILURE", "SUCCESS", timeout=30))["status"] == "CANCELED"
+    await eventually(lambda: not pids_alive([worker]), what="the pod's worker gone")

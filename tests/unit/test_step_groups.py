@@ -1,0 +1,85 @@
+"""The `launcher` executor's step records and `runherd show`'s step view: the pure parts (issue 11)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from runherd import step_groups
+from runherd.launchers.process import start_time
+from runherd.stepview import executor_of, overrides_of, step_tries, tries_lines
+
+
+def test_found_takes_a_result_first_then_adopts_a_live_group_else_starts_anew() -> None:
+    record = {"pid": 1, "start_time": 5}
+    assert step_groups.found(record, True, {"ok": True}) == step_groups.Found(record, result={"ok": True})
+    assert step_groups.found(record, False, {"ok": False}).result == {"ok": False}
+    assert step_groups.found(record, True, None) == step_groups.Found(record, adopt=True)
+    assert step_groups.found(record, False, None) == step_groups.Found()
+    assert step_groups.found(None, False, None) == step_groups.Found()
+
+
+def test_file_names_for_any_step_key_are_distinct() -> None:
+    assert step_groups.name("a/b") != step_groups.name("a_b")
+    assert "/" not in step_groups.name("../../etc/passwd")
+
+
+def test_look_and_reap_spare_the_groups_of_a_newer_attempt(tmp_path: Path) -> None:
+    procs = [subprocess.Popen(["sleep", "60"], start_new_session=True) for _ in range(2)]
+    try:
+        for owner, proc in zip((1, 2), procs, strict=True):
+            record = {"pid": proc.pid, "start_time": start_time(proc.pid), "owner_attempt": owner}
+            step_groups.write_json(step_groups.record_path(tmp_path, f"s{owner}", 1), record)
+        assert step_groups.look(tmp_path, "s1", 1).adopt
+        assert step_groups.look(tmp_path, "s1", 2) == step_groups.Found()
+        assert step_groups.reap(tmp_path, 1) == [procs[0].pid]
+        procs[0].wait(5)
+        assert not step_groups.look(tmp_path, "s1", 1).adopt
+        assert step_groups.look(tmp_path, "s2", 1).adopt  # owned by attempt 2: spared
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_step_dir_is_beside_the_worker_record() -> None:
+    env = {"RUNHERD_WORKER_RECORD": "/var/logs/r1/attempt-2.worker"}
+    assert step_groups.step_dir("r1", env) == Path("/var/logs/r1/steps")
+    assert step_groups.step_dir("r1", {"RUNHERD_STEP_DIR": "/x"}) == Path("/x")
+    assert str(step_groups.step_dir("r1", {})).endswith(os.path.join("runherd-steps", "r1"))
+
+
+def _e(type_: str, attempt: int, step: str | None = "a", message: str | None = None, **data: object) -> dict:
+    return {"type": type_, "attempt": attempt, "step_key": step, "message": message, "data": data, "refused": None}
+
+
+def test_step_tries_with_reasons_handles_and_an_interrupted_try() -> None:
+    events = [
+        _e("RUN_START", 1, None, executor="launcher", max_concurrent=4),
+        _e("STEP_START", 1, **{"try": 1, "handle": {"pid": 7}}),
+        _e("STEP_UP_FOR_RETRY", 1, **{"try": 1, "reason": "exited with code 1", "delay_seconds": 2}),
+        _e("STEP_RESTARTED", 1, **{"try": 2}),
+        _e("STEP_RESTARTED", 2, **{"try": 2, "handle": {"pid": 9, "adopted": True}}),
+        _e("STEP_SUCCESS", 2, **{"try": 2}),
+        {**_e("STEP_FAILURE", 1, message="late"), "refused": "attempt 1 is not the current attempt (2)"},
+        _e("REEXECUTED", 0, None, overrides={"with": ["a=retry:2"]}),
+    ]
+    tries = step_tries(events)["a"]
+    assert [(t["try"], t["attempt"], t["status"]) for t in tries] == [
+        (1, 1, "FAILURE"),
+        (2, 1, "INTERRUPTED"),
+        (2, 2, "SUCCESS"),
+    ]
+    assert tries[0]["reason"] == "exited with code 1" and tries[0]["handle"] == {"pid": 7}
+    assert executor_of(events) == {"name": "launcher", "max_concurrent": 4}
+    assert overrides_of(events) == {"with": ["a=retry:2"]}
+    lines = tries_lines({"a": tries})
+    assert lines[0] == "  a  try 1 (attempt 1) FAILURE: exited with code 1  handle {'pid': 7}"
+
+
+def test_an_orphan_is_timed_from_when_the_last_worker_went() -> None:
+    assert step_groups.orphaned_for(None, True, 10.0) is None
+    assert step_groups.orphaned_for(None, False, 10.0) == 10.0
+    assert step_groups.orphaned_for(10.0, False, 12.0) == 10.0
+    assert step_groups.orphaned_for(10.0, True, 12.0) is None  # a resumed worker came: no longer an orphan
