@@ -25,6 +25,7 @@ VERBS = (
     "reexecute",
     "watch",
     "prune",
+    "ui",
 )
 
 
@@ -107,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="runs deleted per transaction (default 1000), so no lock is held for long",
     )
+    ui = sub.add_parser("ui", help="serve the read-only web view (runs, timelines, queue, fleet)")
+    ui.add_argument("--host", help="address to listen on (default: ui.host, 127.0.0.1)")
+    ui.add_argument("--port", type=int, help="port to listen on (default: ui.port, 8080)")
     return p
 
 
@@ -192,6 +196,10 @@ async def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         return await app.serve(cfg, {"launcher": 1, "heartbeat": args.heartbeats, "monitor": args.monitors})
     if verb in app.SERVICES:
         return await app.serve(cfg, {verb: 1})
+    if verb == "ui":
+        from runherd.ui.server import serve
+
+        return await serve(cfg, args.host, args.port)
     from runherd import views
 
     return await views.run(args, cfg)

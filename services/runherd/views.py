@@ -174,14 +174,7 @@ async def runs(args: argparse.Namespace, cfg: Config) -> int:
     store = await Store.connect(cfg.database_url)
     try:
         rows = await store.list_runs(args.status, args.job, args.limit)
-        waiting = {}
-        if args.status == "QUEUED" and rows:
-            from runherd.rules.coordinator import why_waiting
-            from runherd.store import retries as retry_store
-
-            details = await retry_store.queued_details(store, [r["run_id"] for r in rows])
-            queued = [{**r, **details.get(str(r["run_id"]), {})} for r in rows]
-            waiting = why_waiting(queued, await store.in_flight(), cfg.run_coordinator)
+        waiting = await waiting_reasons(store, rows, cfg) if args.status == "QUEUED" else {}
     finally:
         await store.close()
     if args.json:
@@ -204,6 +197,25 @@ async def runs(args: argparse.Namespace, cfg: Config) -> int:
         header,
     )
     return 0
+
+
+async def waiting_reasons(store: Store, rows: list[dict[str, Any]], cfg: Config) -> dict[str, str]:
+    """run_id -> what each QUEUED run of ``rows`` waits for (the limit that holds it, a retry
+    backoff, or next in line): `runs --status QUEUED` and the UI's queue page."""
+    from runherd.rules.coordinator import why_waiting
+    from runherd.store import retries as retry_store
+
+    queued = [r for r in rows if r["status"] == "QUEUED"]
+    if not queued:
+        return {}
+    details = await retry_store.queued_details(store, [r["run_id"] for r in queued])
+    queued = [{**r, **details.get(str(r["run_id"]), {})} for r in queued]
+    return why_waiting(queued, await store.in_flight(), cfg.run_coordinator)
+
+
+def show_view(run: dict[str, Any], lineage: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`show --json`'s view of a run (also the UI's run page): steps in run order, lineage, worker."""
+    return _show_json(run, lineage)
 
 
 def _show_json(run: dict[str, Any], lineage: list[dict[str, Any]] | None = None) -> dict[str, Any]:

@@ -371,6 +371,45 @@ class Broker:
         await queue.consume(inbox.put, no_ack=True)
         return Subscription(channel, inbox)
 
+    async def queue_stats(self, name: str) -> tuple[int, int] | None:
+        """(messages ready, consumers) of a queue, by a passive declare; None if it does not exist."""
+        channel = await self.connection.channel()
+        try:
+            result = await channel.declare_queue(name, passive=True)
+            declared = result.declaration_result
+            return declared.message_count or 0, declared.consumer_count or 0
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    async def peek(self, name: str, limit: int) -> list[Peeked]:
+        """Up to ``limit`` messages from the head of a queue, left in it: each is taken with basic.get
+        and never acked, and closing the channel returns them all, in order (for the UI's dead
+        letters). They are redelivered, not removed; a quorum queue counts the delivery."""
+        channel = await self.connection.channel()
+        found: list[Peeked] = []
+        try:
+            queue = await channel.get_queue(name, ensure=False)
+            for _ in range(limit):
+                message = await queue.get(no_ack=False, fail=False, timeout=5)
+                if message is None:
+                    break
+                found.append(
+                    Peeked(
+                        message.body,
+                        message.routing_key or "",
+                        {k: _plain(v) for k, v in (message.headers or {}).items()},
+                        message.message_id,
+                        message.timestamp,
+                    )
+                )
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        return found
+
     async def queue_depths(self) -> dict[str, int]:
         depths = {}
         for name in _QUEUES:
@@ -379,6 +418,19 @@ class Broker:
                 result = await queue.declare()  # a fresh passive-style declare: current counts
                 depths[name] = result.message_count or 0
         return depths
+
+
+@dataclass(frozen=True)
+class Peeked:
+    body: bytes
+    routing_key: str
+    headers: dict[str, Any]
+    message_id: str | None
+    timestamp: Any
+
+
+def _plain(value: Any) -> Any:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,19 @@ class RunLauncherConfig:
 
 
 @dataclass(frozen=True)
+class Ui:
+    """`runherd ui`, the read-only web view (services/runherd/ui)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    database_url: str | None = None  # None: database_url; point it at a read-only role
+    basic_auth_user: str | None = None  # both set: every page asks for them (HTTP basic)
+    basic_auth_password: str | None = None
+    allow_actions: bool = False  # true: cancel and re-execute buttons, publishing the normal commands
+    dead_letters_shown: int = 20  # dead letters peeked (never removed) on the fleet page; 0: count only
+
+
+@dataclass(frozen=True)
 class Config:
     amqp_url: str = DEFAULT_AMQP_URL
     database_url: str = DEFAULT_DATABASE_URL
@@ -89,6 +102,7 @@ class Config:
     run_retries: RunRetries = field(default_factory=RunRetries)
     execution: Execution = field(default_factory=Execution)
     run_launcher: RunLauncherConfig = field(default_factory=RunLauncherConfig)
+    ui: Ui = field(default_factory=Ui)
     metrics_port: int = 0  # 0: no HTTP endpoint (/metrics, /healthz, /readyz)
     # RabbitMQ's management API, for the queue-depth gauge (ready + unacknowledged); "": the AMQP
     # host on port 15672 with the AMQP credentials
@@ -237,6 +251,7 @@ def from_mapping(raw: Mapping[str, Any] | None) -> Config:
         run_retries=_section(RunRetries, "run_retries", raw.get("run_retries")),
         execution=_execution(raw.get("execution")),
         run_launcher=_run_launcher(raw.get("run_launcher")),
+        ui=_section(Ui, "ui", raw.get("ui")),
         metrics_port=_check("metrics_port", raw.get("metrics_port", 0), int, "an integer"),
         rabbitmq_management_url=_check("rabbitmq_management_url", raw.get("rabbitmq_management_url", ""), str, "a URL"),
         log_level=_check("log_level", raw.get("log_level", "INFO"), str, "a level name"),
@@ -253,6 +268,11 @@ def from_mapping(raw: Mapping[str, Any] | None) -> Config:
     _fold_tls(config)
     if config.log_format not in ("text", "json"):
         raise ConfigError(f"log_format: expected text or json, got {config.log_format!r}")
+    for name in ("database_url", "basic_auth_user", "basic_auth_password"):
+        if getattr(config.ui, name) is not None:
+            _check(f"ui.{name}", getattr(config.ui, name), str, "a string")
+    if (config.ui.basic_auth_user is None) != (config.ui.basic_auth_password is None):
+        raise ConfigError("ui.basic_auth_user and ui.basic_auth_password: set both or neither")
     if config.run_retries.retry_strategy not in ("FROM_FAILURE", "ALL_STEPS"):
         raise ConfigError("run_retries.retry_strategy: expected FROM_FAILURE or ALL_STEPS")
     return config

@@ -14,6 +14,7 @@ handle it stored for that attempt, never on the one in the message.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ import orjson
 from runherd.contract import parse_run_id
 from runherd.errors import InvalidMessage
 from runherd.launchers import Handle, Health, RunLauncher
+from runherd.launchers.base import TERMINATE_CONCURRENCY
 from runherd.store import RunRef, Store
 from runherd.store import kills as kill_store
 
@@ -73,11 +75,54 @@ async def kill(
     return result
 
 
-async def record(store: Store, ref: RunRef, result: Verdict, health: Health | None, *, source: str) -> None:
-    data: dict[str, Any] = {
+async def kill_many(
+    launcher: RunLauncher, store: Store, refs: list[RunRef], why: str, *, grace: float | None, source: str
+) -> list[Verdict]:
+    """``kill`` for many workers: one ``terminate_many`` (the launcher signals them all, then waits
+    for all), their health asked with bounded concurrency, and every outcome recorded in one
+    transaction."""
+    handles = [r.handle for r in refs if r.handle is not None]
+    assert len(handles) == len(refs)
+    try:
+        found: list[bool | BaseException] = await launcher.terminate_many(handles, grace_seconds=grace)
+    except Exception as exc:
+        found = [exc for _ in refs]
+    slots = asyncio.Semaphore(TERMINATE_CONCURRENCY)
+
+    async def health(handle: Handle) -> Health:
+        async with slots:
+            return await launcher.check_health(handle)
+
+    healths = await asyncio.gather(*(health(h) for h in handles), return_exceptions=True)
+    verdicts: list[Verdict] = []
+    confirmed: list[tuple[RunRef, str, dict[str, Any], bool]] = []
+    failed: list[tuple[RunRef, str, dict[str, Any]]] = []
+    for ref, f, h in zip(refs, found, healths, strict=True):
+        error = repr(f) if isinstance(f, BaseException) else repr(h) if isinstance(h, BaseException) else None
+        got = None if isinstance(f, BaseException) else f
+        hh = None if isinstance(h, BaseException) else h
+        result = verdict(ref.attempt, why, got if error is None else None, hh if error is None else None, error)
+        verdicts.append(result)
+        data = _data(hh)
+        if result.confirmed:
+            log.info("%s run_id=%s attempt=%s", result.message, ref.run_id, ref.attempt)
+            confirmed.append((ref, result.message, data, result.exited))
+        else:
+            log.warning("%s run_id=%s attempt=%s", result.message, ref.run_id, ref.attempt)
+            failed.append((ref, result.message, data))
+    await kill_store.record_outcomes(store, confirmed, failed, source=source, reason="terminated by runherd")
+    return verdicts
+
+
+def _data(health: Health | None) -> dict[str, Any]:
+    return {
         "health": health.status.value if health else None,
         "exit_code": health.exit_code if health else None,
     }
+
+
+async def record(store: Store, ref: RunRef, result: Verdict, health: Health | None, *, source: str) -> None:
+    data = _data(health)
     if result.confirmed:
         log.info("%s run_id=%s attempt=%s", result.message, ref.run_id, ref.attempt)
         await kill_store.record_terminated(

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from hypothesis import strategies as st
 
-from runherd import contract
+from runherd import contract, limits
 from runherd.errors import InvalidMessage
 
 KINDS = ("launch", "terminate", "reexecute", "event", "heartbeat")
@@ -49,6 +49,17 @@ def verdict(kind: str, body: bytes) -> str | None:
     except InvalidMessage as exc:
         return str(exc)
     return None
+
+
+def at_the_door(kind: str, body: bytes) -> str | None:
+    """What a service with the default ``limits`` does with ``body``: the limits first (as the
+    launcher checks them before validating a command), then the contract."""
+    if kind in ("launch", "reexecute"):
+        try:
+            limits.check_command(kind, contract.decode(body), limits.DEFAULT)
+        except InvalidMessage as exc:
+            return str(exc)
+    return verdict(kind, body)
 
 
 # --- valid bodies -----------------------------------------------------------------------------------

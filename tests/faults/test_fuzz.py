@@ -124,7 +124,7 @@ def predict(case: Case, world: World) -> None:
     """What the services must do with ``case``, given what they were told before; updates ``world``
     with what it changes."""
     try:
-        case.reason = fb.verdict(case.kind, case.body)
+        case.reason = fb.at_the_door(case.kind, case.body)
     except Exception as exc:  # a validator bug: the services must still dead-letter it, with some reason
         world.crashes.append(f"{case.kind} {case.body[:200]!r}: {exc!r}")
         case.expect = "dead"

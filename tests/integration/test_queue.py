@@ -117,6 +117,24 @@ async def test_blocked_runs_never_hold_back_the_runs_behind_them_even_past_the_w
     assert blocked and banned
 
 
+async def test_limits_of_zero_numeric_tag_values_and_a_window_sized_to_the_free_slots(env: Env) -> None:
+    """The pre-filter of full groups (queries.sql dequeue: full_groups) agrees with the exact test: a
+    per-value limit of 0 holds every value, a numeric tag value counts as its text, and with one
+    global slot free a window of 16 still finds the one run that fits behind the held ones."""
+    limits = [limit("database", 0, per_unique=True), limit("team", 0, "data"), limit("shard", 1, per_unique=True)]
+    held = [await queue(env, {"database": "a"}), await queue(env, {"team": "data"})]
+    first = await queue(env, {"shard": 7})
+    same_shard = await queue(env, {"shard": "7"})
+    other = await queue(env, {"shard": 8})
+    assert set(await env.store.dequeue(2, limits)) == {first, other}
+    assert await env.store.dequeue(3, limits) == []  # shard 7 is taken, whether 7 or "7"
+    await finish(env, other)
+    behind = [await queue(env, {"shard": 7}) for _ in range(40)]
+    free = await queue(env)
+    assert await env.store.dequeue(2, limits) == [free]  # 41 held runs ahead, one slot free
+    assert held and same_shard and behind
+
+
 async def test_priority_then_fifo_and_both_tag_spellings(env: Env) -> None:
     names = {}
     for name, tags in [

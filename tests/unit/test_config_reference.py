@@ -59,7 +59,9 @@ def test_the_process_launcher_keys_in_the_comments_are_its_defaults(monkeypatch:
     monkeypatch.delenv("RUNHERD_LOG_DIR", raising=False)
     commented = re.findall(r"^  #  (\w+): (.*?)(?:\s+#.*)?$", _block().split("run_launcher:", 1)[1], re.MULTILINE)
     shown = {key: value for key, value in commented}
-    assert set(shown) == {"log_dir", "terminate_grace_seconds", "max_log_bytes", "worker_command", "env"}
+    assert set(shown) == {"log_dir", "terminate_grace_seconds", "max_log_bytes", "worker_command", "env", "fork_server"}
+    assert yaml.safe_load(shown["fork_server"]) is False
+    assert ProcessLauncher({})._fork_server is None
     launcher = ProcessLauncher({})
     assert Path(shown["log_dir"]) == launcher.log_dir
     assert float(shown["terminate_grace_seconds"]) == launcher.grace

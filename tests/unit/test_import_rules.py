@@ -2,7 +2,8 @@
 every module, including those inside functions and under TYPE_CHECKING).
 
 - the services (launcher, heartbeat, monitor, worker) never import one another;
-- the library (shared/runherd) never imports a service, nor the wiring and the CLI (app, cli, views);
+- the library (shared/runherd) never imports a service, nor the wiring, the CLI and the web view (app, cli,
+  views, ui);
 - the worker never reaches the store, directly or through another module;
 - only runherd.store imports asyncpg, only runherd.broker imports aio_pika;
 - the rules (runherd.rules) reach neither driver, directly or through another module.
@@ -21,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("runherd.launcher", "runherd.heartbeat", "runherd.monitor", "runherd.worker")
-TOP = ("runherd.app", "runherd.cli", "runherd.views")
+TOP = ("runherd.app", "runherd.cli", "runherd.views", "runherd.ui")
 
 
 def _module_name(root: Path, path: Path) -> str:
@@ -90,7 +91,7 @@ def violations(roots: list[Path]) -> list[str]:
             if own and other and other != own:
                 found.append(f"{module} imports {name}: services never import one another")
             if module in library and (other or any(_within(name, t) for t in TOP)):
-                found.append(f"{module} imports {name}: the library never imports a service, app, cli or views")
+                found.append(f"{module} imports {name}: the library never imports a service, app, cli, views or ui")
             if _within(name, "asyncpg") and not _within(module, "runherd.store"):
                 found.append(f"{module} imports {name}: only runherd.store imports asyncpg")
             if _within(name, "aio_pika") and not _within(module, "runherd.broker"):

@@ -35,6 +35,7 @@ def test_the_wheel_holds_only_runherd(wheel: Path) -> None:
     # Both portions of the namespace are in it, with the SQL the store needs.
     assert "runherd/client.py" in names and "runherd/monitor/service.py" in names
     assert "runherd/store/queries.sql" in names and "runherd/store/migrations/0001_initial.sql" in names
+    assert "runherd/ui/templates/run.html" in names  # the web view's templates
     assert not any(n.startswith("runherd/__init__.py") for n in names)  # a PEP 420 namespace package
 
 

@@ -35,12 +35,15 @@ class MonitorService:
         self.actions = Actions(store, launcher, broker)
         self.sweeper = Sweeper(config, store, launcher, self.actions)
         self.sweep_now = asyncio.Event()
+        self.canary_now = asyncio.Event()  # publish an event canary at once (a deadline has come)
+        self._sweep_on_canary = False  # sweep as soon as the next canary is applied
+        self._nudged_for = -1.0  # the start deadline (loop time) a canary was last published for
         self.gauges = Gauges(config, store, broker)
 
     async def run(self, supervisor: Supervisor, *, relay: bool = True) -> None:
         stop = supervisor.stop
         supervisor.spawn("monitor.ingest", retrying("event ingest", lambda: self._ingest(stop), stop))
-        supervisor.spawn("monitor.canaries", publish_canaries(self.store, self.broker, stop))
+        supervisor.spawn("monitor.canaries", publish_canaries(self.store, self.broker, stop, now=self.canary_now))
         # Always: with run_monitoring.enabled false the sweep still reaps and retries (sweeper.py).
         supervisor.spawn("monitor.sweep", self._sweep_loop(stop))
         # Its own loop: the sweep may sleep until the next deadline (up to a timeout), gauges may not.
@@ -59,12 +62,39 @@ class MonitorService:
             try:
                 await self.sweeper.sweep()
                 pause = await self.sweeper.seconds_to_next_deadline()
+                pause = await self._nudge_at_start_deadline(stop, pause)
             except TransientDbError as exc:
                 log.warning("sweep failed: %r", exc)
             except Exception:
                 # A sweep must outlive anything one round meets: the next round decides again.
                 log.exception("sweep failed unexpectedly; sweeping again in %.1f s", pause)
             await sleep_or_stop(stop, pause, self.sweep_now)
+
+    async def _nudge_at_start_deadline(self, stop: asyncio.Event, pause: float) -> float:
+        """The start-timeout rule fires once an event canary issued after the deadline is applied
+        (the event watermark). Rather than wait up to a canary period for the next one, sleep until
+        the deadline itself, publish a canary then, and sweep as soon as it is applied: a mass start
+        timeout fires milliseconds past its deadline. Once per deadline (a stale watermark must not
+        make a canary storm). Returns what is left of ``pause``."""
+        if not self.config.run_monitoring.enabled:
+            return pause
+        due = await self.store.starting_due(self.config.run_monitoring.start_timeout_seconds)
+        loop = asyncio.get_running_loop()
+        if due is None or due >= pause:
+            return pause
+        at = loop.time() + max(0.0, due)
+        if at <= self._nudged_for + 0.001:
+            return pause
+        began = loop.time()
+        if due > 0:
+            await sleep_or_stop(stop, due + 0.002, self.sweep_now)
+            if loop.time() < at:  # woken early (an event failed a run): sweep now, nudge next round
+                self.sweep_now.set()
+                return 0.0
+        self._nudged_for = at
+        self._sweep_on_canary = True
+        self.canary_now.set()
+        return max(0.0, pause - (loop.time() - began))
 
     async def refresh_gauges(self) -> None:
         await self.gauges.refresh()
@@ -86,6 +116,9 @@ class MonitorService:
         events, _, nonces = split_canaries(batch)
         verdicts = await self._apply_events(events) if events else []
         await self.store.record_event_canaries(nonces)
+        if nonces and self._sweep_on_canary:
+            self._sweep_on_canary = False
+            self.sweep_now.set()
         of_event = {id(d): v for d, v in zip(events, verdicts, strict=True)}
         return [of_event.get(id(d), APPLIED) for d in batch]
 

@@ -31,7 +31,8 @@ from runherd.store import kills as kill_store
 
 log = logging.getLogger("runherd.monitor.sweeper")
 
-BATCH = 200
+BATCH = 1000
+MAX_BATCHES = 50  # per rule and sweep: a backlog of violators is cleared in one sweep, bounded
 
 
 class Sweeper:
@@ -103,12 +104,36 @@ class Sweeper:
         failure_kind: str | None = None,
         grace: float | None = None,
     ) -> int:
-        """One rule's violators moved in one transaction with their workers claimed for a kill;
-        the kills run after the commit."""
+        """One rule's violators moved in one transaction per BATCH with their workers claimed for
+        a kill; the kills are queued after each commit. A full batch is followed by another at once
+        (up to MAX_BATCHES), so 1,000 runs with the same deadline all move in this sweep."""
+        total = 0
+        for _ in range(MAX_BATCHES):
+            fetched, moved = await self._timed_out_batch(
+                rule, limit, from_, to, reason, metric=metric, why=why, failure_kind=failure_kind, grace=grace
+            )
+            total += moved
+            if fetched < BATCH:
+                break
+        return total
+
+    async def _timed_out_batch(
+        self,
+        rule: str,
+        limit: float,
+        from_: RunStatus,
+        to: RunStatus,
+        reason: str,
+        *,
+        metric: str,
+        why: str,
+        failure_kind: str | None,
+        grace: float | None,
+    ) -> tuple[int, int]:
         async with self.store.tx() as tx:
             rows = await tx.violators(rule, float(limit), BATCH)
             if not rows:
-                return 0
+                return 0, 0
             moved = await tx.transition(
                 [str(r["run_id"]) for r in rows],
                 to,
@@ -120,7 +145,7 @@ class Sweeper:
             refs = await kill_store.claim(tx, [(m.run_id, m.attempt) for m in moved])
         metrics.MONITOR_ACTIONS.labels(metric).inc(len(moved))
         self.actions.terminate_soon(refs, why, grace=grace)
-        return len(moved)
+        return len(rows), len(moved)
 
     async def max_runtime(self) -> int:
         async with self.store.tx() as tx:

@@ -57,7 +57,15 @@ def _nonce(delivery: Delivery) -> int | None:
     return nonce if isinstance(nonce, int) and not isinstance(nonce, bool) and 0 < nonce <= _NONCES else None
 
 
-async def publish_canaries(store: Store, broker: Broker, stop: asyncio.Event, period: float = CANARY_SECONDS) -> None:
+async def publish_canaries(
+    store: Store,
+    broker: Broker,
+    stop: asyncio.Event,
+    period: float = CANARY_SECONDS,
+    now: asyncio.Event | None = None,
+) -> None:
+    """A canary every ``period`` (jittered), and one at once whenever ``now`` is set (a deadline
+    that waits on the watermark has come: services/monitor/service.py)."""
     while not stop.is_set():
         try:
             nonce = secrets.randbelow(_NONCES) + 1
@@ -65,4 +73,4 @@ async def publish_canaries(store: Store, broker: Broker, stop: asyncio.Event, pe
                 await broker.publish(topology.EVENTS, CANARY_KEY, canary_body(nonce))
         except Exception as exc:  # a database or broker blip: the watermark waits, nothing else
             log.warning("event canary not published: %r", exc)
-        await sleep_or_stop(stop, period * (0.75 + 0.5 * random.random()))
+        await sleep_or_stop(stop, period * (0.75 + 0.5 * random.random()), now)

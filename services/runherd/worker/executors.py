@@ -35,7 +35,7 @@ import orjson
 from runherd import step_groups, step_retry
 from runherd.contract import EventType, Step, iso
 from runherd.execution import ExecutorName
-from runherd.launchers.process import start_time
+from runherd.launchers.process import DETACHED_STEP_ENV, start_time
 from runherd.plan import MAX_OUTPUT_BYTES, Plan, ready, upstream_outputs
 from runherd.worker.steps import StepProcess, StepResult, output_too_large
 
@@ -155,7 +155,7 @@ class DetachedStep:
                 "runherd.worker.detached",
                 str(spec),
                 str(result),
-                env={**env, "RUNHERD_DETACHED_STEP": "1"},  # not a dead worker's leftover
+                env={**env, DETACHED_STEP_ENV: "1"},  # not a dead worker's leftover
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -1,7 +1,8 @@
 """Runs one step as a subprocess: a `command`, or a `call` through runherd.worker.call_step.
 
 Each step gets its own process group (so its children stop with it) and dies with the worker
-(PR_SET_PDEATHSIG), so a SIGKILLed worker leaves no step running behind it.
+(PR_SET_PDEATHSIG), so a SIGKILLed worker leaves no step running behind it; the group is recorded
+(launchers/groups.py) so the launcher kills what the step left in it once the worker is gone.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 import orjson
 
 from runherd.contract import Step
+from runherd.launchers import groups
+from runherd.launchers.process import DETACHED_STEP_ENV, RECORD_ENV, start_time
 from runherd.plan import MAX_OUTPUT_BYTES
 from runherd.worker import logcap
 
@@ -62,6 +65,10 @@ class StepProcess:
                 )
             except OSError as exc:
                 return StepResult(False, error=f"cannot start {argv[0]!r}: {exc.strerror}")
+            # The launcher kills this group when the worker is gone (launchers/groups.py), unless it
+            # belongs to a `launcher`-executor step, which outlives the worker to be adopted.
+            if os.environ.get(DETACHED_STEP_ENV) != "1":
+                groups.note(os.environ.get(RECORD_ENV), self.proc.pid, start_time(self.proc.pid))
             assert self.proc.stdin is not None
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 self.proc.stdin.write(orjson.dumps(inputs))

@@ -9,11 +9,14 @@ process or after a restart.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+TERMINATE_CONCURRENCY = 32  # terminate_many's default: backend calls in flight at once
 
 Handle = dict[str, Any]
 """JSON-serialisable description of one worker (pid, container id, Job name...)."""
@@ -90,6 +93,20 @@ class RunLauncher(ABC):
     async def terminate(self, handle: Handle, *, grace_seconds: float | None = None) -> bool:
         """Stop the worker: polite signal, then force after ``grace_seconds`` (None: the
         launcher's configured grace; 0: force at once). True if a worker was found to stop."""
+
+    async def terminate_many(
+        self, handles: list[Handle], *, grace_seconds: float | None = None
+    ) -> list[bool | BaseException]:
+        """``terminate`` for many workers at once (a mass timeout): one result per handle, an
+        exception where that terminate raised. This default runs ``terminate`` with bounded
+        concurrency; a launcher that can signal many workers cheaply overrides it."""
+        slots = asyncio.Semaphore(TERMINATE_CONCURRENCY)
+
+        async def one(handle: Handle) -> bool:
+            async with slots:
+                return await self.terminate(handle, grace_seconds=grace_seconds)
+
+        return list(await asyncio.gather(*(one(h) for h in handles), return_exceptions=True))
 
     def can_reach(self, handle: Handle) -> bool:
         """Whether this instance can terminate the worker itself. False for a worker on another

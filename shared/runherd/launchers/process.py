@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
@@ -31,37 +32,50 @@ from typing import Any
 import orjson
 
 from runherd.errors import ConfigError, LaunchError
+from runherd.launchers import exits, groups
 from runherd.launchers.base import Handle, Health, HealthStatus, RunLauncher, WorkerExit, WorkerRun
+from runherd.launchers.forkserver import ForkServer
 
 log = logging.getLogger("runherd.launchers.process")
 
-_KEYS = {"worker_command", "log_dir", "terminate_grace_seconds", "env", "max_log_bytes"}
+_KEYS = {"worker_command", "log_dir", "terminate_grace_seconds", "env", "max_log_bytes", "fork_server"}
+DEFAULT_WORKER_COMMAND = [sys.executable, "-m", "runherd.cli", "worker"]
 
 DEFAULT_MAX_LOG_BYTES = 64 * 1024 * 1024
 LOG_MAX_ENV = "RUNHERD_LOG_MAX_BYTES"  # read by the worker, which rotates its own log
 RECORD_ENV = "RUNHERD_WORKER_RECORD"  # the attempt's worker record, also read by the worker
 # The `launcher` executor's steps outlive their worker on purpose (runherd.step_groups): not leftovers.
-DETACHED_STEP_MARK = b"RUNHERD_DETACHED_STEP=1"
+DETACHED_STEP_ENV = "RUNHERD_DETACHED_STEP"  # set to "1" in a `launcher`-executor step: not a leftover
 MAX_EXITS_KEPT = 4096  # exit codes of reaped children kept for check_health, newest first
 RECORD_WAIT_SECONDS = 5.0  # a locked record with nothing in it: its worker is starting up
 
 
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) from /proc/<pid>/stat; None: no such process.
+    One raw read: a mass termination asks it of a thousand workers at once."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        stat = os.read(fd, 4096).decode(errors="replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0], int(fields[19])  # fields 3 and 22 of stat, counted after "pid (comm)"
+
+
 def start_time(pid: int) -> int | None:
     """The process start time in clock ticks since boot, or None if there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])  # field 22 of stat, counted after "pid (comm)"
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
 
 
 def _state(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    return stat[stat.rindex(")") + 2]
+    stat = _stat(pid)
+    return None if stat is None else stat[0]
 
 
 def tail(path: str | os.PathLike[str], lines: int = 40, max_bytes: int = 16_384) -> str:
@@ -87,7 +101,7 @@ class ProcessLauncher(RunLauncher):
                 f"run_launcher.config.{sorted(unknown)[0]}: unknown key for the process "
                 f"launcher (known: {', '.join(sorted(_KEYS))})"
             )
-        command = self.config.get("worker_command", [sys.executable, "-m", "runherd.cli", "worker"])
+        command = self.config.get("worker_command", DEFAULT_WORKER_COMMAND)
         if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
             raise ConfigError("run_launcher.config.worker_command: expected a non-empty list of strings")
         self.worker_command: list[str] = command
@@ -101,9 +115,13 @@ class ProcessLauncher(RunLauncher):
         if isinstance(max_log, bool) or not isinstance(max_log, int) or max_log < 0:
             raise ConfigError("run_launcher.config.max_log_bytes: expected an integer >= 0 (0: no cap)")
         self.max_log_bytes = max_log
+        fork = self.config.get("fork_server", False)
+        if not isinstance(fork, bool):
+            raise ConfigError("run_launcher.config.fork_server: expected true or false")
+        self._fork_server = ForkServer() if fork else None
         self.host = socket.gethostname()
         # Live children only; the exit codes of reaped ones in a bounded map, by (pid, start time).
-        self._children: dict[int, asyncio.subprocess.Process] = {}
+        self._children: dict[int, str] = {}  # pid -> "exec" (our child) or "fork" (the fork server's)
         self._exited: OrderedDict[tuple[int, int | None], int] = OrderedDict()
         self._exits: asyncio.Queue[WorkerExit] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -149,26 +167,38 @@ class ProcessLauncher(RunLauncher):
             env.pop("RUNHERD_PLAN", None)
             env["RUNHERD_PLAN_FILE"] = str(plan_path.resolve())
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *(run.command or self.worker_command),
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-                pass_fds=(record_fd,),  # the lock goes with the worker
-            )
+            pid, how = await self._exec_or_fork(run, env, log_file, record_fd)
         except OSError as exc:
             raise LaunchError(f"cannot start worker {(run.command or self.worker_command)[0]}: {exc.strerror}") from exc
         finally:
             log_file.close()
-        record = {"pid": proc.pid, "start_time": start_time(proc.pid), "host": self.host, "worker_id": run.worker_id}
+        record = {"pid": pid, "start_time": start_time(pid), "host": self.host, "worker_id": run.worker_id}
         write_record(record_fd, record)
         handle = self._handle(run, record, log_path)
-        self._children[proc.pid] = proc
-        self._spawn(self._reap_child(proc, handle))
-        log.info("launched worker pid %s run_id=%s attempt=%s", proc.pid, run.run_id, run.attempt)
+        self._children[pid] = how
+        self._spawn(self._reap_child(pid, handle))
+        log.info("launched worker pid %s run_id=%s attempt=%s", pid, run.run_id, run.attempt)
         return handle
+
+    async def _exec_or_fork(
+        self, run: WorkerRun, env: dict[str, str], log_file: Any, record_fd: int
+    ) -> tuple[int, str]:
+        """The worker's pid: forked from the warm fork server (launchers/forkserver.py) when it is on
+        and the worker is runherd's own, else a fork-exec like asyncio's (its exit watched with a
+        pidfd, launchers/exits.py, not a thread parked in waitpid per worker)."""
+        if self._fork_server is not None and run.command is None and self.worker_command == DEFAULT_WORKER_COMMAND:
+            return await self._fork_server.spawn(env, log_file.fileno(), record_fd, os.getcwd()), "fork"
+        proc = subprocess.Popen(  # noqa: ASYNC220
+            [*(run.command or self.worker_command)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            pass_fds=(record_fd,),  # the lock goes with the worker
+        )
+        proc.returncode = 0  # reaped by _reap_child, not by subprocess
+        return proc.pid, "exec"
 
     async def _adopt_live(self, run: WorkerRun, record_fd: int, log_path: Path) -> Handle:
         """The record is locked: a worker of this attempt is alive (launched by a launcher that
@@ -223,14 +253,22 @@ class ProcessLauncher(RunLauncher):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _reap_child(self, proc: asyncio.subprocess.Process, handle: Handle) -> None:
-        code = await proc.wait()
-        self._children.pop(proc.pid, None)
-        self._exited[(proc.pid, handle.get("start_time"))] = code
+    async def _reap_child(self, pid: int, handle: Handle) -> None:
+        if self._children.get(pid) == "fork":
+            assert self._fork_server is not None
+            code = await self._fork_server.exit_code(pid)
+            if code is None:  # the fork server went away: watch it as an adopted worker
+                self._children.pop(pid, None)
+                await self._poll_adopted(handle)
+                return
+        else:
+            code = await exits.reap(pid)
+        self._children.pop(pid, None)
+        self._exited[(pid, handle.get("start_time"))] = code
         while len(self._exited) > MAX_EXITS_KEPT:
             self._exited.popitem(last=False)
         if code != 0:
-            kill_leftovers(handle["run_id"], handle["attempt"])
+            kill_leftovers(handle)
         _remove_plan(handle)
         await self._exits.put(_exit_of(handle, code))
 
@@ -243,8 +281,8 @@ class ProcessLauncher(RunLauncher):
             return False
         if (pid, handle.get("start_time")) in self._exited:
             return False
-        started = start_time(pid)
-        return started is not None and started == handle.get("start_time") and _state(pid) != "Z"
+        stat = _stat(pid)
+        return stat is not None and stat[1] == handle.get("start_time") and stat[0] != "Z"
 
     # --- the interface ---------------------------------------------------------------------
 
@@ -267,37 +305,78 @@ class ProcessLauncher(RunLauncher):
         )
 
     async def terminate(self, handle: Handle, *, grace_seconds: float | None = None) -> bool:
-        try:
-            return await self._terminate(handle, grace_seconds)
-        finally:
-            # The `launcher` executor's steps (own process groups) stop with the worker that owned them.
-            from runherd import step_groups
+        result = (await self._terminate_many([handle], grace_seconds=grace_seconds))[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
-            if handle.get("log_path"):
-                step_groups.reap(Path(handle["log_path"]).parent / "steps", handle.get("attempt"))
+    async def terminate_many(
+        self, handles: list[Handle], *, grace_seconds: float | None = None
+    ) -> list[bool | BaseException]:
+        if type(self).terminate is not ProcessLauncher.terminate:  # a subclass stops workers its own way
+            return await super().terminate_many(handles, grace_seconds=grace_seconds)
+        return await self._terminate_many(handles, grace_seconds=grace_seconds)
 
-    async def _terminate(self, handle: Handle, grace_seconds: float | None) -> bool:
-        if not self._alive(handle):
-            return False
-        pid = handle["pid"]
+    async def _terminate_many(
+        self, handles: list[Handle], *, grace_seconds: float | None = None
+    ) -> list[bool | BaseException]:
+        """Signal every live worker's group at once, then wait for all their exits together (a
+        pidfd each, which also watches a worker that is not our child: no polling), and force
+        those still there after the grace. True for each worker that was found alive."""
         grace = self.grace if grace_seconds is None else grace_seconds
-        if grace > 0:
-            _killpg(pid, signal.SIGTERM)
-            if await self._gone_within(handle, grace):
-                return True
-        log.info("killing worker pid %s run_id=%s attempt=%s", pid, handle.get("run_id"), handle.get("attempt"))
-        _killpg(pid, signal.SIGKILL)
-        await self._gone_within(handle, 5)
-        return True
+        watched: list[tuple[Handle, asyncio.Future[None]]] = []
+        results: list[bool | BaseException] = []
+        for handle in handles:
+            exited = self._exit_future(handle)
+            results.append(exited is not None)
+            if exited is not None:
+                watched.append((handle, exited))
+                if grace > 0:  # signalled as soon as it is known to be ours: the first ones go first
+                    _killpg(handle["pid"], signal.SIGTERM)
+        try:
+            if watched and grace > 0:
+                await asyncio.wait([f for _, f in watched], timeout=grace)
+            stubborn = [(h, f) for h, f in watched if not f.done()]
+            for handle, _ in stubborn:
+                pid, run_id, attempt = handle["pid"], handle.get("run_id"), handle.get("attempt")
+                log.info("killing worker pid %s run_id=%s attempt=%s", pid, run_id, attempt)
+                _killpg(handle["pid"], signal.SIGKILL)
+            if stubborn:
+                await asyncio.wait([f for _, f in stubborn], timeout=5)
+        finally:
+            for _, exited in watched:
+                exited.cancel()
+            _reap_step_groups(handles)
+        return results
 
-    async def _gone_within(self, handle: Handle, seconds: float) -> bool:
+    def _exit_future(self, handle: Handle) -> asyncio.Future[None] | None:
+        """A future done when the handle's worker exits; None if it is not alive now."""
+        pid = handle.get("pid")
+        if not isinstance(pid, int) or handle.get("host") != self.host:
+            return None
+        if (pid, handle.get("start_time")) in self._exited:
+            return None
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return None  # no such process
+        if not self._alive(handle):  # checked with the pidfd open: it names this very process
+            os.close(fd)
+            return None
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        while self._alive(handle):
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(0.05)
-        return True
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def ready() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        def release(_: object) -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+
+        loop.add_reader(fd, ready)
+        exited.add_done_callback(release)
+        return exited
 
     async def debug_info(self, handle: Handle) -> str:
         path = handle.get("log_path")
@@ -311,17 +390,18 @@ class ProcessLauncher(RunLauncher):
             yield await self._exits.get()
 
     async def adopt(self, handles: list[Handle]) -> None:
-        """Watch workers started by an earlier launcher process: not our children, so we poll
-        their pid and start time; their exit code is lost."""
+        """Watch workers started by an earlier launcher process: not our children, so a pidfd
+        tells when they exit (their pid and start time say it is them); their exit code is lost."""
         for handle in handles:
             if handle.get("host") != self.host or handle.get("pid") in self._children:
                 continue
             self._spawn(self._poll_adopted(handle))
 
     async def _poll_adopted(self, handle: Handle) -> None:
-        while self._alive(handle):
-            await asyncio.sleep(0.5)
-        kill_leftovers(handle["run_id"], handle["attempt"])
+        exited = self._exit_future(handle)  # a pidfd: it watches a process that is not our child
+        if exited is not None:
+            await exited
+        kill_leftovers(handle)
         _remove_plan(handle)
         await self._exits.put(
             WorkerExit(
@@ -339,28 +419,28 @@ class ProcessLauncher(RunLauncher):
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
+        if self._fork_server is not None:
+            await self._fork_server.close()  # its workers live on, as exec'd ones do
 
 
-def kill_leftovers(run_id: str, attempt: int) -> list[int]:
+def _reap_step_groups(handles: list[Handle]) -> None:
+    """The ``launcher`` executor's steps (process groups of their own, which outlive a crashed
+    worker so that a resume can adopt them) stop with a worker that is stopped on purpose."""
+    from runherd import step_groups
+
+    for handle in handles:
+        if handle.get("log_path"):
+            step_groups.reap(Path(handle["log_path"]).parent / "steps", handle.get("attempt"))
+
+
+def kill_leftovers(handle: Handle) -> list[int]:
     """SIGKILL what a dead worker's steps left behind (their children outlive the step's own
-    PR_SET_PDEATHSIG). Steps carry RUNHERD_RUN_ID and RUNHERD_ATTEMPT, and so do their children."""
-    wanted = {f"RUNHERD_RUN_ID={run_id}".encode(), f"RUNHERD_ATTEMPT={attempt}".encode()}
-    killed = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = set(f.read().split(b"\0"))
-        except OSError:
-            continue
-        if wanted <= environ and DETACHED_STEP_MARK not in environ:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(entry), signal.SIGKILL)
-                killed.append(int(entry))
-    if killed:
-        log.info("killed %d leftover step processes run_id=%s attempt=%s", len(killed), run_id, attempt)
-    return killed
+    PR_SET_PDEATHSIG): the step groups the worker recorded (launchers/groups.py), O(1) per exit."""
+    path = handle.get("log_path")
+    if not path:
+        return []
+    record = Path(path).with_name(f"attempt-{handle['attempt']}.worker")
+    return groups.kill_recorded(record, handle["run_id"], handle["attempt"])
 
 
 def read_record(fd: int) -> dict[str, Any] | None:

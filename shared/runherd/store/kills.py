@@ -34,6 +34,47 @@ async def record_terminated(
             await tx.record_exit(ref.run_id, ref.attempt, data.get("exit_code"), reason)
 
 
+async def record_outcomes(
+    store: Store,
+    confirmed: Sequence[tuple[RunRef, str, dict[str, Any], bool]],
+    failed: Sequence[tuple[RunRef, str, dict[str, Any]]],
+    *,
+    source: str,
+    reason: str,
+) -> None:
+    """Many outcomes in one short transaction (a batch of terminations): ``confirmed`` as
+    (ref, message, data, exited) become WORKER_TERMINATED (and the exit, when the worker is gone),
+    ``failed`` as (ref, message, data) WORKER_TERMINATE_FAILED once per attempt."""
+    if not confirmed and not failed:
+        return
+    async with store.tx() as tx:
+        if confirmed:
+            await tx.log(
+                [(c[0].run_id, c[0].attempt, c[1]) for c in confirmed],
+                type_="WORKER_TERMINATED",
+                source=source,
+                data=[c[2] for c in confirmed],
+            )
+            gone = [c for c in confirmed if c[3]]
+            if gone:
+                await tx.conn.execute(
+                    q("record_exits"),
+                    [UUID(c[0].run_id) for c in gone],
+                    [c[0].attempt for c in gone],
+                    [c[2].get("exit_code") for c in gone],
+                    [reason for _ in gone],
+                )
+        if failed:
+            await tx.conn.execute(
+                q("log_kill_failures"),
+                [UUID(f[0].run_id) for f in failed],
+                [f[0].attempt for f in failed],
+                source,
+                [f[1] for f in failed],
+                [f[2] for f in failed],
+            )
+
+
 async def record_failure(store: Store, ref: RunRef, message: str, *, source: str, data: dict[str, Any]) -> None:
     """A stop that could not be confirmed: WORKER_TERMINATE_FAILED, once per attempt."""
     await store.pool.execute(q("log_kill_failure"), UUID(ref.run_id), ref.attempt, source, message, data)

@@ -69,7 +69,7 @@ SELECT run_id FROM inserted;
 -- name: dequeue
 -- Picks the next queued runs that fit every limit, in priority order (FIFO within), as one
 -- statement. $1 global limit (-1: none), $2 tag limits as JSON, $3 how many at most,
--- $4 candidate window. Runs in a limit group that is already full are left out before the window
+-- $4 the largest candidate window. Runs in a limit group that is already full are left out before the window
 -- is cut, so a blocked run never holds back the ones behind it, however many blocked runs queue
 -- ahead; runs whose retry backoff (not_before) has not passed are left out too. Within the window,
 -- a run fits when every group it belongs to has room for it and for the runs ranked ahead of it
@@ -87,11 +87,31 @@ WITH lim AS (
     JOIN lim ON r.tags ? lim.key AND (lim.value IS NULL OR r.tags->>lim.key = lim.value)
     WHERE r.status IN ('STARTING', 'STARTED', 'CANCELING')
     GROUP BY 1, 2
+), full_groups AS (
+    -- The full groups as jsonb a run's tags contain ({"team": "a"}, {"database": "db07"}), or as keys
+    -- it has (a limit on a key whatever its value; a per-value limit of 0): a cheap pre-filter, so the
+    -- scan below skips the runs of full groups without a subquery per run (the exact test follows).
+    SELECT coalesce((SELECT array_agg(o) FROM (
+               SELECT jsonb_build_object(lim.key, f.grp) AS o
+               FROM lim JOIN flight f ON f.i = lim.i
+               WHERE lim.per_unique AND f.n >= lim.cap
+               UNION ALL
+               SELECT jsonb_build_object(lim.key, lim.value)
+               FROM lim LEFT JOIN flight f ON f.i = lim.i
+               WHERE NOT lim.per_unique AND lim.value IS NOT NULL AND coalesce(f.n, 0) >= lim.cap) x),
+           '{}'::jsonb[]) AS objs,
+           coalesce((SELECT array_agg(DISTINCT lim.key)
+                     FROM lim LEFT JOIN flight f ON f.i = lim.i
+                     WHERE (lim.per_unique AND lim.cap <= 0)
+                        OR (NOT lim.per_unique AND lim.value IS NULL AND coalesce(f.n, 0) >= lim.cap)),
+                    '{}'::text[]) AS keys
 ), cand AS (
     SELECT r.run_id, r.priority, r.created_at, r.tags
     FROM runs r
     WHERE r.status = 'QUEUED' AND (r.not_before IS NULL OR r.not_before <= clock_timestamp())
       AND ($1::integer < 0 OR (SELECT n FROM busy) < $1::integer)
+      AND NOT r.tags @> ANY ((SELECT objs FROM full_groups)::jsonb[])
+      AND NOT r.tags ?| (SELECT keys FROM full_groups)
       AND NOT EXISTS (
           SELECT 1
           FROM lim
@@ -102,7 +122,12 @@ WITH lim AS (
       AND NOT EXISTS (SELECT 1 FROM lim WHERE lim.cap <= 0 AND r.tags ? lim.key
                                             AND (lim.value IS NULL OR r.tags->>lim.key = lim.value))
     ORDER BY r.priority DESC, r.created_at, r.run_id
-    LIMIT $4
+    -- The window: 16 times what may start now (the free slots, at most $3), never over $4.
+    -- Every run in it is checked against every limit, and the scan to fill it reads the blocked
+    -- runs too, so a window sized to the need, not to the queue, keeps a saturated system's
+    -- dequeue cheap. Any window is correct: the first candidate always fits.
+    LIMIT (SELECT least($4::integer, greatest(1, 16 * least($3::integer,
+                 CASE WHEN $1::integer < 0 THEN $3::integer ELSE $1::integer - (SELECT n FROM busy)::integer END))))
 ), memb AS (
     SELECT c.run_id, c.priority, c.created_at, lim.i, lim.cap,
            CASE WHEN lim.per_unique THEN c.tags->>lim.key ELSE '' END AS grp
@@ -499,3 +524,54 @@ FROM (
     SELECT min(started_at + make_interval(secs => coalesce(max_runtime_seconds, $5))) FROM runs
     WHERE status = 'STARTED' AND coalesce(max_runtime_seconds, $5) > 0
 ) deadlines;
+
+-- name: starting_due
+-- Seconds until the earliest STARTING run is past the start timeout $1, before the event
+-- watermark's lag: the monitor publishes an event canary right then, so the start-timeout rule
+-- fires as soon as that canary is applied instead of at the next periodic one. NULL: none STARTING.
+SELECT extract(epoch FROM min(status_changed_at) + make_interval(secs => $1) - clock_timestamp())::float8
+FROM runs WHERE status = 'STARTING';
+
+-- name: dequeue_move
+-- One statement per batch: the runs `dequeue` picks (that statement is inlined below by
+-- store/queries.py) move QUEUED -> STARTING on attempt 1 with their event-log and status-outbox rows
+-- (as `transition` writes them) and their first attempt row. A run cancelled meanwhile is re-checked
+-- by FOR UPDATE and left alone. Returns the moved runs and how many slots the global limit had free
+-- before the move (NULL: no global limit), so the caller knows when another round is pointless.
+WITH picked AS (
+{dequeue}
+), target AS (
+    SELECT r.run_id, r.status AS previous_status
+    FROM runs r
+    WHERE r.run_id IN (SELECT run_id FROM picked) AND r.status = 'QUEUED'
+    ORDER BY r.run_id
+    FOR UPDATE OF r
+), moved AS (
+    UPDATE runs r
+    SET status = 'STARTING', reason = NULL, attempt = greatest(r.attempt, 1), status_changed_at = clock_timestamp()
+    FROM target t
+    WHERE r.run_id = t.run_id
+    RETURNING r.run_id, r.job, r.status, t.previous_status, r.attempt, r.tags, r.parent_run_id,
+              r.status_changed_at
+), logged AS (
+    INSERT INTO events (run_id, attempt, source, type, message, data, ts)
+    SELECT run_id, attempt, 'launcher', 'RUN_STATUS', NULL,
+           jsonb_build_object('from', previous_status, 'to', status), status_changed_at
+    FROM moved
+), published AS (
+    INSERT INTO status_outbox (run_id, routing_key, body)
+    SELECT run_id, runherd_status_key(status, job),
+           runherd_status_body(run_id, job, status, previous_status, attempt, NULL, status_changed_at, tags,
+                               parent_run_id)
+    FROM moved
+    ORDER BY run_id
+), first_attempts AS (
+    INSERT INTO attempts (run_id, attempt, launcher)
+    SELECT run_id, 1, NULL FROM moved
+    ON CONFLICT DO NOTHING
+)
+SELECT m.run_id,
+       CASE WHEN $1::integer < 0 THEN NULL
+            ELSE $1::integer - (SELECT count(*) FROM runs WHERE status IN ('STARTING', 'STARTED', 'CANCELING'))
+       END AS free
+FROM moved m;

@@ -18,3 +18,23 @@ SELECT $1::uuid, $2::integer, $3::text, 'WORKER_TERMINATE_FAILED', $4::text, $5:
 WHERE NOT EXISTS (
     SELECT 1 FROM events WHERE run_id = $1::uuid AND attempt = $2::integer AND type = 'WORKER_TERMINATE_FAILED'
 );
+
+-- name: record_exits
+-- record_exit for many attempts in one statement (a batch of confirmed terminations): the first
+-- report of an exit wins. $1 run ids, $2 attempts, $3 exit codes, $4 reasons.
+UPDATE attempts a
+SET exited_at = coalesce(a.exited_at, clock_timestamp()),
+    exit_code = coalesce(a.exit_code, u.exit_code), exit_reason = coalesce(a.exit_reason, u.reason)
+FROM unnest($1::uuid[], $2::integer[], $3::integer[], $4::text[]) AS u(run_id, attempt, exit_code, reason)
+WHERE a.run_id = u.run_id AND a.attempt = u.attempt;
+
+-- name: log_kill_failures
+-- log_kill_failure for many attempts in one statement, still once per attempt.
+-- $1 run ids, $2 attempts, $3 source, $4 messages, $5 data (jsonb each).
+INSERT INTO events (run_id, attempt, source, type, message, data)
+SELECT u.run_id, u.attempt, $3::text, 'WORKER_TERMINATE_FAILED', u.message, u.data
+FROM unnest($1::uuid[], $2::integer[], $4::text[], $5::jsonb[]) AS u(run_id, attempt, message, data)
+WHERE NOT EXISTS (
+    SELECT 1 FROM events e
+    WHERE e.run_id = u.run_id AND e.attempt = u.attempt AND e.type = 'WORKER_TERMINATE_FAILED'
+);

@@ -231,7 +231,12 @@ class Store:
         max_size: int = 10,
         check_schema: bool = True,
         statement_timeout: float = STATEMENT_TIMEOUT_SECONDS,
+        read_only: bool = False,
     ) -> Store:
+        """``read_only``: every transaction of the pool is READ ONLY (`runherd ui`), whatever the role."""
+        settings = {"statement_timeout": str(int(statement_timeout * 1000))}
+        if read_only:
+            settings["default_transaction_read_only"] = "on"
         try:
             pool = await asyncpg.create_pool(
                 url,
@@ -241,7 +246,7 @@ class Store:
                 # A stuck statement (a lock wait, a hung server) fails and is retried instead of
                 # holding the service; the client-side timeout covers a silent network.
                 command_timeout=statement_timeout + 5,
-                server_settings={"statement_timeout": str(int(statement_timeout * 1000))},
+                server_settings=settings,
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise StoreError(f"cannot connect to PostgreSQL at {redact(url)}: {exc}") from exc
@@ -342,19 +347,22 @@ class Store:
     async def dequeue(
         self, max_concurrent: int, limits: list[dict[str, Any]], batch: int = 100, window: int = 1000
     ) -> list[str]:
-        """QUEUED -> STARTING for the next runs that fit every limit; one replica at a time."""
+        """QUEUED -> STARTING for the next runs that fit every limit; one replica at a time. Each
+        round is one statement (``dequeue_move``); another round only while runs moved and global
+        slots are left (a run refused by one limit can leave room that the next round fills)."""
         moved: list[str] = []
         async with self.tx() as tx:
             await tx.conn.execute("SELECT pg_advisory_xact_lock($1)", _DEQUEUE_LOCK)
             while len(moved) < batch:
-                ids = await tx.conn.fetch(q("dequeue"), max_concurrent, limits, batch - len(moved), window)
-                if not ids:
+                rows = await tx.conn.fetch(q("dequeue_move"), max_concurrent, limits, batch - len(moved), window)
+                if not rows:
                     break
-                run_ids = [r["run_id"] for r in ids]
-                await tx.conn.execute(q("bump_first_attempt"), run_ids)
-                done = await tx.transition(run_ids, RunStatus.STARTING, None, source="launcher")
-                await tx.conn.execute(q("new_attempts"), [UUID(d.run_id) for d in done])
-                moved.extend(d.run_id for d in done)
+                moved.extend(str(r["run_id"]) for r in rows)
+                free = rows[0]["free"]
+                if free is not None and len(rows) >= free:
+                    break
+            if moved:
+                await tx.conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
         return moved
 
     async def claim_launches(self, limit: int, lease_seconds: float) -> list[LaunchClaim]:
@@ -522,6 +530,11 @@ class Store:
             float(cancel_timeout),
             float(max_runtime),
         )
+
+    async def starting_due(self, start_timeout: float) -> float | None:
+        """Seconds until the earliest STARTING run's start deadline (before the watermark's lag)."""
+        value: float | None = await self.pool.fetchval(q("starting_due"), float(start_timeout))
+        return value
 
     async def count_active(self) -> dict[str, int]:
         return {r["status"]: r["n"] for r in await self.pool.fetch(q("count_active"))}
