@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 
@@ -157,11 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"runherd: config: {exc}", file=sys.stderr)
         return 2
-    from runherd.runtime import setup_logging
+    from runherd.runtime import run_loop, setup_logging
 
     setup_logging(cfg.log_level, cfg.log_format)
     try:
-        return asyncio.run(_dispatch(args, cfg))
+        return run_loop(_dispatch(args, cfg))
     except (InvalidMessage, UsageError, ConfigError) as exc:
         print(f"runherd: {exc}", file=sys.stderr)
         return 2

@@ -172,6 +172,24 @@ class Broker:
             broker._exchanges[name] = await broker.channel.get_exchange(name, ensure=False)
         return broker
 
+    async def sibling(self) -> Broker:
+        """Another Broker on this one's connection, with a channel (and publisher confirms) of its
+        own: many workers of one host can share a connection instead of opening one each."""
+        channel = await self.connection.channel(publisher_confirms=True)
+        other = Broker(self.connection, channel)
+        for name in _EXCHANGES:
+            other._exchanges[name] = await channel.get_exchange(name, ensure=False)
+        return other
+
+    async def close_channel(self) -> None:
+        """Close this Broker's channel only (a sibling's), leaving the shared connection open."""
+        with contextlib.suppress(Exception):
+            await self.channel.close()
+
+    async def declare_fanout(self, name: str) -> None:
+        """A durable fanout exchange outside the public topology (the sim launcher's control)."""
+        self._exchanges[name] = await self.channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, durable=True)
+
     async def declare(self) -> None:
         """Declare the public topology; idempotent, every service does it at start."""
         for name, kind in _EXCHANGES.items():

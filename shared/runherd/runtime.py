@@ -9,15 +9,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import orjson
 
 log = logging.getLogger("runherd")
+
+T = TypeVar("T")
+LOOP_ENV = "RUNHERD_EVENT_LOOP"
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on the event loop ``RUNHERD_EVENT_LOOP`` names: ``asyncio`` (the default) or
+    ``uvloop`` (the optional extra ``runherd[uvloop]``)."""
+    choice = os.environ.get(LOOP_ENV, "asyncio").strip().lower() or "asyncio"
+    if choice == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            main.close()
+            missing = f"runherd: {LOOP_ENV}=uvloop, but uvloop is not installed (pip install 'runherd[uvloop]')"
+            raise SystemExit(missing) from None
+        return uvloop.run(main)
+    if choice != "asyncio":
+        main.close()
+        raise SystemExit(f"runherd: {LOOP_ENV}: expected asyncio or uvloop, not {choice!r}")
+    return asyncio.run(main)
 
 
 _FIELD = re.compile(r"\b(run_id|attempt|step|job|reason)=([^\s,;:]+)")

@@ -6,7 +6,8 @@ emulator of tests/k8s_emulator, whose "kubelet" runs each Job's command as a rea
 launcher of one's own is checked by adding a backend to ``BACKENDS``, as the README's example is.
 
 Workers here are tiny Python commands (``WorkerRun.command``), not ``runherd worker``: the contract
-is about starting, stopping and watching a process, not about what it does.
+is about starting, stopping and watching a process, not about what it does. The sim launcher's
+virtual workers (no process) get the same script through their ``RUNHERD_SIM_*`` env instead.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import pytest
 from examples.custom_launcher import NiceLauncher
 from runherd.launchers.base import Handle, HealthStatus, RunLauncher, WorkerExit, WorkerRun
 from runherd.launchers.process import ProcessLauncher
+from runherd.launchers.sim import SimLauncher
+from tests import harness
 from tests.launchers import k8s_fixtures
 from tests.launchers.docker_fixtures import (
     launcher_config,
@@ -40,7 +43,7 @@ k8s_launcher_factory = k8s_fixtures.k8s_launcher_factory
 
 PY = sys.executable
 # "custom" is examples/custom_launcher.py, the README's launcher of one's own: it holds the contract too.
-BACKENDS = ["process", "docker", "kubernetes", "custom"]
+BACKENDS = ["process", "docker", "kubernetes", "custom", "sim"]
 # A worker that says it is up, exits 143 on SIGTERM (Python as a container's PID 1 would otherwise
 # ignore it) and otherwise sleeps until the file argv[1] exists, then exits with argv[2].
 WORKER = """
@@ -101,10 +104,32 @@ class Backend:
     def run(self, command: list[str]) -> WorkerRun:
         return WorkerRun(run_id=str(uuid.uuid4()), attempt=1, job="contract", env={"CONTRACT": "yes"}, command=command)
 
-    def waiting_worker(self, code: int = 0) -> tuple[WorkerRun, Path]:
-        """A worker that runs until the returned file is created, then exits with ``code``."""
+    def printing(self, text: str, code: int) -> WorkerRun:
+        """A worker that prints ``text`` and the env's CONTRACT ("<text> yes"), then exits with ``code``."""
+        if self.name == "sim":
+            outcome = {"RUNHERD_SIM_OUTCOME": "succeed" if code == 0 else "crash", "RUNHERD_SIM_EXIT_CODE": str(code)}
+            return self._sim_run({"RUNHERD_SIM_SAY": f"{text} yes", **outcome})
+        script = f"import os, sys; print({text!r}, os.environ['CONTRACT'], flush=True); sys.exit({code})"
+        return self.run([PY, "-c", script])
+
+    def waiting_worker(self) -> tuple[WorkerRun, Callable[[], Awaitable[None]]]:
+        """A worker that prints "worker up" and runs until the returned release is awaited, then exits 0."""
+        if self.name == "sim":
+            run = self._sim_run({"RUNHERD_SIM_SAY": "worker up", "RUNHERD_SIM_OUTCOME": "wait"})
+
+            async def command() -> None:
+                assert SimLauncher({}).command("succeed", [run.run_id]) == 1
+
+            return run, command
         flag = self.tmp / f"exit-{uuid.uuid4().hex[:8]}"
-        return self.run([PY, "-c", WORKER, str(flag), str(code)]), flag
+
+        async def touch() -> None:
+            flag.touch()
+
+        return self.run([PY, "-c", WORKER, str(flag), "0"]), touch
+
+    def _sim_run(self, env: dict[str, str]) -> WorkerRun:
+        return WorkerRun(run_id=str(uuid.uuid4()), attempt=1, job="contract", env={"CONTRACT": "yes", **env})
 
     async def close(self) -> None:
         for exits in self.watchers:
@@ -166,6 +191,28 @@ def _kubernetes(tmp: Path, factory: LauncherFactory, emulator: K8sEmulator) -> B
     return Backend("kubernetes", tmp, build, vanish, forge)
 
 
+def _sim(tmp: Path, amqp_url: str) -> Backend:
+    config = {"amqp_url": amqp_url, "step_seconds": 0.05, "terminate_grace_seconds": 2}
+
+    async def build() -> RunLauncher:
+        return SimLauncher(config)
+
+    async def vanish(launcher: RunLauncher, handle: Handle) -> None:
+        return None  # an exited virtual worker is only remembered, as a reaped process is
+
+    def forge(handle: Handle) -> Handle:
+        return {**handle, "worker_id": "no-such-worker"}
+
+    return Backend("sim", tmp, build, vanish, forge)
+
+
+@pytest.fixture
+async def sim_backend(tmp_path: Path, env: harness.Env) -> AsyncIterator[Backend]:
+    made = _sim(tmp_path, env.amqp_url)
+    yield made
+    await made.close()
+
+
 @pytest.fixture
 async def process_backend(tmp_path: Path) -> AsyncIterator[Backend]:
     made = _process(tmp_path)
@@ -214,7 +261,7 @@ def json_round_trip(handle: Handle) -> Handle:
 
 async def test_exit_zero_is_reported_and_success(backend: Backend) -> None:
     launcher, exits = await backend.launcher()
-    run = backend.run([PY, "-c", "import os; print('all good', os.environ['CONTRACT'])"])
+    run = backend.printing("all good", 0)
     handle = await launcher.launch(run)
 
     worker_exit = await exits.of(run)
@@ -226,7 +273,7 @@ async def test_exit_zero_is_reported_and_success(backend: Backend) -> None:
 
 async def test_exit_three_is_reported_and_failed(backend: Backend) -> None:
     launcher, exits = await backend.launcher()
-    run = backend.run([PY, "-c", "import sys; print('about to fail', flush=True); sys.exit(3)"])
+    run = backend.printing("about to fail", 3)
     handle = await launcher.launch(run)
 
     worker_exit = await exits.of(run)
@@ -256,7 +303,7 @@ async def test_running_worker_then_terminate(backend: Backend) -> None:
 
 async def test_a_gone_worker_is_never_running(backend: Backend) -> None:
     launcher, exits = await backend.launcher()
-    run = backend.run([PY, "-c", "print('short-lived')"])
+    run = backend.printing("short-lived", 0)
     handle = await launcher.launch(run)
     await exits.of(run)
     await backend.vanish(launcher, handle)
@@ -270,7 +317,7 @@ async def test_a_gone_worker_is_never_running(backend: Backend) -> None:
 
 async def test_adopted_worker_exit_is_reported(backend: Backend) -> None:
     first, _ = await backend.launcher()
-    run, flag = backend.waiting_worker(code=0)
+    run, release = backend.waiting_worker()
     handle = await first.launch(run)
     await wait_for(lambda: _contains(first.debug_info(handle), "worker up"), 10, "the worker to run")
 
@@ -279,7 +326,7 @@ async def test_adopted_worker_exit_is_reported(backend: Backend) -> None:
     stored = json_round_trip(handle)
     await second.adopt([stored])
     assert (await second.check_health(stored)).status is HealthStatus.RUNNING
-    flag.touch()
+    await release()
 
     worker_exit = await exits.of(run)
     assert (worker_exit.run_id, worker_exit.attempt) == (run.run_id, 1)

@@ -54,6 +54,30 @@ async def insert_launch(
     return inserted
 
 
+def parse_launch(data: Any, *, launcher: str | None, message_id: str | None, limits: Limits = DEFAULT_LIMITS) -> Launch:
+    """A launch command validated (the input limits first; its run id derived from the message id
+    when it has none); raises InvalidMessage naming what is wrong."""
+    check_command("launch", data, limits)
+    launch = contract.parse_launch(with_derived_ids("launch", data, message_id))
+    if launch.launcher is not None and launcher is not None and launch.launcher != launcher:
+        raise InvalidMessage(
+            f"launcher: {launch.launcher!r} is not configured here (this runherd launches with {launcher!r})"
+        )
+    return launch
+
+
+async def insert_launches(store: Store, launches: list[Launch]) -> set[str]:
+    """A batch of validated launches as QUEUED runs, one transaction; the run ids inserted (a run id
+    seen before, in this batch or earlier, makes no second run)."""
+    rows = []
+    for launch in {launch.run_id: launch for launch in reversed(launches)}.values():  # the first of each run id
+        max_runtime = contract.tag(launch.tags, "max_runtime")
+        rows.append((launch, float(max_runtime) if max_runtime is not None else None, contract.priority(launch.tags)))
+    inserted = await store.insert_runs(rows)
+    log.info("queued %d runs (%d duplicate launches ignored)", len(inserted), len(launches) - len(inserted))
+    return inserted
+
+
 async def apply(
     store: Store,
     key: str,
@@ -69,16 +93,11 @@ async def apply(
     one derived from it, so a redelivery after the commit makes no second run.
     ``run_launcher``: the instance itself, which carries out ``kill`` requests.
     ``limits``: the input limits, checked before anything else looks at the command."""
+    if key == "launch":
+        await insert_launch(store, parse_launch(data, launcher=launcher, message_id=message_id, limits=limits))
+        return Outcome()
     check_command(key, data, limits)
     data = with_derived_ids(key, data, message_id)
-    if key == "launch":
-        launch = contract.parse_launch(data)
-        if launch.launcher is not None and launcher is not None and launch.launcher != launcher:
-            raise InvalidMessage(
-                f"launcher: {launch.launcher!r} is not configured here (this runherd launches with {launcher!r})"
-            )
-        await insert_launch(store, launch)
-        return Outcome()
     if key == "terminate":
         return await cancel(store, contract.parse_terminate(data))
     if key == "reexecute":

@@ -10,8 +10,8 @@ from runherd import auth, outbox
 from runherd import broker as topology
 from runherd.broker import Broker, Delivery
 from runherd.config import Config
-from runherd.consume import APPLIED, Reject, Verdict, consume, each
-from runherd.contract import Event, EventType, decode, now_iso
+from runherd.consume import APPLIED, Reject, Retry, Verdict, consume
+from runherd.contract import Event, EventType, Launch, decode, now_iso
 from runherd.errors import InvalidMessage
 from runherd.launcher import commands
 from runherd.launcher.launching import HandleMap, Launching
@@ -22,6 +22,10 @@ from runherd.store import Store
 from runherd.store.store import LAUNCH_CHANNEL, TransientDbError
 
 log = logging.getLogger("runherd.launcher")
+
+# Commands are taken in batches: consecutive launches are stored in one transaction.
+COMMAND_BATCH = 500
+COMMAND_BATCH_WAIT_SECONDS = 0.05
 
 
 class LauncherService:
@@ -62,12 +66,69 @@ class LauncherService:
         await consume(
             self.broker,
             topology.COMMANDS_QUEUE,
-            each(self.command),
+            self.commands,
             stop=stop,
-            max_size=50,
-            max_wait=0.02,
+            max_size=COMMAND_BATCH,
+            max_wait=COMMAND_BATCH_WAIT_SECONDS,
             unavailable=TransientDbError,
         )
+
+    async def commands(self, batch: list[Delivery]) -> list[Verdict]:
+        """The batch in arrival order: each run of consecutive launches in one transaction, any
+        other command on its own (a terminate after a launch of the same run sees the run)."""
+        verdicts: list[Verdict] = []
+        start = 0
+        while start < len(batch):
+            end = start
+            while end < len(batch) and batch[end].routing_key == "launch":
+                end += 1
+            if end > start:
+                verdicts += await self.launches(batch[start:end])
+                start = end
+            else:
+                verdicts.append(await self.command(batch[start]))
+                start += 1
+        return verdicts
+
+    async def launches(self, batch: list[Delivery]) -> list[Verdict]:
+        """Launches validated one by one (a bad one is dead-lettered with its reason), the good
+        ones inserted together; should the batch insert fail unexpectedly, each is tried alone so
+        that one launch's problem is that launch's verdict only."""
+        verdicts: list[Verdict] = [APPLIED] * len(batch)
+        good: list[tuple[int, Launch]] = []
+        for i, delivery in enumerate(batch):
+            try:
+                launch = commands.parse_launch(
+                    decode(delivery.body),
+                    launcher=self.launcher.name,
+                    message_id=delivery.message_id,
+                    limits=self.config.limits,
+                )
+            except InvalidMessage as exc:
+                verdicts[i] = Reject(str(exc))
+                continue
+            good.append((i, launch))
+        try:
+            await commands.insert_launches(self.store, [launch for _, launch in good])
+        except TransientDbError:
+            raise
+        except Exception:
+            log.exception("a batch of %d launches failed; inserting them one by one", len(good))
+            for i, launch in good:
+                verdicts[i] = await self._insert_one(launch)
+        if good:
+            self.wake.set()
+        return verdicts
+
+    async def _insert_one(self, launch: Launch) -> Verdict:
+        try:
+            await commands.insert_launch(self.store, launch)
+        except TransientDbError:
+            raise
+        except Exception as exc:
+            log.exception("launch failed to insert run_id=%s", launch.run_id)
+            return Retry(f"launch could not be stored: {exc!r}")
+        return APPLIED
 
     async def command(self, delivery: Delivery) -> Verdict:
         try:

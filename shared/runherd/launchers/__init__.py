@@ -14,6 +14,7 @@ BUILTIN = {
     "process": ("runherd.launchers.process", "ProcessLauncher"),
     "docker": ("runherd.launchers.docker", "DockerLauncher"),
     "kubernetes": ("runherd.launchers.kubernetes", "KubernetesLauncher"),
+    "sim": ("runherd.launchers.sim", "SimLauncher"),
 }
 
 _METHODS = ("launch", "terminate", "check_health", "debug_info")

@@ -50,7 +50,7 @@ class WorkerRun:
     run_id: str
     attempt: int
     job: str
-    env: Mapping[str, str]  # RUNHERD_AMQP_URL and the user's env
+    env: Mapping[str, str]  # the user's env alone (credentials ride in the plan, never in the env)
     tags: Mapping[str, Any] = field(default_factory=dict)
     command: list[str] | None = None  # None: the launcher's configured worker command
     max_runtime_seconds: int | None = None

@@ -279,6 +279,31 @@ class Store:
 
     # --- launches ------------------------------------------------------------------------
 
+    async def insert_runs(self, launches: Sequence[tuple[Launch, float | None, int]]) -> set[str]:
+        """Insert a batch of ``(launch, max_runtime_seconds, priority)`` as QUEUED runs in one
+        transaction (one statement); returns the run ids inserted (the others existed already)."""
+        if not launches:
+            return set()
+        rows = [
+            {
+                "run_id": launch.run_id,
+                "job": launch.job,
+                "priority": priority,
+                "tags": launch.tags,
+                "steps": [s.to_json() for s in launch.steps],
+                "env": launch.env,
+                "launcher": launch.launcher,
+                "max_runtime_seconds": max_runtime,
+            }
+            for launch, max_runtime, priority in launches
+        ]
+        async with self.tx() as tx:
+            inserted = await tx.conn.fetch(q("insert_runs"), rows)
+            if inserted:
+                await tx.notify_launcher()
+                await tx.conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
+        return {str(r["run_id"]) for r in inserted}
+
     async def insert_run(
         self,
         launch: Launch,

@@ -1,0 +1,627 @@
+"""The sim launcher: thousands of virtual workers as asyncio tasks in one process, to load-test a
+deployment before pointing it at real workers.
+
+A virtual worker speaks the real worker protocol through the worker's own code
+(``runherd.reporting.Reporter``): heartbeats every ``heartbeat_interval_seconds``, lifecycle events
+numbered per attempt, and the plan with its completed steps (a resumed attempt skips them). Each
+step takes ``step_seconds`` instead of running its command. A worker succeeds, fails a step,
+crashes (stops at once and is reported as exited, like a SIGKILLed process) or hangs (stops
+heartbeating and progressing, and ignores a polite stop for ``terminate_grace_seconds``):
+
+* at a configured rate: ``step_failure_rate``, ``crash_rate``, ``hang_rate`` (the chance per step);
+* per run, from its launch's ``env``: ``RUNHERD_SIM_OUTCOME`` = succeed | fail | crash | hang | wait,
+  what becomes of the attempt's last step (wait: it lasts until a command, so a resumed attempt
+  reuses the steps before it and waits again), ``RUNHERD_SIM_STEP_SECONDS``,
+  ``RUNHERD_SIM_EXIT_CODE`` (a crash's exit code; default: killed by SIGKILL), ``RUNHERD_SIM_SAY``
+  (a line the worker writes to its log, which ``debug_info`` shows);
+* on command: a message ``{"v": 1, "action": "succeed" | "fail" | "crash" | "hang", "run_ids": [...]}``
+  (no ``run_ids``: every live worker) on the fanout exchange ``runherd.sim`` (see ``command_body``),
+  or ``SimLauncher.command`` in the same process.
+
+Connections: by default each virtual worker opens its own RabbitMQ connection, as a real worker
+does, so a load test pays the broker's real cost. ``workers_per_connection: N`` makes up to N
+workers share one connection, each on a channel of its own (what workers on one host could do).
+
+The workers live in the launcher service's process: a handle names that process (``fleet``), only
+it can reach them (a monitor elsewhere sends the ``kill`` request, as for another host's workers),
+and when the process is gone so are they (``check_health`` says NOT_FOUND, ``adopt`` reports them
+exited).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import socket
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from runherd.broker import Broker, BrokerError
+from runherd.errors import ConfigError, InvalidMessage, LaunchError
+from runherd.launchers.base import Handle, Health, HealthStatus, RunLauncher, WorkerExit, WorkerRun
+from runherd.launchers.process import start_time
+from runherd.plan import Plan, from_json, ready
+from runherd.reporting import Reporter
+
+log = logging.getLogger("runherd.launchers.sim")
+
+CONTROL_EXCHANGE = "runherd.sim"
+ACTIONS = ("succeed", "fail", "crash", "hang")
+OUTCOMES = ("succeed", "fail", "crash", "hang", "wait")
+_KEYS = {
+    "step_seconds",
+    "workers_per_connection",
+    "step_failure_rate",
+    "crash_rate",
+    "hang_rate",
+    "seed",
+    "terminate_grace_seconds",
+    "amqp_url",
+}
+EXIT_FAILURE = 1  # the real worker's codes
+EXIT_REPORT_FAILED = 3
+EXIT_CANCELED = 143
+SIGKILL = 9
+MAX_EXITS_KEPT = 20_000
+LOG_LINES = 40
+
+
+def command_body(action: str, run_ids: Iterable[str] | None = None) -> bytes:
+    """A control message for the ``runherd.sim`` exchange."""
+    if action not in ACTIONS:
+        raise InvalidMessage(f"sim: action: expected one of {', '.join(ACTIONS)}")
+    body: dict[str, Any] = {"v": 1, "action": action}
+    if run_ids is not None:
+        body["run_ids"] = list(run_ids)
+    return orjson.dumps(body)
+
+
+def parse_command(data: Any) -> tuple[str, set[str] | None]:
+    if not isinstance(data, dict) or data.get("v") != 1:
+        raise InvalidMessage('sim: expected an object with "v": 1')
+    action, run_ids = data.get("action"), data.get("run_ids")
+    if action not in ACTIONS:
+        raise InvalidMessage(f"sim: action: expected one of {', '.join(ACTIONS)}")
+    if run_ids is not None and (not isinstance(run_ids, list) or not all(isinstance(r, str) for r in run_ids)):
+        raise InvalidMessage("sim: run_ids: expected a list of run ids")
+    return action, None if run_ids is None else set(run_ids)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    step_seconds: float = 1.0
+    workers_per_connection: int = 1
+    step_failure_rate: float = 0.0
+    crash_rate: float = 0.0
+    hang_rate: float = 0.0
+    seed: int | None = None
+    terminate_grace_seconds: float = 10.0
+    amqp_url: str | None = None  # default: the worker's broker URL, from its plan
+
+
+def parse_config(raw: Mapping[str, Any]) -> SimConfig:
+    unknown = set(raw) - _KEYS
+    if unknown:
+        raise ConfigError(
+            f"run_launcher.config.{sorted(unknown)[0]}: unknown key for the sim launcher "
+            f"(known: {', '.join(sorted(_KEYS))})"
+        )
+
+    def number(key: str, default: float, low: float = 0.0, high: float | None = None) -> float:
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < low or (high and value > high):
+            bound = f"between {low:g} and {high:g}" if high else f">= {low:g}"
+            raise ConfigError(f"run_launcher.config.{key}: expected a number {bound}")
+        return float(value)
+
+    per_connection = raw.get("workers_per_connection", 1)
+    if isinstance(per_connection, bool) or not isinstance(per_connection, int) or not 1 <= per_connection <= 2000:
+        raise ConfigError("run_launcher.config.workers_per_connection: expected an integer from 1 to 2000")
+    seed = raw.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError("run_launcher.config.seed: expected an integer")
+    url = raw.get("amqp_url")
+    if url is not None and not isinstance(url, str):
+        raise ConfigError("run_launcher.config.amqp_url: expected a string")
+    return SimConfig(
+        step_seconds=number("step_seconds", 1.0),
+        workers_per_connection=per_connection,
+        step_failure_rate=number("step_failure_rate", 0.0, high=1.0),
+        crash_rate=number("crash_rate", 0.0, high=1.0),
+        hang_rate=number("hang_rate", 0.0, high=1.0),
+        seed=seed,
+        terminate_grace_seconds=number("terminate_grace_seconds", 10.0),
+        amqp_url=url,
+    )
+
+
+@dataclass(frozen=True)
+class Directives:
+    """One run's script, from its env."""
+
+    outcome: str | None = None
+    step_seconds: float | None = None
+    exit_code: int | None = None
+    say: str | None = None
+
+
+def directives(env: Mapping[str, str]) -> Directives:
+    outcome = env.get("RUNHERD_SIM_OUTCOME") or None
+    if outcome is not None and outcome not in OUTCOMES:
+        raise InvalidMessage(f"RUNHERD_SIM_OUTCOME: expected one of {', '.join(OUTCOMES)}")
+    try:
+        seconds = float(env["RUNHERD_SIM_STEP_SECONDS"]) if env.get("RUNHERD_SIM_STEP_SECONDS") else None
+        code = int(env["RUNHERD_SIM_EXIT_CODE"]) if env.get("RUNHERD_SIM_EXIT_CODE") else None
+    except ValueError as exc:
+        raise InvalidMessage(f"RUNHERD_SIM_*: {exc}") from None
+    return Directives(outcome, seconds, code, env.get("RUNHERD_SIM_SAY") or None)
+
+
+def fate(cfg: SimConfig, rand: float) -> str | None:
+    """Pure: what the configured rates make of one step, from one uniform draw in [0, 1)."""
+    edge = 0.0
+    for name, chance in (("crash", cfg.crash_rate), ("hang", cfg.hang_rate), ("fail", cfg.step_failure_rate)):
+        edge += chance
+        if rand < edge:
+            return name
+    return None
+
+
+def killed_exit(run_id: str, attempt: int, code: int | None) -> WorkerExit:
+    if code is None:
+        return WorkerExit(run_id, attempt, 128 + SIGKILL, SIGKILL, "SIGKILL", "worker killed by signal 9 (SIGKILL)")
+    return WorkerExit(run_id, attempt, code, None, None, f"worker exited with code {code}")
+
+
+# --- connections -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Connection:
+    ready: asyncio.Task[Broker]
+    live: int = 0
+
+
+class Connections:
+    """Each worker a connection of its own, or up to N workers on one connection (a channel each)."""
+
+    def __init__(self, per_connection: int) -> None:
+        self.per_connection = per_connection
+        self._open: dict[str, list[_Connection]] = {}
+
+    async def channel(self, url: str) -> tuple[Broker, Callable[[], Awaitable[None]]]:
+        if self.per_connection == 1:
+            broker = await Broker.connect(url, declare=False)
+            return broker, broker.close
+        pool = self._open.setdefault(url, [])
+        entry = next((c for c in pool if c.live < self.per_connection), None)
+        if entry is None:  # chosen without awaiting: concurrent launches fill one connection
+            entry = _Connection(asyncio.ensure_future(Broker.connect(url, declare=False)))
+            pool.append(entry)
+        entry.live += 1
+        try:
+            base = await asyncio.shield(entry.ready)
+            broker = await base.sibling()
+        except BaseException:
+            await self._release(url, entry)
+            raise
+
+        async def release() -> None:
+            await broker.close_channel()
+            await self._release(url, entry)
+
+        return broker, release
+
+    async def _release(self, url: str, entry: _Connection) -> None:
+        entry.live -= 1
+        pool = self._open.get(url, [])
+        if entry.live == 0 and entry in pool:
+            pool.remove(entry)
+            if entry.ready.done() and not entry.ready.cancelled() and entry.ready.exception() is None:
+                await entry.ready.result().close()
+
+    def count(self) -> int:
+        return sum(len(p) for p in self._open.values())
+
+
+# --- one virtual worker ------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised inside a worker's life to end it: ``code`` None means killed (SIGKILL)."""
+
+    def __init__(self, code: int | None, *, hang: bool = False) -> None:
+        self.code = code
+        self.hang = hang
+
+
+@dataclass
+class VirtualWorker:
+    fleet: Fleet
+    run: WorkerRun
+    plan: Plan
+    handle: Handle
+    script: Directives
+    cfg: SimConfig
+    owners: set[SimLauncher] = field(default_factory=set)
+    lines: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_LINES))
+    pending: list[str] = field(default_factory=list)
+    poked: asyncio.Event = field(default_factory=asyncio.Event)
+    hung: bool = False
+    exit: WorkerExit | None = None
+    task: asyncio.Task[None] | None = None
+    killing: tuple[int | None] | None = None  # set to kill it (with this exit code; None: SIGKILL)
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def note(self, line: str) -> None:
+        self.lines.append(line)
+
+    def command(self, action: str) -> None:
+        if self.exit is not None or self.hung:
+            return
+        if action in ("crash", "kill"):
+            self.kill(self.script.exit_code if action == "crash" else None)
+            return
+        self.pending.append(action)
+        self.poked.set()
+
+    def kill(self, code: int | None = None) -> None:
+        """Stops like a SIGKILLed process (or a crash with ``code``): no event more, no heartbeat
+        more. It takes effect once the publish in flight (if any) is done, never by cancelling a
+        broker call midway (a channel left half-open would break the connection it shares)."""
+        if self.exit is not None:
+            return
+        if self.hung or self.task is None or self.task.done():
+            self._exited(killed_exit(self.run.run_id, self.run.attempt, code))
+            return
+        if self.killing is None:
+            self.killing = (code,)
+            self.poked.set()
+
+    def check(self) -> None:
+        if self.killing is not None:
+            raise _Stop(self.killing[0])
+
+    async def live(self) -> None:
+        try:
+            await self._live()
+        except _Stop as stop:
+            if stop.hang:
+                self.hung = True
+                self.note("hung: no more heartbeats or progress")
+                return
+            self._exited(killed_exit(self.run.run_id, self.run.attempt, stop.code))
+
+    async def _live(self) -> None:
+        # The worker's broker URL travels in its plan (runherd.plan), as for a real worker.
+        url = self.cfg.amqp_url or self.plan.amqp_url or self.run.env.get("RUNHERD_AMQP_URL")
+        if not url:
+            self.note("no broker URL in the worker's plan")
+            self._exited(WorkerExit(self.run.run_id, self.run.attempt, EXIT_REPORT_FAILED, message="no broker"))
+            return
+        try:
+            broker, release = await self.fleet.connections.channel(url)
+        except BrokerError as exc:
+            self.note(f"cannot connect: {exc}")
+            self._exited(WorkerExit(self.run.run_id, self.run.attempt, EXIT_REPORT_FAILED, message=str(exc)))
+            return
+        reporter = Reporter(broker, self.plan, quiet=True)
+        silent = asyncio.Event()
+        beats = asyncio.ensure_future(reporter.heartbeats(silent))
+        try:
+            self.check()
+            code = await self._work(reporter)
+        finally:
+            silent.set()
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(beats)
+            await asyncio.shield(release())
+        self._exited(WorkerExit(self.run.run_id, self.run.attempt, code, message=f"worker exited with code {code}"))
+
+    async def _work(self, reporter: Reporter) -> int:
+        if self.script.say:
+            self.note(self.script.say)
+        await reporter.run_start(os.getpid(), what=f"virtual worker {self.plan.worker_id} in sim fleet")
+        self.check()
+        self.note(f"run {self.run.run_id} attempt {self.run.attempt}: started")
+        done: set[str] = set(self.plan.completed)
+        started: set[str] = set()
+        quick = False
+        if self.script.outcome == "wait" and not ready(self.plan.steps, done, started):
+            # Nothing left to run: a waiting worker still waits for its command.
+            action = await self._wait(None)
+            self.check()
+            code = await self._act(reporter, action, None)
+            if code is not None:
+                return code
+        while True:
+            steps = ready(self.plan.steps, done, started)
+            if not steps:
+                break
+            for step in steps:
+                started.add(step.key)
+                await reporter.step_start(step.key)
+                self.check()
+                last = len(started | done) == len(self.plan.steps)
+                planned = (self.script.outcome if last else None) or fate(self.cfg, self.fleet.rng.random())
+                seconds = self.script.step_seconds if self.script.step_seconds is not None else self.cfg.step_seconds
+                action = await self._wait(None if planned == "wait" else (0.0 if quick else seconds))
+                self.check()
+                action = action or (planned if planned not in ("wait", "succeed") else None)
+                quick = quick or action == "succeed"
+                code = await self._act(reporter, action, step.key)
+                if code is not None:
+                    return code
+                await reporter.step_success(step.key, None)
+                done.add(step.key)
+                self.check()
+        if "terminate" in self.pending:
+            await reporter.run_canceled()
+            return EXIT_CANCELED
+        if self.script.exit_code not in (None, 0):
+            self.note(f"exiting with code {self.script.exit_code}")
+            raise _Stop(self.script.exit_code)
+        await reporter.run_success()
+        self.note("succeeded")
+        return 0
+
+    async def _act(self, reporter: Reporter, action: str | None, key: str | None) -> int | None:
+        """Carries out a command (or a planned fate) in step ``key``; an exit code ends the worker."""
+        if action == "fail":
+            failed = key or "(none)"
+            if key is not None:
+                await reporter.step_failure(key, "simulated step failure")
+            await reporter.run_failure({failed: "simulated step failure"})
+            self.note(f"step {failed} failed")
+            return EXIT_FAILURE
+        if action == "crash":
+            self.note(f"crashed in step {key or '-'}")
+            raise _Stop(self.script.exit_code)
+        if action == "hang":
+            raise _Stop(None, hang=True)
+        if action == "terminate":
+            await reporter.run_canceled()
+            self.note("stopped on request")
+            return EXIT_CANCELED
+        return None
+
+    async def _wait(self, seconds: float | None) -> str | None:
+        """Wait the step out, or less when a command comes; returns the command."""
+        if not self.pending and self.killing is None and seconds != 0:
+            self.poked.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.poked.wait(), seconds)
+        return self.pending.pop(0) if self.pending else None
+
+    def _exited(self, exit_: WorkerExit) -> None:
+        if self.exit is not None:
+            return
+        self.exit = exit_
+        self.note(exit_.message or "exited")
+        self.fleet.exited(self)
+        self.gone.set()
+
+
+# --- the process's fleet -----------------------------------------------------------------------
+
+
+class Fleet:
+    """Every virtual worker of this process, whichever launcher instance started it."""
+
+    def __init__(self) -> None:
+        self.id = uuid.uuid4().hex[:12]
+        self.pid = os.getpid()
+        self.started = start_time(self.pid)
+        self.host = socket.gethostname()
+        self.live: dict[str, VirtualWorker] = {}  # worker_id -> worker
+        self.by_attempt: dict[tuple[str, int], VirtualWorker] = {}
+        self.done: OrderedDict[str, VirtualWorker] = OrderedDict()
+        self.rng = random.Random()
+        self.connections = Connections(1)
+
+    def exited(self, worker: VirtualWorker) -> None:
+        wid = worker.plan.worker_id
+        self.live.pop(wid, None)
+        self.by_attempt.pop((worker.run.run_id, worker.run.attempt), None)
+        self.done[wid] = worker
+        while len(self.done) > MAX_EXITS_KEPT:
+            self.done.popitem(last=False)
+        assert worker.exit is not None
+        for owner in worker.owners:
+            owner.exits.put_nowait(worker.exit)
+
+    def find(self, handle: Handle) -> VirtualWorker | None:
+        wid = str(handle.get("worker_id"))
+        return self.live.get(wid) or self.done.get(wid)
+
+    def command(self, action: str, run_ids: set[str] | None) -> int:
+        targets = [w for w in list(self.live.values()) if run_ids is None or w.run.run_id in run_ids]
+        for worker in targets:
+            worker.command(action)
+        return len(targets)
+
+
+_FLEET: Fleet | None = None
+
+
+def fleet() -> Fleet:
+    global _FLEET
+    if _FLEET is None or _FLEET.pid != os.getpid():
+        _FLEET = Fleet()
+    return _FLEET
+
+
+def _fleet_alive(handle: Handle) -> bool:
+    pid = handle.get("fleet_pid")
+    return isinstance(pid, int) and start_time(pid) is not None and start_time(pid) == handle.get("fleet_started")
+
+
+class SimLauncher(RunLauncher):
+    name = "sim"
+
+    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
+        super().__init__(config)
+        self.cfg = parse_config(self.config)
+        self.fleet = fleet()
+        if self.cfg.seed is not None:
+            self.fleet.rng.seed(self.cfg.seed)
+        if self.cfg.workers_per_connection != self.fleet.connections.per_connection and not self.fleet.live:
+            self.fleet.connections = Connections(self.cfg.workers_per_connection)
+        self.exits: asyncio.Queue[WorkerExit] = asyncio.Queue()
+        self._control: asyncio.Task[None] | None = None
+
+    # --- the interface ---------------------------------------------------------------------
+
+    async def launch(self, run: WorkerRun) -> Handle:
+        existing = self.fleet.by_attempt.get((run.run_id, run.attempt))
+        if existing is not None:  # a second claim of one attempt adopts its worker
+            existing.owners.add(self)
+            return existing.handle
+        try:
+            script = directives(run.env)
+            plan = (
+                from_json(run.plan)
+                if run.plan
+                else Plan(run_id=run.run_id, attempt=run.attempt, job=run.job, steps=(), worker_id=run.worker_id)
+            )
+        except (InvalidMessage, KeyError, TypeError, ValueError) as exc:
+            raise LaunchError(f"sim: {exc}") from exc
+        self._follow_commands(self.cfg.amqp_url or plan.amqp_url or run.env.get("RUNHERD_AMQP_URL"))
+        worker_id = plan.worker_id or run.worker_id or uuid.uuid4().hex[:12]
+        if not plan.worker_id:
+            plan = dataclasses.replace(plan, worker_id=worker_id)
+        handle: Handle = {
+            "launcher": self.name,
+            "host": self.fleet.host,
+            "fleet": self.fleet.id,
+            "fleet_pid": self.fleet.pid,
+            "fleet_started": self.fleet.started,
+            "worker_id": worker_id,
+            "run_id": run.run_id,
+            "attempt": run.attempt,
+        }
+        worker = VirtualWorker(self.fleet, run, plan, handle, script, self.cfg, owners={self})
+        self.fleet.live[worker_id] = worker
+        self.fleet.by_attempt[(run.run_id, run.attempt)] = worker
+        worker.task = asyncio.ensure_future(worker.live())
+        return handle
+
+    def can_reach(self, handle: Handle) -> bool:
+        return handle.get("fleet") == self.fleet.id
+
+    async def check_health(self, handle: Handle) -> Health:
+        if handle.get("fleet") != self.fleet.id:
+            if handle.get("host") == self.fleet.host and not _fleet_alive(handle):
+                return Health(HealthStatus.NOT_FOUND, message="its sim fleet (process) is gone")
+            return Health(HealthStatus.UNKNOWN, message=f"the worker lives in sim fleet {handle.get('fleet')}")
+        worker = self.fleet.find(handle)
+        if worker is None:
+            return Health(HealthStatus.NOT_FOUND, message=f"no virtual worker {handle.get('worker_id')}")
+        if worker.exit is None:
+            return Health(HealthStatus.RUNNING)
+        code = worker.exit.exit_code
+        status = HealthStatus.SUCCESS if code == 0 else HealthStatus.FAILED
+        return Health(status, exit_code=code, reason=worker.exit.reason, message=worker.exit.message)
+
+    async def terminate(self, handle: Handle, *, grace_seconds: float | None = None) -> bool:
+        worker = self.fleet.find(handle) if handle.get("fleet") == self.fleet.id else None
+        if worker is None or worker.exit is not None:
+            return False
+        grace = self.cfg.terminate_grace_seconds if grace_seconds is None else grace_seconds
+        if grace > 0:
+            worker.command("terminate")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(worker.gone.wait(), grace)
+        worker.kill()
+        return True
+
+    async def debug_info(self, handle: Handle) -> str:
+        worker = self.fleet.find(handle) if handle.get("fleet") == self.fleet.id else None
+        if worker is None:
+            return f"(virtual worker {handle.get('worker_id')} of sim fleet {handle.get('fleet')}: not in this process)"
+        return "\n".join(worker.lines)
+
+    def watch(self) -> AsyncIterator[WorkerExit]:
+        return self._watch()
+
+    async def _watch(self) -> AsyncIterator[WorkerExit]:
+        while True:
+            yield await self.exits.get()
+
+    async def adopt(self, handles: list[Handle]) -> None:
+        for handle in handles:
+            if handle.get("fleet") == self.fleet.id:
+                worker = self.fleet.find(handle)
+                if worker is not None and worker.exit is not None:
+                    self.exits.put_nowait(worker.exit)
+                elif worker is not None:
+                    worker.owners.add(self)
+            elif handle.get("host") == self.fleet.host and not _fleet_alive(handle):
+                self.exits.put_nowait(
+                    WorkerExit(
+                        str(handle.get("run_id")),
+                        int(handle.get("attempt") or 0),
+                        None,
+                        reason="exited",
+                        message="its sim fleet (the launcher process that hosted it) is gone",
+                    )
+                )
+
+    async def close(self) -> None:
+        if self._control is not None:
+            self._control.cancel()
+            with contextlib.suppress(BaseException):
+                await self._control
+        for worker in list(self.fleet.live.values()):
+            worker.owners.discard(self)
+            if not worker.owners and worker.task is not None:
+                worker.task.cancel()
+                with contextlib.suppress(BaseException):
+                    await worker.task
+                self.fleet.live.pop(worker.plan.worker_id, None)
+                self.fleet.by_attempt.pop((worker.run.run_id, worker.run.attempt), None)
+
+    # --- commands ---------------------------------------------------------------------------
+
+    def command(self, action: str, run_ids: Iterable[str] | None = None) -> int:
+        """Tell live workers of this process to succeed, fail, crash or hang; returns how many."""
+        if action not in ACTIONS:
+            raise InvalidMessage(f"sim: action: expected one of {', '.join(ACTIONS)}")
+        return self.fleet.command(action, None if run_ids is None else set(run_ids))
+
+    def _follow_commands(self, url: str | None) -> None:
+        if self._control is None and url:
+            self._control = asyncio.ensure_future(self._commands(url))
+
+    async def _commands(self, url: str) -> None:
+        while True:
+            broker: Broker | None = None
+            try:
+                broker = await Broker.connect(url, declare=False)
+                await broker.declare_fanout(CONTROL_EXCHANGE)
+                subscription = await broker.follow(CONTROL_EXCHANGE, [""])
+                async for received in subscription:
+                    try:
+                        action, run_ids = parse_command(orjson.loads(received.body))
+                    except (InvalidMessage, orjson.JSONDecodeError) as exc:
+                        log.warning("sim: command ignored: %s", exc)
+                        continue
+                    count = self.fleet.command(action, run_ids)
+                    log.info("sim: %s sent to %d virtual workers", action, count)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("sim: control channel lost (%r); following again in 1 s", exc)
+                await asyncio.sleep(1)
+            finally:
+                if broker is not None:
+                    await broker.close()
