@@ -22,7 +22,7 @@ def test_a_small_fleet_loses_nothing_and_resumes_each_fault_once() -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts/bench/fleet.py"), "--ci", "--runs", "300"],
         capture_output=True,
-        timeout=110,
+        timeout=150,
         cwd=ROOT,
     )
     out = done.stdout.decode(errors="replace")
