@@ -85,6 +85,10 @@ async def _one(env: Env, sql: str) -> Any:
     return next(iter(rows[0].values()))
 
 
+async def _later(env: Env, than: Any) -> bool:
+    return bool(await _one(env, "SELECT applied_through FROM event_watermark") > than)
+
+
 def _ctl_json(*args: str) -> list[dict[str, Any]]:
     out = subprocess.run(
         ["rabbitmqctl", "-q", *args, "--formatter", "json"], check=True, capture_output=True, timeout=60
@@ -146,6 +150,7 @@ async def test_three_monitors_share_the_shards_keep_order_and_take_over_a_killed
 
     await eventually(taken_over, timeout=20, what="the killed replica's shards taken over")
     takeover = time.monotonic() - killed
+    print(f"shards taken over {takeover:.1f} s after the SIGKILL")
     assert takeover < 10, f"shards moved after {takeover:.1f} s"
 
     async def all_done() -> bool:
@@ -173,6 +178,12 @@ async def test_three_monitors_share_the_shards_keep_order_and_take_over_a_killed
         assert types.index("RUN_SUCCESS") < types.index("WORKER_EXITED"), (run_id, types)
         assert not [e for e in events if e["refused"]], (run_id, events)
     assert await _depth(env.broker, topology.DEAD_QUEUE) == 0
+    # Canary rounds complete (one canary per shard and one through the unsharded events queue,
+    # which the monitors still consume): the event watermark moves, and keeps moving.
+    first = await eventually(
+        lambda: _one(env, "SELECT applied_through FROM event_watermark"), timeout=10, what="the event watermark"
+    )
+    await eventually(lambda: _later(env, first), timeout=10, what="a later round complete after the takeover")
     for m in monitors:
         if m is not victim:
             assert m.poll() is None, "the surviving monitors still run"
