@@ -505,7 +505,8 @@ class Broker:
 
     async def queue_depths(self) -> dict[str, int]:
         depths = {}
-        for name in _QUEUES:
+        shards = [shard_queue(i) for i in range(self.event_shards)] if self.event_shards > 1 else []
+        for name in [*_QUEUES, *shards]:
             with contextlib.suppress(Exception):
                 queue = await self.channel.get_queue(name, ensure=False)
                 result = await queue.declare()  # a fresh passive-style declare: current counts
