@@ -121,7 +121,17 @@ async def reset_vhost(amqp_url: str) -> bool:
                 topology.DEAD_QUEUE,
             ):
                 await channel.queue_delete(queue)
-            for exchange in (topology.COMMANDS, topology.EVENTS, topology.HEARTBEATS, topology.STATUS, topology.DEAD):
+            for shard in range(8):  # a sharded test's (event_shards <= 8)
+                await channel.queue_delete(topology.shard_queue(shard))
+            for exchange in (
+                topology.COMMANDS,
+                topology.EVENTS,
+                topology.HEARTBEATS,
+                topology.STATUS,
+                topology.DEAD,
+                topology.SHARDS_EXCHANGE,
+                topology.UNSHARDED_EXCHANGE,
+            ):
                 await channel.exchange_delete(exchange)
         return True
     except Exception:

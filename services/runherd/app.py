@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import uuid
 from dataclasses import dataclass, field
 
 from runherd import broker as topology
@@ -100,7 +103,12 @@ async def start(
     for name, count in services.items():
         for _ in range(count):
             store = await Store.connect(config.database_url)
-            broker = await Broker.connect(config.amqp_url, max_body_bytes=config.limits.max_message_bytes)
+            broker = await Broker.connect(
+                config.amqp_url,
+                max_body_bytes=config.limits.max_message_bytes,
+                event_shards=config.event_shards,
+                name=f"runherd-{name}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+            )
             running.stores.append(store)
             running.brokers.append(broker)
             service: LauncherService | HeartbeatService | MonitorService

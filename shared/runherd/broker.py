@@ -28,6 +28,7 @@ from aio_pika.abc import (
 
 from runherd.auth import TOKEN_HEADER
 from runherd.config import redact
+from runherd.contract import SHARD_HEADER, event_shard
 from runherd.errors import RunherdError
 from runherd.limits import DEFAULT as DEFAULT_LIMITS
 
@@ -43,6 +44,17 @@ COMMANDS_QUEUE = "runherd.launcher.commands"
 EVENTS_QUEUE = "runherd.monitor.events"
 HEARTBEATS_QUEUE = "runherd.heartbeats"
 DEAD_QUEUE = "runherd.dead-letters"
+# Sharded event ingest (event_shards > 1): runherd.events feeds a headers exchange that routes on
+# the shard header to runherd.events.shard.<i>; a message without it (or with a shard out of range)
+# goes on to the alternate exchange and the events queue as before.
+SHARDS_EXCHANGE = "runherd.events.shards"
+UNSHARDED_EXCHANGE = "runherd.events.unsharded"
+
+
+def shard_queue(shard: int) -> str:
+    return f"runherd.events.shard.{shard}"
+
+
 ERROR_HEADER = "x-runherd-error"
 EXCHANGE_HEADER = "x-runherd-exchange"
 ROUTING_KEY_HEADER = "x-runherd-routing-key"
@@ -130,7 +142,10 @@ class Broker:
         connection: AbstractRobustConnection,
         channel: AbstractChannel,
         max_body_bytes: int = DEFAULT_LIMITS.max_message_bytes,
+        event_shards: int = 1,
     ) -> None:
+        self.event_shards = event_shards  # the topology declared (README "Sharded event ingest")
+        self.name: str | None = None  # the connection's name in RabbitMQ, if given
         self.connection = connection
         self.channel = channel
         self._exchanges: dict[str, AbstractExchange] = {}
@@ -152,13 +167,20 @@ class Broker:
         declare: bool = True,
         timeout: float = 10,
         max_body_bytes: int = DEFAULT_LIMITS.max_message_bytes,
+        event_shards: int = 1,
+        name: str | None = None,
     ) -> Broker:
+        """``name``: the connection's name as RabbitMQ shows it (``connection_name``)."""
+        properties: dict[str, Any] | None = {"connection_name": name} if name else None
         try:
-            connection = await aio_pika.connect_robust(url, timeout=timeout, reconnect_interval=RECONNECT_SECONDS)
+            connection = await aio_pika.connect_robust(
+                url, timeout=timeout, reconnect_interval=RECONNECT_SECONDS, client_properties=properties
+            )
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
             raise BrokerError(f"cannot connect to RabbitMQ at {redact(url)}: {exc!r}") from exc
         channel = await connection.channel(publisher_confirms=True)
-        broker = cls(connection, channel, max_body_bytes)
+        broker = cls(connection, channel, max_body_bytes, event_shards)
+        broker.name = name
         if declare:
             try:
                 await broker.declare()
@@ -194,10 +216,49 @@ class Broker:
         """Declare the public topology; idempotent, every service does it at start."""
         for name, kind in _EXCHANGES.items():
             self._exchanges[name] = await self.channel.declare_exchange(name, kind, durable=True)
+        # Sharded by a deployment: the events queue must not get events straight from runherd.events
+        # again (a client or a service configured without shards declares too).
+        sharded = self.event_shards > 1 or await self._exists(SHARDS_EXCHANGE)
         for queue, (arguments, exchange, keys) in _QUEUES.items():
             declared = await self.channel.declare_queue(queue, durable=True, arguments=arguments)
+            if queue == EVENTS_QUEUE and sharded:
+                continue
             for key in keys:
                 await declared.bind(self._exchanges[exchange], routing_key=key)
+        if self.event_shards > 1:
+            await self._declare_shards()
+
+    async def _exists(self, exchange: str) -> bool:
+        channel = await self.connection.channel()
+        try:
+            await channel.declare_exchange(exchange, aio_pika.ExchangeType.HEADERS, passive=True)
+            return True
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    async def _declare_shards(self) -> None:
+        """runherd.events -(run.*)-> runherd.events.shards (headers; alternate exchange
+        runherd.events.unsharded -> the events queue) -(shard header = i)-> runherd.events.shard.<i>,
+        each a quorum queue with a single active consumer. The new path is bound before the events
+        queue's direct binding goes: a switch may duplicate an event (ingest dedupes), never lose one."""
+        unsharded = await self.channel.declare_exchange(UNSHARDED_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
+        shards = await self.channel.declare_exchange(
+            SHARDS_EXCHANGE,
+            aio_pika.ExchangeType.HEADERS,
+            durable=True,
+            arguments={"alternate-exchange": UNSHARDED_EXCHANGE},
+        )
+        events_queue = await self.channel.get_queue(EVENTS_QUEUE, ensure=False)
+        await events_queue.bind(unsharded, routing_key="")
+        await shards.bind(self._exchanges[EVENTS], routing_key="run.*")
+        arguments = _QUEUES[EVENTS_QUEUE][0]
+        for shard in range(self.event_shards):
+            declared = await self.channel.declare_queue(shard_queue(shard), durable=True, arguments=arguments)
+            await declared.bind(shards, routing_key="", arguments={"x-match": "all", SHARD_HEADER: str(shard)})
+        await events_queue.unbind(self._exchanges[EVENTS], routing_key="run.*")
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -225,12 +286,21 @@ class Broker:
         await self._exchanges[exchange].publish(message, routing_key=routing_key)
 
     async def publish_event(
-        self, run_id: str, body: bytes, *, token: str | None = None, patience: float = PUBLISH_PATIENCE_SECONDS
+        self,
+        run_id: str,
+        body: bytes,
+        *,
+        token: str | None = None,
+        patience: float = PUBLISH_PATIENCE_SECONDS,
+        shards: int = 1,
     ) -> None:
         """Lifecycle events must arrive: retried through a reconnect (consumers dedupe by seq).
-        ``token`` proves who reports (runherd.auth); it travels as a header."""
-        headers = {TOKEN_HEADER: token} if token else None
-        await self.publish_until_confirmed(EVENTS, f"run.{run_id}", body, patience=patience, headers=headers)
+        ``token`` proves who reports (runherd.auth); it travels as a header, and so does the run's
+        shard when events are sharded (``shards`` > 1: runherd.contract.event_shard)."""
+        headers: dict[str, Any] = {TOKEN_HEADER: token} if token else {}
+        if shards > 1:
+            headers[SHARD_HEADER] = str(event_shard(run_id, shards))
+        await self.publish_until_confirmed(EVENTS, f"run.{run_id}", body, patience=patience, headers=headers or None)
 
     async def publish_until_confirmed(
         self,
@@ -311,9 +381,13 @@ class Broker:
         max_wait: float,
         prefetch: int | None = None,
         stop: asyncio.Event | None = None,
+        hand_back: bool = False,
     ) -> AsyncIterator[list[Delivery]]:
         """Deliveries in batches: up to ``max_size``, or whatever came within ``max_wait`` seconds
-        of the first. Ends when ``stop`` is set (after the batch in hand)."""
+        of the first. Ends when ``stop`` is set (after the batch in hand). ``hand_back``: end by
+        closing the channel without a basic.cancel first, so a single-active-consumer queue takes
+        back what was prefetched before it activates the next consumer (an event shard that moves
+        keeps its order)."""
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=prefetch or max_size * 2)
         queue: AbstractQueue = await channel.get_queue(queue_name, ensure=False)
@@ -335,8 +409,9 @@ class Broker:
                     yield [Delivery(m.body, m.routing_key or "", dict(m.headers or {}), m) for m in batch]
         finally:
             self.consuming[queue_name] -= 1
-            with contextlib.suppress(Exception):
-                await queue.cancel(tag)
+            if not hand_back:
+                with contextlib.suppress(Exception):
+                    await queue.cancel(tag)
             # Unacked messages still in the inbox go back to the queue when the channel closes.
             with contextlib.suppress(Exception):
                 await channel.close()
@@ -430,7 +505,8 @@ class Broker:
 
     async def queue_depths(self) -> dict[str, int]:
         depths = {}
-        for name in _QUEUES:
+        shards = [shard_queue(i) for i in range(self.event_shards)] if self.event_shards > 1 else []
+        for name in [*_QUEUES, *shards]:
             with contextlib.suppress(Exception):
                 queue = await self.channel.get_queue(name, ensure=False)
                 result = await queue.declare()  # a fresh passive-style declare: current counts

@@ -107,6 +107,9 @@ class Config:
     run_launcher: RunLauncherConfig = field(default_factory=RunLauncherConfig)
     ui: Ui = field(default_factory=Ui)
     metrics_port: int = 0  # 0: no HTTP endpoint (/metrics, /healthz, /readyz)
+    # Lifecycle events sharded by run over this many queues, spread over the monitor replicas
+    # (README "Sharded event ingest"); 1: one events queue with one active consumer.
+    event_shards: int = 1
     # RabbitMQ's management API, for the queue-depth gauge (ready + unacknowledged); "": the AMQP
     # host on port 15672 with the AMQP credentials
     rabbitmq_management_url: str = ""
@@ -243,6 +246,13 @@ def _execution(raw: Any) -> Execution:
     return section
 
 
+def _event_shards(value: Any) -> int:
+    _check("event_shards", value, int, "an integer from 1 to 256")
+    if not 1 <= value <= 256:
+        raise ConfigError(f"event_shards: expected an integer from 1 to 256, got {value!r}")
+    return int(value)
+
+
 def from_mapping(raw: Mapping[str, Any] | None) -> Config:
     raw = dict(raw or {})
     known = {f.name for f in fields(Config)}
@@ -262,6 +272,7 @@ def from_mapping(raw: Mapping[str, Any] | None) -> Config:
         run_launcher=_run_launcher(raw.get("run_launcher")),
         ui=_section(Ui, "ui", raw.get("ui")),
         metrics_port=_check("metrics_port", raw.get("metrics_port", 0), int, "an integer"),
+        event_shards=_event_shards(raw.get("event_shards", 1)),
         rabbitmq_management_url=_check("rabbitmq_management_url", raw.get("rabbitmq_management_url", ""), str, "a URL"),
         log_level=_check("log_level", raw.get("log_level", "INFO"), str, "a level name"),
         log_format=_check("log_format", raw.get("log_format", "text"), str, "text or json"),

@@ -75,9 +75,12 @@ async def consume(
     max_wait: float,
     unavailable: tuple[type[BaseException], ...] = (),
     prefetch: int | None = None,
+    hand_back: bool = False,
 ) -> None:
     """Consume ``queue`` until ``stop``; every delivery is settled here and nowhere else."""
-    async for batch in broker.batches(queue, max_size=max_size, max_wait=max_wait, prefetch=prefetch, stop=stop):
+    async for batch in broker.batches(
+        queue, max_size=max_size, max_wait=max_wait, prefetch=prefetch, stop=stop, hand_back=hand_back
+    ):
         batch = await _refuse_oversized(broker, queue, batch)
         if not batch:
             continue

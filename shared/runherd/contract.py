@@ -7,6 +7,7 @@ InvalidMessage with a sentence that ends up in the dead letter's ``x-runherd-err
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -85,6 +86,19 @@ class RetryStrategy(enum.StrEnum):
 
 
 # --- tags -------------------------------------------------------------------------------------
+
+SHARD_HEADER = "runherd-shard"
+"""The header carrying an event's shard (``event_shards`` > 1). Not ``x-``: a headers exchange
+ignores binding keys that begin with ``x-``."""
+MAX_EVENT_SHARDS = 256
+
+
+def event_shard(run_id: str, shards: int) -> int:
+    """The shard of a run's events: the first 8 bytes of SHA-256 of its run_id (the canonical
+    lowercase UUID text), big-endian, modulo ``shards``. Stable across processes and languages."""
+    digest = hashlib.sha256(run_id.lower().encode()).digest()
+    return int.from_bytes(digest[:8], "big") % shards
+
 
 TAG_PREFIXES = ("runherd/", "dagster/")
 

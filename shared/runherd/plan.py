@@ -47,6 +47,7 @@ class Plan:
     # Steps that failed tries before this attempt (a crash during a retry delay): key ->
     # {"failed_tries": n, "retry_at": epoch seconds or None}. The step goes on at try n + 1.
     step_tries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    event_shards: int = 1  # the deployment's event_shards: the worker marks each event's shard
 
     @property
     def source(self) -> str:
@@ -69,6 +70,7 @@ class Plan:
                 "token": self.token,
                 "executor": self.executor,
                 "step_tries": self.step_tries,
+                **({"event_shards": self.event_shards} if self.event_shards > 1 else {}),
             }
         ).decode()
 
@@ -93,6 +95,7 @@ def from_json(text: str) -> Plan:
         token=str(raw.get("token") or ""),
         executor=str(raw.get("executor") or "multiprocess"),
         step_tries=dict(raw.get("step_tries") or {}),
+        event_shards=max(1, int(raw.get("event_shards") or 1)),
     )
 
 

@@ -53,7 +53,9 @@ class Reporter:
                 data=data or {},
                 ts=now_iso(),
             )
-            await self.broker.publish_event(self.plan.run_id, event.body(), token=self.plan.token)
+            await self.broker.publish_event(
+                self.plan.run_id, event.body(), token=self.plan.token, shards=self.plan.event_shards
+            )
         (log.debug if self._quiet else log.info)(
             "%s run_id=%s attempt=%s step=%s %s",
             kind.value,

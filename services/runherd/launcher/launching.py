@@ -100,6 +100,7 @@ def worker_run(claim: LaunchClaim, config: Config, keys: Keys) -> WorkerRun:
         token=auth.token(keys.current, auth.WORKER, claim.run_id, claim.attempt),
         executor=chosen.executor.value,
         step_tries={k: v for k, v in claim.step_tries.items() if k not in claim.completed},
+        event_shards=config.event_shards,
     )
     env = dict(claim.env)
     max_runtime = contract.max_runtime(claim.tags, config.run_monitoring.max_runtime_seconds)

@@ -217,5 +217,5 @@ class LauncherService:
         keys = self.launching.keys or await self.store.event_keys()
         self.launching.keys = keys
         proof = auth.token(keys.current, auth.LAUNCHER, exit_.run_id, exit_.attempt)
-        await self.broker.publish_event(exit_.run_id, event.body(), token=proof)
+        await self.broker.publish_event(exit_.run_id, event.body(), token=proof, shards=self.config.event_shards)
         log.info("worker exited run_id=%s attempt=%s %s", exit_.run_id, exit_.attempt, event.message)

@@ -31,6 +31,10 @@ class Gauges:
             verify=config.amqp_tls.verify,
         )
         self._warned = False
+        # Sharded event ingest: each shard's queue has its depth too.
+        self.queues = QUEUES | {
+            topology.shard_queue(i) for i in range(config.event_shards if config.event_shards > 1 else 0)
+        }
 
     async def loop(self, interval: float, stop: asyncio.Event) -> None:
         """Refresh every ``interval`` seconds until stop; a failed round is logged, not fatal."""
@@ -54,7 +58,7 @@ class Gauges:
 
     async def refresh_queues(self) -> None:
         try:
-            queues = await rabbit_admin.queue_counts(self.endpoint, QUEUES)
+            queues = await rabbit_admin.queue_counts(self.endpoint, self.queues)
         except (OSError, ValueError) as exc:
             # Without the management plugin only the ready messages can be counted (AMQP).
             if not self._warned:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import uuid
 from datetime import UTC, datetime
 
 from runherd import broker as topology
@@ -18,6 +21,7 @@ from runherd.launchers import RunLauncher
 from runherd.monitor.actions import Actions
 from runherd.monitor.gauges import Gauges
 from runherd.monitor.ingest import Effects, LockedRuns, apply_event
+from runherd.monitor.shards import ShardConsumers
 from runherd.monitor.sweeper import Sweeper
 from runherd.monitor.watermark import publish_canaries, split_canaries
 from runherd.runtime import Supervisor, retrying, sleep_or_stop
@@ -41,11 +45,22 @@ class MonitorService:
         self._sweep_on_canary = False  # sweep as soon as the next canary is applied
         self._nudged_for = -1.0  # the start deadline (loop time) a canary was last published for
         self.gauges = Gauges(config, store, broker)
+        # The replica's name in the lease table: its broker connection's, so RabbitMQ's list of
+        # consumers tells which replica holds which shard.
+        self.replica = broker.name or f"runherd-monitor@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.shards: ShardConsumers | None = None
+        if config.event_shards > 1:
+            self.shards = ShardConsumers(store, self.replica, config.event_shards, self._ingest_shard)
 
     async def run(self, supervisor: Supervisor, *, relay: bool = True) -> None:
         stop = supervisor.stop
         supervisor.spawn("monitor.ingest", retrying("event ingest", lambda: self._ingest(stop), stop))
-        supervisor.spawn("monitor.canaries", publish_canaries(self.store, self.broker, stop, now=self.canary_now))
+        if self.shards is not None:
+            supervisor.spawn("monitor.shards", self.shards.loop(stop))
+        supervisor.spawn(
+            "monitor.canaries",
+            publish_canaries(self.store, self.broker, stop, now=self.canary_now, shards=self.config.event_shards),
+        )
         # Always: with run_monitoring.enabled false the sweep still reaps and retries (sweeper.py).
         supervisor.spawn("monitor.sweep", self._sweep_loop(stop))
         # Its own loop: the sweep may sleep until the next deadline (up to a timeout), gauges may not.
@@ -112,13 +127,31 @@ class MonitorService:
             unavailable=TransientDbError,
         )
 
+    async def _ingest_shard(self, shard: int, stop: asyncio.Event) -> None:
+        """One event shard, until this replica loses it (``stop``): the channel closes with what it
+        prefetched, which RabbitMQ hands to the shard's next consumer first."""
+        await consume(
+            self.broker,
+            topology.shard_queue(shard),
+            self.apply_batch,
+            stop=stop,
+            max_size=200,
+            max_wait=0.01,
+            unavailable=TransientDbError,
+            hand_back=True,
+        )
+
     async def apply_batch(self, batch: list[Delivery]) -> list[Verdict]:
         """The events, then the canaries among them: a canary moves the event watermark only once
         the events before it are applied (the queue has one active consumer, so it is in order)."""
         events, _, nonces = split_canaries(batch)
         verdicts = await self._apply_events(events) if events else []
-        await self.store.record_event_canaries(nonces)
-        if nonces and self._sweep_on_canary:
+        if self.config.event_shards > 1:
+            moved = await self.store.record_event_canary_rounds(nonces)
+        else:
+            await self.store.record_event_canaries(nonces)
+            moved = bool(nonces)
+        if moved and self._sweep_on_canary:
             self._sweep_on_canary = False
             self.sweep_now.set()
         of_event = {id(d): v for d, v in zip(events, verdicts, strict=True)}

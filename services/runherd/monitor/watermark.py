@@ -20,6 +20,7 @@ import orjson
 
 from runherd import broker as topology
 from runherd.broker import Broker, Delivery
+from runherd.contract import SHARD_HEADER
 from runherd.runtime import sleep_or_stop
 from runherd.store import Store
 
@@ -63,14 +64,31 @@ async def publish_canaries(
     stop: asyncio.Event,
     period: float = CANARY_SECONDS,
     now: asyncio.Event | None = None,
+    shards: int = 1,
 ) -> None:
     """A canary every ``period`` (jittered), and one at once whenever ``now`` is set (a deadline
-    that waits on the watermark has come: services/monitor/service.py)."""
+    that waits on the watermark has come: services/monitor/service.py). With ``shards`` > 1, a
+    round: a canary per shard and one for the unsharded events queue, sharing one stamp; the
+    watermark moves once all of them are applied (the least over the shards)."""
     while not stop.is_set():
         try:
+            if shards > 1:
+                await _publish_round(store, broker, shards)
+                await sleep_or_stop(stop, period * (0.75 + 0.5 * random.random()), now)
+                continue
             nonce = secrets.randbelow(_NONCES) + 1
             if await store.issue_event_canary(nonce) is not None:
                 await broker.publish(topology.EVENTS, CANARY_KEY, canary_body(nonce))
         except Exception as exc:  # a database or broker blip: the watermark waits, nothing else
             log.warning("event canary not published: %r", exc)
         await sleep_or_stop(stop, period * (0.75 + 0.5 * random.random()), now)
+
+
+async def _publish_round(store: Store, broker: Broker, shards: int) -> None:
+    nonces = [secrets.randbelow(_NONCES) + 1 for _ in range(shards + 1)]
+    if len(set(nonces)) != len(nonces) or not await store.issue_event_canary_round(nonces):
+        return
+    for shard, nonce in enumerate(nonces):
+        # The last one carries no shard header: it goes to the unsharded events queue.
+        headers = {SHARD_HEADER: str(shard)} if shard < shards else None
+        await broker.publish(topology.EVENTS, CANARY_KEY, canary_body(nonce), headers=headers)

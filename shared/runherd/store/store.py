@@ -442,6 +442,31 @@ class Store:
         if nonces:
             await self.pool.execute(q("record_event_canaries"), list(nonces))
 
+    # --- sharded event ingest (event_shards > 1) -----------------------------------------
+
+    async def monitor_lease(self, replica: str, lease_seconds: float) -> list[str]:
+        """Renew ``replica``'s lease; returns the live monitor replicas, itself included."""
+        return [r["replica"] for r in await self.pool.fetch(q("monitor_lease"), replica, lease_seconds)]
+
+    async def forget_monitor(self, replica: str) -> None:
+        await self.pool.execute(q("forget_monitor"), replica)
+
+    async def issue_event_canary_round(self, nonces: Sequence[int]) -> bool:
+        """Register a round of event canaries sharing one stamp; False (nothing kept) if a nonce is taken."""
+        inserted = [r["nonce"] for r in await self.pool.fetch(q("issue_event_canary_round"), list(nonces))]
+        if len(inserted) == len(nonces):
+            return True
+        await self.pool.execute(q("withdraw_event_canaries"), inserted)
+        return False
+
+    async def record_event_canary_rounds(self, nonces: Sequence[int]) -> bool:
+        """These canaries are applied; True if that completed a round and moved the event watermark."""
+        if not nonces:
+            return False
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(q("lock_event_watermark"))
+            return bool(await conn.fetchval(q("record_event_canary_rounds"), list(nonces)))
+
     async def event_keys(self) -> Keys:
         """The services' key for event and heartbeat tokens (made by ``runherd migrate``)."""
         row = await self.pool.fetchrow(q("event_keys"))
