@@ -20,7 +20,7 @@ from runherd import broker as topology
 from runherd import config
 from runherd.broker import Broker
 from runherd.contract import SHARD_HEADER, event_shard
-from runherd.monitor.shards import LEASE_SECONDS, owner
+from runherd.sharding import LEASE_SECONDS, owner
 from tests.harness import Env, eventually
 
 SHARDS = 4

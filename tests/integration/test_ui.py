@@ -222,3 +222,24 @@ def _scans(plan: dict[str, Any]) -> list[tuple[str, str]]:
 def test_ui_config_defaults_are_safe() -> None:
     ui = Ui()
     assert ui.allow_actions is False and ui.host == "127.0.0.1" and ui.database_url is None
+
+
+async def test_the_fleet_page_shows_which_event_shards_each_live_monitor_holds(env: Env) -> None:
+    """With ``event_shards: 4``, the live monitor replicas split the shards as the monitors do
+    (runherd.sharding); a replica past its lease is shown gone and holds none."""
+    from runherd import sharding
+
+    await env.store.pool.execute(
+        "INSERT INTO monitor_replicas (replica, seen_at) VALUES ('mon-a', clock_timestamp()), "
+        "('mon-b', clock_timestamp()), ('mon-dead', clock_timestamp() - interval '1 minute')"
+    )
+    running = await server.start(replace(env.cfg, event_shards=4), host="127.0.0.1", port=0)
+    try:
+        _, page = await get(running.url + "/fleet")
+    finally:
+        await running.close()
+    assert "sharded over 4 queues" in page
+    for replica in ("mon-a", "mon-b"):
+        held = ", ".join(str(s) for s in sorted(sharding.assigned(replica, ["mon-a", "mon-b"], 4)))
+        assert f'<td class="mono">{replica}</td><td>✔</td><td class="mono">{held or "—"}</td>' in page
+    assert '<td class="mono">mon-dead</td><td>✕ gone</td><td class="mono">—</td>' in page

@@ -11,8 +11,8 @@ import pytest
 from runherd import config as config_mod
 from runherd.contract import event_shard
 from runherd.errors import ConfigError
-from runherd.monitor.shards import assigned, owner
 from runherd.plan import Plan, from_json
+from runherd.sharding import assigned, owner
 
 RUN = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
 

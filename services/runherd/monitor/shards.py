@@ -1,7 +1,7 @@
 """Sharded event ingest (``event_shards`` > 1): which shards this monitor replica consumes.
 
 Every replica renews a lease row in PostgreSQL each second and reads the live replicas; a pure
-function (rendezvous hashing) gives each shard to one of them, so every replica computes the same
+function (rendezvous hashing, runherd.sharding) gives each shard to one of them, so every replica computes the same
 assignment and a join or leave moves only the shards it must. A replica cancels the consumers of
 the shards it lost and consumes the shards it gained. Every shard queue has a single active
 consumer, so the overlap while replicas disagree for a moment is harmless: RabbitMQ keeps one
@@ -13,32 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 
 from runherd.runtime import retrying, sleep_or_stop
+from runherd.sharding import LEASE_SECONDS, assigned
 from runherd.store import Store
 
 log = logging.getLogger("runherd.monitor.shards")
 
-LEASE_SECONDS = 3.0
 PERIOD_SECONDS = 1.0
-
-
-def _weight(replica: str, shard: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{replica}/{shard}".encode()).digest()[:8], "big")
-
-
-def owner(shard: int, replicas: Iterable[str]) -> str:
-    """The replica a shard belongs to: the highest weight (rendezvous hashing), ties by name."""
-    return max(replicas, key=lambda r: (_weight(r, shard), r))
-
-
-def assigned(replica: str, replicas: Iterable[str], shards: int) -> frozenset[int]:
-    """The shards ``replica`` consumes among the live ``replicas`` (itself counted if absent)."""
-    live = sorted(set(replicas) | {replica})
-    return frozenset(s for s in range(shards) if owner(s, live) == replica)
 
 
 class ShardConsumers:

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from runherd import views
+from runherd import sharding, views
 from runherd.broker import COMMANDS_QUEUE, DEAD_QUEUE, ERROR_HEADER, EVENTS_QUEUE, HEARTBEATS_QUEUE, Broker
 from runherd.config import Config
 from runherd.contract import RunStatus
@@ -132,7 +132,17 @@ async def fleet_page(src: Sources) -> dict[str, Any]:
             queues[name] = await src.broker.queue_stats(name)
         except Exception:
             queues[name] = None
-    return {**fleet, "queues": queues, "dead_letters": await dead_letters(src), "config": src.cfg}
+    shards = src.cfg.event_shards
+    live = [m["replica"] for m in fleet["monitors"] if m["alive"]]
+    for m in fleet["monitors"]:
+        m["shards"] = sorted(sharding.assigned(m["replica"], live, shards)) if m["alive"] and shards > 1 else []
+    return {
+        **fleet,
+        "event_shards": shards,
+        "queues": queues,
+        "dead_letters": await dead_letters(src),
+        "config": src.cfg,
+    }
 
 
 async def dead_letters(src: Sources) -> list[dict[str, Any]]:

@@ -89,3 +89,9 @@ SELECT run_id, job, status, priority, tags, created_at, not_before, retry_number
 FROM runs WHERE status = 'QUEUED'
 ORDER BY priority DESC, created_at, run_id
 LIMIT $1;
+
+-- name: ui_monitor_replicas
+-- The monitor replicas that hold a lease for sharded event ingest (migration 0009), and whether
+-- each is within the lease $1 (seconds): the live ones share the shards.
+SELECT replica, seen_at, seen_at > clock_timestamp() - make_interval(secs => $1::float8) AS alive
+FROM monitor_replicas ORDER BY replica;

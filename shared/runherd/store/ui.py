@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from runherd import sharding
 from runherd.contract import RunStatus
 from runherd.store.queries import q
 from runherd.store.store import Store
@@ -147,14 +148,15 @@ async def jobs(store: Store) -> list[str]:
 
 
 async def fleet(store: Store) -> dict[str, Any]:
-    """Heartbeat replicas, watermarks and lags, and who holds runherd's advisory locks."""
+    """Heartbeat and monitor replicas, watermarks and lags, and who holds runherd's advisory locks."""
     replicas = [dict(r) for r in await store.pool.fetch(q("ui_heartbeat_replicas"))]
+    monitors = [dict(r) for r in await store.pool.fetch(q("ui_monitor_replicas"), sharding.LEASE_SECONDS)]
     marks = dict(await store.pool.fetchrow(q("ui_watermarks")) or {})
     leaders = [
         {**dict(r), "role": LOCKS.get(r["lock_id"], str(r["lock_id"]))}
         for r in await store.pool.fetch(q("ui_leaders"), list(LOCKS))
     ]
-    return {"replicas": replicas, "watermarks": marks, "leaders": leaders}
+    return {"replicas": replicas, "monitors": monitors, "watermarks": marks, "leaders": leaders}
 
 
 async def queued(store: Store, limit: int) -> list[dict[str, Any]]:
