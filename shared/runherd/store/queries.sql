@@ -45,27 +45,6 @@ WITH target AS (
 )
 SELECT run_id, job, status, previous_status, attempt FROM moved;
 
--- name: insert_run
--- The same run_id twice makes one run: the second insert does nothing.
-WITH inserted AS (
-    INSERT INTO runs (run_id, job, status, priority, tags, steps, env, launcher,
-                      max_runtime_seconds, parent_run_id, root_run_id, retry_number, not_before)
-    VALUES ($1::uuid, $2, 'QUEUED', $3, $4, $5, $6, $7, $8, $9::uuid, coalesce($10::uuid, $1::uuid), $11,
-            clock_timestamp() + make_interval(secs => $12))
-    ON CONFLICT (run_id) DO NOTHING
-    RETURNING run_id, job, attempt, tags, parent_run_id, created_at
-), logged AS (
-    INSERT INTO events (run_id, attempt, source, type, message, data)
-    SELECT run_id, 0, 'runherd', 'RUN_STATUS', 'queued', jsonb_build_object('from', NULL, 'to', 'QUEUED')
-    FROM inserted
-), published AS (
-    INSERT INTO status_outbox (run_id, routing_key, body)
-    SELECT run_id, runherd_status_key('QUEUED', job),
-           runherd_status_body(run_id, job, 'QUEUED', NULL, attempt, NULL, created_at, tags, parent_run_id)
-    FROM inserted
-)
-SELECT run_id FROM inserted;
-
 -- name: dequeue
 -- Picks the next queued runs that fit every limit, in priority order (FIFO within), as one
 -- statement. $1 global limit (-1: none), $2 tag limits as JSON, $3 how many at most,

@@ -99,6 +99,20 @@ def _ids(run_ids: Sequence[str | UUID]) -> list[UUID]:
     return [r if isinstance(r, UUID) else UUID(str(r)) for r in run_ids]
 
 
+def _queued_row(launch: Launch, max_runtime: float | None, priority: int) -> dict[str, Any]:
+    """A run for ``insert_runs`` (one element of its JSON array)."""
+    return {
+        "run_id": launch.run_id,
+        "job": launch.job,
+        "priority": priority,
+        "tags": launch.tags,
+        "steps": [s.to_json() for s in launch.steps],
+        "env": launch.env,
+        "launcher": launch.launcher,
+        "max_runtime_seconds": max_runtime,
+    }
+
+
 class Tx:
     """Domain operations on one connection, usually inside one transaction."""
 
@@ -284,19 +298,7 @@ class Store:
         transaction (one statement); returns the run ids inserted (the others existed already)."""
         if not launches:
             return set()
-        rows = [
-            {
-                "run_id": launch.run_id,
-                "job": launch.job,
-                "priority": priority,
-                "tags": launch.tags,
-                "steps": [s.to_json() for s in launch.steps],
-                "env": launch.env,
-                "launcher": launch.launcher,
-                "max_runtime_seconds": max_runtime,
-            }
-            for launch, max_runtime, priority in launches
-        ]
+        rows = [_queued_row(launch, max_runtime, priority) for launch, max_runtime, priority in launches]
         async with self.tx() as tx:
             inserted = await tx.conn.fetch(q("insert_runs"), rows)
             if inserted:
@@ -316,24 +318,17 @@ class Store:
         delay_seconds: float = 0,
         reused_steps: dict[str, Any] | None = None,
     ) -> bool:
-        """Insert a QUEUED run; False when the run_id exists already (a duplicate launch)."""
+        """Insert a QUEUED run (a retry or re-execution: with its lineage, delay and reused steps);
+        False when the run_id exists already (a duplicate launch). The same statement as a batch."""
+        row = _queued_row(launch, max_runtime_seconds, priority)
+        row |= {
+            "parent_run_id": parent_run_id,
+            "root_run_id": root_run_id,
+            "retry_number": retry_number,
+            "delay_seconds": float(delay_seconds),
+        }
         async with self.tx() as tx:
-            inserted = await tx.conn.fetchval(
-                q("insert_run"),
-                UUID(launch.run_id),
-                launch.job,
-                priority,
-                launch.tags,
-                [s.to_json() for s in launch.steps],
-                launch.env,
-                launch.launcher,
-                max_runtime_seconds,
-                UUID(parent_run_id) if parent_run_id else None,
-                UUID(root_run_id) if root_run_id else None,
-                retry_number,
-                float(delay_seconds),
-            )
-            if inserted is None:
+            if not await tx.conn.fetch(q("insert_runs"), [row]):
                 return False
             if reused_steps:
                 await tx.conn.executemany(
