@@ -35,6 +35,24 @@ SILENT = [PYTHON, str(ROOT / "tests" / "fixtures" / "silent_worker.py")]
 LATE = [str(ROOT / "tests" / "fixtures" / "late_worker.sh"), PYTHON, "-m", "runherd.cli", "worker"]
 
 
+async def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str, str]:
+    """`runherd ARGS...` as a subprocess from the checkout (``env`` on top of this process's):
+    exit code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        PYTHON,
+        "-m",
+        "runherd.cli",
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 async def eventually(
     predicate: Callable[[], Awaitable[Any]] | Callable[[], Any],
     timeout: float = 15,

@@ -4,7 +4,6 @@ two launcher replicas sharing the limits, priority order end to end, and `runher
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from typing import Any
@@ -15,7 +14,8 @@ import yaml
 from runherd.config import Config, TagConcurrencyLimit
 from runherd.contract import Launch, Step
 from runherd.launcher import commands
-from tests.harness import PYTHON, ROOT, Env, eventually
+from tests import harness
+from tests.harness import Env, eventually
 
 IN_FLIGHT = "('STARTING', 'STARTED', 'CANCELING')"
 
@@ -35,19 +35,7 @@ async def queue(
 
 async def cli(*args: str) -> tuple[int, str, str]:
     """`runherd ARGS...` as a subprocess: exit code, stdout, stderr."""
-    proc = await asyncio.create_subprocess_exec(
-        PYTHON,
-        "-m",
-        "runherd.cli",
-        *args,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await harness.run_cli(*args)
 
 
 def limits_of(cfg: Config) -> list[dict[str, Any]]:

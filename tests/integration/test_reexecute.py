@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from pathlib import Path
@@ -13,7 +12,8 @@ import aio_pika
 import orjson
 
 from runherd.broker import ERROR_HEADER
-from tests.harness import PYTHON, ROOT, Env, eventually
+from tests import harness
+from tests.harness import ROOT, Env, eventually
 
 # --- `call` steps of these tests (run by the worker: `tests.integration.test_reexecute:produce`) -------
 
@@ -56,25 +56,8 @@ def effects(env: Env) -> list[str]:
 
 async def cli(env: Env, *args: str) -> tuple[int, str, str]:
     """`runherd ARGS...` against the test's database and vhost: exit code, stdout, stderr."""
-    proc = await asyncio.create_subprocess_exec(
-        PYTHON,
-        "-m",
-        "runherd.cli",
-        *args,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "RUNHERD_DATABASE_URL": env.db_url,
-            "RUNHERD_AMQP_URL": env.amqp_url,
-            "RUNHERD_CONFIG": os.devnull,
-        },
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    urls = {"RUNHERD_DATABASE_URL": env.db_url, "RUNHERD_AMQP_URL": env.amqp_url, "RUNHERD_CONFIG": os.devnull}
+    return await harness.run_cli(*args, env=urls)
 
 
 async def failed_origin(env: Env) -> str:

@@ -203,19 +203,9 @@ def _with_password(db_url: str, password: str) -> str:
 
 
 async def _cli(*args: str, db_url: str, amqp_url: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        PYTHON,
-        "-m",
-        "runherd.cli",
-        *args,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "RUNHERD_DATABASE_URL": db_url, "RUNHERD_AMQP_URL": amqp_url, "RUNHERD_CONFIG": os.devnull},
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode()
+    urls = {"RUNHERD_DATABASE_URL": db_url, "RUNHERD_AMQP_URL": amqp_url, "RUNHERD_CONFIG": os.devnull}
+    code, out, err = await harness.run_cli(*args, env=urls, timeout=60)
+    return code, out + err
 
 
 async def test_each_role_does_its_job_as_its_own_user_and_no_password_leaks(
