@@ -151,10 +151,63 @@ class ExitWatcher:
         self._poller.close()
 
 
+class Timeline:
+    """When (epoch seconds) each stage between the decision and the signals happened: the kills
+    queued by the sweep, each terminate_many called and returned, each group signalled."""
+
+    def __init__(self) -> None:
+        self.queued: list[float] = []
+        self.calls: list[tuple[float, float, int]] = []
+        self.signalled: list[float] = []
+
+    def install(self, launcher: ProcessLauncher, actions: Actions) -> None:
+        from runherd.launchers import process
+
+        inner_killpg = process._killpg
+        inner_many = launcher.terminate_many
+        inner_soon = actions.terminate_soon
+
+        def killpg(pid: int, sig: int) -> None:
+            inner_killpg(pid, sig)
+            self.signalled.append(time.time())
+
+        async def many(handles: list[Any], **kw: Any) -> Any:
+            began = time.time()
+            try:
+                return await inner_many(handles, **kw)
+            finally:
+                self.calls.append((began, time.time(), len(handles)))
+
+        def soon(refs: list[RunRef], why: str, **kw: Any) -> None:
+            self.queued.append(time.time())
+            inner_soon(refs, why, **kw)
+
+        process._killpg = killpg  # type: ignore[assignment]
+        launcher.terminate_many = many  # type: ignore[method-assign]
+        actions.terminate_soon = soon  # type: ignore[method-assign]
+        self._undo = lambda: setattr(process, "_killpg", inner_killpg)
+
+    def close(self) -> None:
+        if hasattr(self, "_undo"):
+            self._undo()
+
+    def lines(self, deadline: float, gone: list[float]) -> list[str]:
+        out = [f"kills queued by the sweep: {', '.join(ms(t - deadline) for t in self.queued)}"]
+        for began, ended, k in self.calls:
+            out.append(f"terminate_many of {k}: called {ms(began - deadline)}, returned {ms(ended - deadline)}")
+        if self.signalled:
+            s = sorted(self.signalled)
+            out.append(f"groups signalled: {len(s)}, first {ms(s[0] - deadline)}, last {ms(s[-1] - deadline)}")
+        if gone:
+            out.append(f"workers gone: first {ms(min(gone))}, last {ms(max(gone))}")
+        return out
+
+
 async def phase(env: BenchEnv, n: int, terminate: bool) -> dict[str, Any]:
     cfg = make_config(env)
     store = await Store.connect(env.db_url)
     launcher = ProcessLauncher(cfg.run_launcher.config)
+    timeline = Timeline()
     watcher: ExitWatcher | None = None
     running = None
     try:
@@ -173,6 +226,8 @@ async def phase(env: BenchEnv, n: int, terminate: bool) -> dict[str, Any]:
         if not terminate:
             monitor.actions = NoTerminations(store, launcher)  # type: ignore[attr-defined]
             monitor.sweeper.actions = monitor.actions  # type: ignore[attr-defined]
+        else:
+            timeline.install(launcher, monitor.actions)  # type: ignore[attr-defined]
         uids = [uuid.UUID(i) for i in ids]
 
         async def all_failed() -> list[Any] | None:
@@ -198,8 +253,9 @@ async def phase(env: BenchEnv, n: int, terminate: bool) -> dict[str, Any]:
                 "SELECT ts FROM events WHERE run_id = ANY($1::uuid[]) AND type = 'WORKER_TERMINATED'", uids
             )
             recorded = [r["ts"].timestamp() - deadline for r in rows]
-        return {"failed": failed, "gone": exited, "recorded": recorded}
+        return {"failed": failed, "gone": exited, "recorded": recorded, "timeline": timeline.lines(deadline, exited)}
     finally:
+        timeline.close()
         if running is not None:
             await running.close()
         else:
@@ -273,6 +329,9 @@ async def main() -> int:
         f"\nraw ceiling: {n:,} `sleep` process groups signalled and reaped by a bare loop in "
         f"{raw * 1000:.0f} ms ({n / raw:,.0f}/s)"
     )
+    print("\ntimeline of the termination phase, past the deadline:")
+    for line in on["timeline"]:
+        print(f"- {line}")
     within = sum(1 for x in on["gone"] if x <= 0.5)
     print(f"\nworkers gone within 0.5 s of the deadline: {within}/{n}; left running: {n - len(on['gone'])}")
     print(f"peak RSS of the bench process {rss()[1]:.0f} MiB")

@@ -6,6 +6,7 @@ import os
 import signal
 
 from runherd.contract import Event, EventType, now_iso
+from tests.fixtures.launchers import BlockingLauncher
 from tests.harness import LATE, SILENT, STUBBORN, Env, eventually, pids_alive, status_log
 
 
@@ -59,9 +60,12 @@ async def test_worker_that_never_heartbeats_is_still_detected(env: Env) -> None:
 
 
 async def test_worker_coming_up_after_start_timeout_is_refused_and_terminated(env: Env) -> None:
-    """Dagster #29101: a worker that starts after its run was failed by the start timeout."""
+    """Dagster #29101: a worker that starts after its run was failed by the start timeout. A start
+    timeout SIGKILLs at once, so the late worker comes up only because the kill hangs (as a Docker or
+    Kubernetes API can) until the worker is up and refused."""
     env.configure(run_monitoring={"start_timeout_seconds": 1}, run_launcher=env.process_launcher(LATE, grace=30))
-    await env.start()
+    blocking = BlockingLauncher(dict(env.cfg.run_launcher.config))
+    await env.start(launcher=blocking)
     run_id = await env.submit([{"key": "a", "command": ["sleep", "600"]}], env={"LATE_SECONDS": "3"})
     handle = await env.handle(run_id)
     run = await env.wait_status(run_id, "FAILURE")
@@ -72,6 +76,7 @@ async def test_worker_coming_up_after_start_timeout_is_refused_and_terminated(en
 
     rows = await eventually(refused, what="the late worker's events refused")
     assert "already FAILURE" in str(rows[0]["refused"])
+    blocking.release.set()
     await eventually(lambda: not pids_alive([handle["pid"]]), timeout=20, what="the late worker terminated")
     assert await env.status(run_id) == "FAILURE"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.harness import ROOT, Env, eventually, pids_alive
+from tests.harness import LATE, ROOT, Env, eventually, pids_alive
 
 NEVER_STARTS = [str(ROOT / "tests" / "fixtures" / "never_starts.sh")]
 RUNS = 12
@@ -48,3 +48,16 @@ async def test_mass_start_timeout_fails_every_run_and_stops_every_worker(env: En
         return True
 
     await eventually(all_logged, timeout=10, what="one WORKER_TERMINATED per run")
+
+
+async def test_start_timeout_kills_at_once_without_the_grace(env: Env) -> None:
+    """A worker that never started has nothing to save: a start timeout SIGKILLs it, even one that
+    ignores SIGTERM, instead of waiting out the launcher's terminate grace (60 s here)."""
+    env.configure(run_monitoring={"start_timeout_seconds": 2}, run_launcher=env.process_launcher(LATE, grace=60))
+    await env.start()
+    run_id = await env.submit([{"key": "a", "command": ["true"]}], env={"LATE_SECONDS": "600"})
+    handle = await env.handle(run_id)
+    await env.wait_status(run_id, "FAILURE", timeout=20)
+    await eventually(lambda: not pids_alive([handle["pid"]]), timeout=10, what="the worker killed, no grace")
+    types = [e["type"] for e in await env.events(run_id)]
+    assert "WORKER_TERMINATE_FAILED" not in types

@@ -33,6 +33,10 @@ log = logging.getLogger("runherd.monitor.sweeper")
 
 BATCH = 1000
 MAX_BATCHES = 50  # per rule and sweep: a backlog of violators is cleared in one sweep, bounded
+# A worker whose run never started has nothing to save: a start timeout kills it without a grace.
+# (Smaller transactions, so that the first kills overlap the next one, were slower: the kills' CPU
+# shares the event loop the next transaction's results wait on.)
+START_TIMEOUT_GRACE = 0.0
 
 
 class Sweeper:
@@ -73,6 +77,7 @@ class Sweeper:
             metric="start_timeout",
             why="start timeout",
             failure_kind="infrastructure",
+            grace=START_TIMEOUT_GRACE,
         )
 
     async def cancel_timeout(self) -> int:
