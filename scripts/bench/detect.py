@@ -131,7 +131,8 @@ async def second_attempts(store: Store, ids: list[str], timeout: float, running:
 
     async def check() -> list[dict[str, Any]] | None:
         rows = await store.fetch(
-            "SELECT a2.run_id, a2.created_at, a2.launched_at, a1.last_heartbeat_at, "
+            "SELECT a2.run_id, a2.created_at, a2.launch_claimed_at, a2.launched_at, a1.last_heartbeat_at, "
+            "(a2.handle->>'start_time')::bigint AS start_ticks, "
             "(SELECT min(e.ts) FROM events e WHERE e.run_id = a2.run_id AND e.attempt = 1 "
             " AND e.type = 'WORKER_EXITED') AS exit_reported "
             "FROM attempts a2 JOIN attempts a1 ON a1.run_id = a2.run_id AND a1.attempt = 1 "
@@ -158,6 +159,16 @@ async def settle(store: Store, ids: list[str], timeout: float, running: Any = No
     return sum(1 for r in rows if r["status"] == "SUCCESS")
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def boot_time() -> float:
+    """The machine's boot time (epoch seconds), which a process's start time in /proc counts from:
+    now minus /proc/uptime, to 10 ms (/proc/stat's btime is whole seconds)."""
+    with open("/proc/uptime") as f:
+        return time.time() - float(f.read().split()[0])
+
+
 def worker_memory(pid: int) -> tuple[float, float] | None:
     """(PSS, USS) of one worker in MiB, from /proc/<pid>/smaps_rollup."""
     fields: dict[str, int] = {}
@@ -171,6 +182,25 @@ def worker_memory(pid: int) -> tuple[float, float] | None:
         return None
     uss = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
     return fields.get("Pss", 0) / 1024, uss / 1024
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def fork_server_spares(workers: set[int]) -> list[int]:
+    """The fork server's children that are not workers: its spares (none when workers are exec'd)."""
+    servers = {_ppid(p) for p in workers} - {None, os.getpid(), 1}
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in workers and _ppid(int(entry)) in servers:
+            found.append(int(entry))
+    return found
 
 
 def orphans(env: BenchEnv, attempt: int) -> list[str]:
@@ -198,6 +228,7 @@ async def crash_phase(env: BenchEnv, running: Any, store: Store, broker: Broker,
     pids = await started_workers(store, ids, need_heartbeat=False, timeout=120, running=running)
     await asyncio.sleep(0.5)  # let the boot storm of K Python workers calm down
     memory = [m for m in (worker_memory(pids[run_id]) for run_id in ids) if m is not None]
+    spare_memory = [m for m in (worker_memory(p) for p in fork_server_spares(set(pids.values()))) if m is not None]
     killed: dict[str, float] = {}
     for run_id in ids:
         env.pids.add(pids[run_id])
@@ -211,8 +242,17 @@ async def crash_phase(env: BenchEnv, running: Any, store: Store, broker: Broker,
         ],
         "decision": [r["created_at"].timestamp() - killed[str(r["run_id"])] for r in rows],
         "launched": [r["launched_at"].timestamp() - killed[str(r["run_id"])] for r in rows],
+        "claimed": [
+            r["launch_claimed_at"].timestamp() - killed[str(r["run_id"])] for r in rows if r["launch_claimed_at"]
+        ],
+        "forked": [
+            boot_time() + r["start_ticks"] / CLK_TCK - killed[str(r["run_id"])]
+            for r in rows
+            if r["start_ticks"] is not None
+        ],
     }
     res["memory"] = memory
+    res["spare_memory"] = spare_memory
     res["succeeded"] = await settle(store, ids, timeout=120, running=running)  # so every RUN_START is in
     started = await store.fetch(
         "SELECT run_id, min(ts) AS ts FROM events WHERE run_id = ANY($1::uuid[]) AND attempt = 2 "
@@ -366,7 +406,9 @@ async def main() -> int:
     rows = [
         line("crash (SIGKILL, burst of K): kill → WORKER_EXITED reported", crash["exit_reported"], "", raw_p50),
         line("crash: kill → resume decided", crash["decision"], "", raw_p50),
-        line("crash: kill → attempt 2 launched", crash["launched"], "", raw_p50),
+        line("crash: kill → attempt 2 claimed by the launcher", crash.get("claimed", []), "", raw_p50),
+        line("crash: kill → attempt 2 worker process started (/proc)", crash.get("forked", []), "", raw_p50),
+        line("crash: kill → attempt 2 launched (recorded)", crash["launched"], "", raw_p50),
         line("crash: kill → attempt 2 STARTED (its RUN_START)", crash["started"], "p99 < 1 s", raw_p50),
         line("hang (SIGSTOP, burst of K): deadline → resume decided", burst["decision"], "", raw_p50),
         line("hang (burst): deadline → attempt 2 launched", burst["launched"], "p99 < 1 s (one poll)", raw_p50),
@@ -411,6 +453,12 @@ async def main() -> int:
         print(
             f"worker memory ({'forked from the fork server' if args.fork_server else 'exec'}, {len(mem)} live): "
             f"PSS p50 {pct([m[0] for m in mem], 50):.1f} MiB, USS p50 {pct([m[1] for m in mem], 50):.1f} MiB"
+        )
+    spares = crash.get("spare_memory") or []
+    if spares:
+        print(
+            f"fork server spares (forked ahead, idle): {len(spares)}, PSS {sum(m[0] for m in spares):.1f} MiB "
+            f"and USS {sum(m[1] for m in spares):.1f} MiB in all (USS p50 {pct([m[1] for m in spares], 50):.2f} MiB)"
         )
     print(f"peak RSS of the bench process (services in-process): {peak:.0f} MiB; total time {elapsed:.1f} s")
     return 0

@@ -67,10 +67,13 @@ def test_the_process_launcher_keys_in_the_comments_are_its_defaults(monkeypatch:
         "env",
         "inherit_env",
         "fork_server",
+        "fork_server_spares",
     }
     assert set(shown) == keys
     assert yaml.safe_load(shown["fork_server"]) is False
     assert ProcessLauncher({})._fork_server is None
+    forking = ProcessLauncher({"fork_server": True})._fork_server
+    assert forking is not None and forking.spares == int(shown["fork_server_spares"])
     launcher = ProcessLauncher({})
     assert Path(shown["log_dir"]) == launcher.log_dir
     assert float(shown["terminate_grace_seconds"]) == launcher.grace

@@ -143,7 +143,7 @@ class Launching:
         store: Store,
         launcher: RunLauncher,
         handles: HandleMap,
-        concurrency: int = 16,
+        concurrency: int | None = None,
         keys: Keys | None = None,
     ) -> None:
         self.keys = keys  # read from the store at the first launch when not given
@@ -151,21 +151,32 @@ class Launching:
         self.store = store
         self.launcher = launcher
         self.handles = handles
-        self.concurrency = concurrency
-        self._slots = asyncio.Semaphore(concurrency)
+        self.concurrency = launcher.launch_concurrency if concurrency is None else concurrency
+        self._slots = asyncio.Semaphore(self.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def tick(self) -> int:
-        """One round: dequeue what fits, then launch every attempt waiting for a worker."""
+        """One round: launch every attempt waiting for a worker, dequeue what fits, and launch
+        those too. Attempts already waiting (a crash storm's resumes) go first: they do not wait
+        for the dequeue statement, which is the round's slowest on a busy database."""
+        claimed = await self._claim(wait=False)
         coordinator = self.config.run_coordinator
         limits = [
             {"key": lim.key, "value": lim.value, "per_unique_value": lim.per_unique_value, "limit": lim.limit}
             for lim in coordinator.tag_concurrency_limits
         ]
-        await self.store.dequeue(coordinator.max_concurrent_runs, limits)
+        moved = await self.store.dequeue(coordinator.max_concurrent_runs, limits)
+        if moved or not claimed:
+            claimed += await self._claim(wait=not claimed)
+        return claimed
+
+    async def _claim(self, *, wait: bool) -> int:
+        """Claim as many attempts as there are free slots and start launching them. With ``wait``
+        and every slot busy, wait (a little) for one to free instead of claiming ahead."""
         free = claims_to_take(self.concurrency, self.in_flight)
         if free == 0:
-            # Every slot is busy: wait (a little) for one to free instead of claiming ahead.
+            if not wait or not self._tasks:
+                return 0
             await asyncio.wait(set(self._tasks), timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
             free = claims_to_take(self.concurrency, self.in_flight)
             if free == 0:

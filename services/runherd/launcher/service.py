@@ -26,6 +26,7 @@ log = logging.getLogger("runherd.launcher")
 # Commands are taken in batches: consecutive launches are stored in one transaction.
 COMMAND_BATCH = 500
 COMMAND_BATCH_WAIT_SECONDS = 0.05
+EXIT_REPORTS_IN_FLIGHT = 64  # WORKER_EXITED publishes awaiting their confirm at once
 
 
 class LauncherService:
@@ -178,6 +179,17 @@ class LauncherService:
             await stop.wait()
             return
         stopped = asyncio.ensure_future(stop.wait())
+        slots = asyncio.Semaphore(EXIT_REPORTS_IN_FLIGHT)
+        reports: set[asyncio.Task[None]] = set()
+
+        async def report(exit_: WorkerExit) -> None:
+            try:
+                await self.report_exit(exit_)
+            except Exception:
+                log.exception("could not report the exit of run_id=%s attempt=%s", exit_.run_id, exit_.attempt)
+            finally:
+                slots.release()
+
         try:
             while True:
                 next_exit = asyncio.ensure_future(anext(stream))
@@ -185,9 +197,16 @@ class LauncherService:
                 if not next_exit.done():
                     next_exit.cancel()
                     return
-                await self.report_exit(next_exit.result())
+                # Each exit is reported in a task of its own: fifty workers killed at once are
+                # fifty publisher confirms in flight together, not fifty in a row.
+                await slots.acquire()
+                task = asyncio.ensure_future(report(next_exit.result()))
+                reports.add(task)
+                task.add_done_callback(reports.discard)
         finally:
             stopped.cancel()
+            if reports:
+                await asyncio.gather(*reports, return_exceptions=True)
 
     async def report_exit(self, exit_: WorkerExit) -> None:
         handle = self.handles.pop((exit_.run_id, exit_.attempt), None)

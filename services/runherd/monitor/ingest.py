@@ -51,12 +51,30 @@ class LockedRuns:
         self.stale: set[str] = set()
         self.gather_steps = gather_steps
         self.pending: list[tuple[Any, ...]] = []
+        # Crashed attempts (worker exits) gathered the same way: a crash storm's resumes are one
+        # statement, not one per exit. (run_id, attempt, why), the run's resumes, max resumes.
+        self.crashes: list[tuple[str, int, str]] = []
+        self.resumes_of: dict[str, int] = {}
+        self.max_resumes = 0
 
-    async def flush(self) -> None:
+    async def flush_steps(self) -> None:
         if self.pending:
             for kind, n in (await self.tx.step_events(self.pending)).items():
                 metrics.EVENTS_APPLIED.labels(kind).inc(n)
             self.pending.clear()
+
+    async def flush(self) -> None:
+        await self.flush_steps()
+        if self.crashes:
+            crashes, self.crashes = self.crashes, []
+            await crash(self.tx, crashes, resumes_of=self.resumes_of, max_resumes=self.max_resumes)
+            self.stale.update(c[0] for c in crashes)
+            self.resumes_of = {}
+
+    def crash_later(self, run_id: str, attempt: int, why: str, resumes: int, max_resumes: int) -> None:
+        self.crashes.append((run_id, attempt, why))
+        self.resumes_of[run_id] = resumes
+        self.max_resumes = max_resumes
 
     async def lock(self, run_ids: list[str]) -> None:
         self.rows = await self.tx.lock_runs(run_ids)
@@ -73,6 +91,8 @@ _CHANGES_RUN = frozenset(Action) - _STEP_ACTIONS
 
 
 async def apply_event(tx: Tx, event: Event, config: Config, effects: Effects, runs: LockedRuns) -> None:
+    if runs.crashes and (event.type is not EventType.WORKER_EXITED or event.run_id in runs.resumes_of):
+        await runs.flush()  # gathered crashes go first: this event may depend on them
     run = await runs.get(event.run_id)
     if run is None:
         raise InvalidMessage(f"event for unknown run {event.run_id}")
@@ -103,7 +123,7 @@ async def apply_event(tx: Tx, event: Event, config: Config, effects: Effects, ru
         await runs.flush()
         inserted = bool(await tx.step_events([row]))
     else:
-        await runs.flush()
+        await runs.flush_steps()  # a gathered crash may stay gathered: this event is not of its run
         inserted = await tx.insert_event(
             run_id=event.run_id,
             attempt=event.attempt,
@@ -131,7 +151,12 @@ async def apply_event(tx: Tx, event: Event, config: Config, effects: Effects, ru
         return
     metrics.EVENTS_APPLIED.labels(event.type.value).inc()
     for action in decision.actions:
-        if action not in _STEP_ACTIONS:
+        if action is Action.CRASHED and runs.gather_steps:
+            effects.failed = True  # as in _act
+            why = f"worker crashed: {event.message}"
+            max_resumes = config.run_monitoring.max_resume_run_attempts
+            runs.crash_later(event.run_id, event.attempt, why, run["resumes"], max_resumes)
+        elif action not in _STEP_ACTIONS:
             await _act(tx, action, event, run["resumes"], config, effects)
     if _CHANGES_RUN.intersection(decision.actions):
         runs.stale.add(event.run_id)

@@ -81,6 +81,9 @@ class RunLauncher(ABC):
     """Base class of every run launcher; subclasses set ``name`` and implement the methods."""
 
     name: str = ""
+    # Launch calls in flight at once in the launcher service (each a backend call: an HTTP request
+    # to Docker or Kubernetes); a launcher whose launch is a local fork can take more.
+    launch_concurrency: int = 16
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         self.config: Mapping[str, Any] = dict(config or {})

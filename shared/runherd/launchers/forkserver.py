@@ -54,7 +54,8 @@ def frame(message: dict[str, Any]) -> bytes:
 class ForkServer:
     """The launcher's handle on its fork server, started on first use."""
 
-    def __init__(self) -> None:
+    def __init__(self, spares: int = 0) -> None:
+        self.spares = spares  # children the server keeps forked ahead (runherd.worker.forkserver)
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -70,7 +71,7 @@ class ForkServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = {k: os.environ[k] for k in _SERVER_ENV if k in os.environ}
         self._proc = subprocess.Popen(  # noqa: ASYNC220 - one fork-exec, once
-            [sys.executable, "-m", "runherd.worker.forkserver", str(theirs.fileno())],
+            [sys.executable, "-m", "runherd.worker.forkserver", str(theirs.fileno()), str(self.spares)],
             pass_fds=(theirs.fileno(),),
             env=env,
             stdin=subprocess.DEVNULL,

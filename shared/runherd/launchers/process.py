@@ -39,7 +39,8 @@ from runherd.launchers.forkserver import ForkServer
 log = logging.getLogger("runherd.launchers.process")
 
 _KEYS = {"worker_command", "log_dir", "terminate_grace_seconds", "env", "max_log_bytes", "inherit_env"}
-_KEYS |= {"fork_server"}
+_KEYS |= {"fork_server", "fork_server_spares"}
+DEFAULT_FORK_SERVER_SPARES = 64
 DEFAULT_WORKER_COMMAND = [sys.executable, "-m", "runherd.cli", "worker"]
 
 # What a worker takes from the launcher's own environment: how to find programs and speak the
@@ -107,6 +108,9 @@ def tail(path: str | os.PathLike[str], lines: int = 40, max_bytes: int = 16_384)
 
 class ProcessLauncher(RunLauncher):
     name = "process"
+    # A launch is a local fork (and the worker boots after it returns): a crash storm's 50
+    # relaunches go out in one claim, not in rounds of 16.
+    launch_concurrency = 64
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         super().__init__(config)
@@ -137,7 +141,10 @@ class ProcessLauncher(RunLauncher):
         fork = self.config.get("fork_server", False)
         if not isinstance(fork, bool):
             raise ConfigError("run_launcher.config.fork_server: expected true or false")
-        self._fork_server = ForkServer() if fork else None
+        spares = self.config.get("fork_server_spares", DEFAULT_FORK_SERVER_SPARES)
+        if isinstance(spares, bool) or not isinstance(spares, int) or not 0 <= spares <= 1024:
+            raise ConfigError("run_launcher.config.fork_server_spares: expected an integer from 0 to 1024")
+        self._fork_server = ForkServer(spares) if fork else None
         self.host = socket.gethostname()
         # Live children only; the exit codes of reaped ones in a bounded map, by (pid, start time).
         self._children: dict[int, str] = {}  # pid -> "exec" (our child) or "fork" (the fork server's)
