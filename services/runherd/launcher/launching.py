@@ -157,18 +157,25 @@ class Launching:
 
     async def tick(self) -> int:
         """One round: launch every attempt waiting for a worker, dequeue what fits, and launch
-        those too. Attempts already waiting (a crash storm's resumes) go first: they do not wait
-        for the dequeue statement, which is the round's slowest on a busy database."""
+        those too. (The launcher service runs the two halves in loops of their own.)"""
         claimed = await self._claim(wait=False)
+        if await self.dequeue() or not claimed:
+            claimed += await self._claim(wait=not claimed)
+        return claimed
+
+    async def dequeue(self) -> list[str]:
+        """QUEUED -> STARTING for the runs that fit the coordinator's limits; their attempts then
+        wait for ``claim_ready``."""
         coordinator = self.config.run_coordinator
         limits = [
             {"key": lim.key, "value": lim.value, "per_unique_value": lim.per_unique_value, "limit": lim.limit}
             for lim in coordinator.tag_concurrency_limits
         ]
-        moved = await self.store.dequeue(coordinator.max_concurrent_runs, limits)
-        if moved or not claimed:
-            claimed += await self._claim(wait=not claimed)
-        return claimed
+        return await self.store.dequeue(coordinator.max_concurrent_runs, limits)
+
+    async def claim_ready(self) -> int:
+        """Claim and start launching the attempts waiting for a worker, as many as slots are free."""
+        return await self._claim(wait=True)
 
     async def _claim(self, *, wait: bool) -> int:
         """Claim as many attempts as there are free slots and start launching them. With ``wait``

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from runherd import auth, outbox
 from runherd import broker as topology
@@ -37,7 +38,8 @@ class LauncherService:
         self.launcher = launcher
         self.handles = HandleMap()
         self.launching = Launching(config, store, launcher, self.handles)
-        self.wake = asyncio.Event()
+        self.wake = asyncio.Event()  # the dequeue loop: launches came in, or a notification
+        self.wake_claims = asyncio.Event()  # the claim loop: attempts may be waiting for a worker
         self._background: set[asyncio.Task[bool]] = set()
 
     async def run(self, supervisor: Supervisor, *, relay: bool = True) -> None:
@@ -155,21 +157,44 @@ class LauncherService:
     # --- launching --------------------------------------------------------------------------
 
     async def _launch_loop(self, stop: asyncio.Event) -> None:
-        unlisten = await self.store.listen(LAUNCH_CHANNEL, self.wake.set)
+        """Two loops: one claims and launches the attempts waiting for a worker, the other dequeues
+        under the limits. Apart, so that a crash storm's resumes (attempts ready at once) never wait
+        behind the dequeue statement, which a busy database can take hundreds of milliseconds on."""
+
+        def woken() -> None:
+            self.wake.set()
+            self.wake_claims.set()
+
+        unlisten = await self.store.listen(LAUNCH_CHANNEL, woken)
+        interval = self.config.run_coordinator.dequeue_interval_seconds
         try:
-            while not stop.is_set():
-                try:
-                    if await self.launching.tick():
-                        continue
-                except TransientDbError as exc:
-                    log.warning("launch round failed: %r", exc)
-                except Exception:
-                    # The launch loop must outlive anything one round meets: claims come back by lease.
-                    log.exception("launch round failed unexpectedly")
-                await sleep_or_stop(stop, self.config.run_coordinator.dequeue_interval_seconds, self.wake)
+            await asyncio.gather(
+                self._round_loop(stop, "claim", self.launching.claim_ready, interval, self.wake_claims),
+                self._round_loop(stop, "dequeue", self._dequeue, interval, self.wake),
+            )
             await self.launching.drain()
         finally:
             await unlisten()
+
+    async def _dequeue(self) -> int:
+        moved = len(await self.launching.dequeue())
+        if moved:
+            self.wake_claims.set()
+        return moved
+
+    async def _round_loop(
+        self, stop: asyncio.Event, what: str, round_: Callable[[], Awaitable[int]], interval: float, wake: asyncio.Event
+    ) -> None:
+        while not stop.is_set():
+            try:
+                if await round_():
+                    continue
+            except TransientDbError as exc:
+                log.warning("%s round failed: %r", what, exc)
+            except Exception:
+                # The launch loops must outlive anything one round meets: claims come back by lease.
+                log.exception("%s round failed unexpectedly", what)
+            await sleep_or_stop(stop, interval, wake)
 
     # --- exits ------------------------------------------------------------------------------
 

@@ -43,7 +43,9 @@ class LockedRuns:
     stale; it is read again (already locked) before the next event of that run.
 
     With ``gather_steps``, step events (which change no run) are gathered and written with one
-    statement, flushed before any other event so the event log keeps the batch's order."""
+    statement, flushed before any other event so the event log keeps the batch's order. The exits of
+    crashed workers are gathered too, flushed before any event that is not such an exit or is of one
+    of their runs: each run's events keep their order."""
 
     def __init__(self, tx: Tx, *, gather_steps: bool = False) -> None:
         self.tx = tx
@@ -51,11 +53,12 @@ class LockedRuns:
         self.stale: set[str] = set()
         self.gather_steps = gather_steps
         self.pending: list[tuple[Any, ...]] = []
-        # Crashed attempts (worker exits) gathered the same way: a crash storm's resumes are one
-        # statement, not one per exit. (run_id, attempt, why), the run's resumes, max resumes.
-        self.crashes: list[tuple[str, int, str]] = []
-        self.resumes_of: dict[str, int] = {}
+        # The exits of crashed workers gathered the same way: a crash storm's WORKER_EXITED events,
+        # exits and resumes are three statements, not three per exit. (event, the run's resumes).
+        self.exits: list[tuple[Event, int]] = []
+        self.exit_runs: set[str] = set()
         self.max_resumes = 0
+        self.effects: Effects | None = None
 
     async def flush_steps(self) -> None:
         if self.pending:
@@ -65,16 +68,45 @@ class LockedRuns:
 
     async def flush(self) -> None:
         await self.flush_steps()
-        if self.crashes:
-            crashes, self.crashes = self.crashes, []
-            await crash(self.tx, crashes, resumes_of=self.resumes_of, max_resumes=self.max_resumes)
-            self.stale.update(c[0] for c in crashes)
-            self.resumes_of = {}
+        if not self.exits:
+            return
+        pending, self.exits, self.exit_runs = self.exits, [], set()
+        rows = [
+            (
+                e.run_id,
+                e.attempt,
+                e.source,
+                e.seq,
+                e.message,
+                e.data,
+                datetime.fromisoformat(e.ts),
+                e.data.get("exit_code"),
+                e.data.get("reason"),
+            )
+            for e, _ in pending
+        ]
+        appended = await self.tx.worker_exits(rows)
+        crashed: list[tuple[str, int, str]] = []
+        resumes_of: dict[str, int] = {}
+        assert self.effects is not None
+        for event, resumes in pending:
+            if (event.run_id, event.attempt) not in appended:
+                log.debug("duplicate event ignored run_id=%s attempt=%s seq=%s", event.run_id, event.attempt, event.seq)
+                continue
+            metrics.EVENTS_APPLIED.labels(event.type.value).inc()
+            self.effects.exits.append((event.run_id, datetime.fromisoformat(event.ts)))
+            crashed.append((event.run_id, event.attempt, f"worker crashed: {event.message}"))
+            resumes_of[event.run_id] = resumes
+            self.stale.add(event.run_id)
+        if crashed:
+            self.effects.failed = True  # as in _act: if the crash budget is spent
+            await crash(self.tx, crashed, resumes_of=resumes_of, max_resumes=self.max_resumes)
 
-    def crash_later(self, run_id: str, attempt: int, why: str, resumes: int, max_resumes: int) -> None:
-        self.crashes.append((run_id, attempt, why))
-        self.resumes_of[run_id] = resumes
+    def exit_later(self, event: Event, resumes: int, max_resumes: int, effects: Effects) -> None:
+        self.exits.append((event, resumes))
+        self.exit_runs.add(event.run_id)
         self.max_resumes = max_resumes
+        self.effects = effects
 
     async def lock(self, run_ids: list[str]) -> None:
         self.rows = await self.tx.lock_runs(run_ids)
@@ -91,7 +123,7 @@ _CHANGES_RUN = frozenset(Action) - _STEP_ACTIONS
 
 
 async def apply_event(tx: Tx, event: Event, config: Config, effects: Effects, runs: LockedRuns) -> None:
-    if runs.crashes and (event.type is not EventType.WORKER_EXITED or event.run_id in runs.resumes_of):
+    if runs.exits and (event.type is not EventType.WORKER_EXITED or event.run_id in runs.exit_runs):
         await runs.flush()  # gathered crashes go first: this event may depend on them
     run = await runs.get(event.run_id)
     if run is None:
@@ -99,6 +131,10 @@ async def apply_event(tx: Tx, event: Event, config: Config, effects: Effects, ru
     status, attempt = RunStatus(run["status"]), run["attempt"]
     if event.type is EventType.WORKER_EXITED:
         decision = on_worker_exit(status, attempt, event.attempt)
+        if runs.gather_steps and decision.actions == (Action.CRASHED,) and not decision.refused:
+            await runs.flush_steps()
+            runs.exit_later(event, run["resumes"], config.run_monitoring.max_resume_run_attempts, effects)
+            return
     else:
         decision = on_worker_event(status, attempt, event)
     if _STEP_ACTIONS.intersection(decision.actions):
@@ -123,7 +159,7 @@ async def apply_event(tx: Tx, event: Event, config: Config, effects: Effects, ru
         await runs.flush()
         inserted = bool(await tx.step_events([row]))
     else:
-        await runs.flush_steps()  # a gathered crash may stay gathered: this event is not of its run
+        await runs.flush_steps()  # gathered exits stay gathered: this event is not of their runs
         inserted = await tx.insert_event(
             run_id=event.run_id,
             attempt=event.attempt,
@@ -151,12 +187,7 @@ async def apply_event(tx: Tx, event: Event, config: Config, effects: Effects, ru
         return
     metrics.EVENTS_APPLIED.labels(event.type.value).inc()
     for action in decision.actions:
-        if action is Action.CRASHED and runs.gather_steps:
-            effects.failed = True  # as in _act
-            why = f"worker crashed: {event.message}"
-            max_resumes = config.run_monitoring.max_resume_run_attempts
-            runs.crash_later(event.run_id, event.attempt, why, run["resumes"], max_resumes)
-        elif action not in _STEP_ACTIONS:
+        if action not in _STEP_ACTIONS:
             await _act(tx, action, event, run["resumes"], config, effects)
     if _CHANGES_RUN.intersection(decision.actions):
         runs.stale.add(event.run_id)

@@ -557,3 +557,27 @@ SELECT m.run_id,
             ELSE $1::integer - (SELECT count(*) FROM runs WHERE status IN ('STARTING', 'STARTED', 'CANCELING'))
        END AS free
 FROM moved m;
+
+-- name: exits_with_records
+-- A batch's WORKER_EXITED events of crashed workers, appended and their attempts' exits recorded in
+-- one statement (a crash storm is one statement, not two per exit). Each event is appended once (a
+-- redelivery inserts nothing: its exit is not recorded or acted on again); the first report of an
+-- exit wins. Returns the (run_id, attempt) of the events appended. data arrives as JSON text.
+WITH input AS (
+    SELECT run_id, attempt, source, seq, message, data::jsonb AS data, ts, exit_code, reason, ord
+    FROM unnest($1::uuid[], $2::integer[], $3::text[], $4::integer[], $5::text[], $6::text[],
+                $7::timestamptz[], $8::integer[], $9::text[])
+        WITH ORDINALITY AS x(run_id, attempt, source, seq, message, data, ts, exit_code, reason, ord)
+), logged AS (
+    INSERT INTO events (run_id, attempt, source, seq, type, message, data, ts)
+    SELECT run_id, attempt, source, seq, 'WORKER_EXITED', message, data, ts FROM input ORDER BY ord
+    ON CONFLICT (run_id, attempt, source, seq) WHERE seq IS NOT NULL DO NOTHING
+    RETURNING run_id, attempt, source, seq
+), exited AS (
+    UPDATE attempts a
+    SET exited_at = coalesce(a.exited_at, clock_timestamp()),
+        exit_code = coalesce(a.exit_code, i.exit_code), exit_reason = coalesce(a.exit_reason, i.reason)
+    FROM input i JOIN logged l USING (run_id, attempt, source, seq)
+    WHERE a.run_id = i.run_id AND a.attempt = i.attempt
+)
+SELECT run_id, attempt FROM logged;

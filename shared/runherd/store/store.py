@@ -207,6 +207,15 @@ class Tx:
         result = await self.conn.fetch(q("step_events"), _ids(columns[0]), *columns[1:7], data, *columns[8:10], outputs)
         return {r["type"]: r["n"] for r in result}
 
+    async def worker_exits(self, rows: Sequence[tuple[Any, ...]]) -> set[tuple[str, int]]:
+        """WORKER_EXITED events appended and their exits recorded, for many: rows of (run_id, attempt,
+        source, seq, message, data, ts, exit_code, reason). Returns the (run_id, attempt) appended
+        (a redelivered event is not)."""
+        columns = list(zip(*rows, strict=True))
+        data = [orjson.dumps(d).decode() for d in columns[5]]
+        result = await self.conn.fetch(q("exits_with_records"), _ids(columns[0]), *columns[1:5], data, *columns[6:9])
+        return {(str(r["run_id"]), r["attempt"]) for r in result}
+
     async def record_exit(self, run_id: str, attempt: int, exit_code: int | None, reason: str | None) -> None:
         await self.conn.execute(q("record_exit"), UUID(run_id), attempt, exit_code, reason)
 
