@@ -27,7 +27,8 @@ HEARTBEAT_LAG = Histogram(
 )
 LOOP_LAG = Histogram(
     "runherd_event_loop_lag_seconds",
-    "How late a timer of the service's event loop fires: time the loop spends on other callbacks",
+    "How late a timer of an event loop fires: time the loop spends on other callbacks",
+    ["loop"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
 )
 SWEEP_DURATION = Histogram("runherd_sweep_duration_seconds", "One monitor sweep, all rules", ["rule"])

@@ -59,6 +59,7 @@ from runherd.errors import ConfigError, InvalidMessage, LaunchError
 from runherd.launchers.base import Handle, Health, HealthStatus, RunLauncher, WorkerExit, WorkerRun
 from runherd.launchers.process import start_time
 from runherd.plan import Plan, from_json, ready
+from runherd.probes import watch_loop_lag
 from runherd.reporting import Reporter
 
 log = logging.getLogger("runherd.launchers.sim")
@@ -512,7 +513,11 @@ def _start_loop_thread() -> asyncio.AbstractEventLoop:
     def serve() -> None:
         asyncio.set_event_loop(loop)
         loop.call_soon(running.set)
+        # The fleet's own lag, beside the service's (runherd_event_loop_lag_seconds{loop="sim-fleet"}):
+        # a fleet that cannot keep its heartbeats on time makes its workers look hung.
+        lag = loop.create_task(watch_loop_lag("sim-fleet"))
         loop.run_forever()
+        lag.cancel()
 
     threading.Thread(target=serve, name="runherd-sim-fleet", daemon=True).start()
     running.wait()
