@@ -5,8 +5,10 @@ process group, outliving the worker, adopted by a resumed attempt)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -207,6 +209,107 @@ async def test_in_process_on_docker_a_killed_container_resumes_and_cancel_stops_
     finally:
         await env.stop_all()
         await remove_session_containers(docker_engine)
+
+
+# --- launcher on Docker: each step try in a container of its own, started by the worker -----------
+
+
+async def _step_containers(engine: Any, run_id: str) -> list[dict[str, Any]]:
+    """The run's step containers, as the engine lists them (found by label, as terminate does)."""
+    from runherd.launchers.docker.spec import LABEL_RUN_ID
+    from runherd.launchers.docker.steps import LABEL_STEP
+
+    filters = json.dumps({"label": [f"{LABEL_RUN_ID}={run_id}", LABEL_STEP]})
+    return [c._container for c in await engine.containers.list(all=True, filters=filters)]
+
+
+async def _running(engine: Any, container_id: str) -> bool:
+    from tests.integration.test_docker_monitoring import inspect
+
+    state = await inspect(engine, container_id)
+    return state is not None and bool(state["Running"])
+
+
+@pytest.fixture
+async def denv(env: Env, docker_engine: Any) -> AsyncIterator[Env]:
+    """The env on the Docker launcher; afterwards the services stop, then the containers go."""
+    from tests.integration.test_docker_monitoring import use_docker
+    from tests.launchers.docker_fixtures import remove_session_containers
+
+    use_docker(env, run_monitoring={"heartbeat_timeout_seconds": 3})
+    yield env
+    await env.stop_all()
+    await remove_session_containers(docker_engine)
+
+
+async def test_launcher_on_docker_runs_each_step_in_its_own_container(denv: Env, docker_engine: Any) -> None:
+    env = denv
+    await env.start()
+    run_id = await env.submit(
+        [
+            {"key": "numbers", "call": "tests.fixtures.steps:numbers"},
+            {"key": "total", "call": "tests.fixtures.steps:total", "deps": ["numbers"]},
+        ],
+        tags=LAUNCHER,
+    )
+    run = await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=30)
+    assert run["status"] == "SUCCESS", run["reason"]
+    steps = {s["step_key"]: s for s in run["steps_status"]}
+    assert steps["total"]["output"] == {"sum": 10}  # the inputs went in, the output came out
+    worker = await env.handle(run_id, attempt=1)
+    containers = await _step_containers(docker_engine, run_id)
+    by_step = {c["Labels"]["runherd.step"]: c for c in containers}
+    assert sorted(by_step) == ["numbers", "total"] and len(containers) == 2  # one per step
+    assert {c["Id"] for c in containers}.isdisjoint({worker["container_id"]})
+    assert all(c["Labels"]["runherd.attempt"] == "1" and c["Labels"]["runherd.step_try"] == "1" for c in containers)
+    starts = {e["step_key"]: e["data"]["handle"] for e in await env.events(run_id) if e["type"] == "STEP_START"}
+    assert {k: h["container_id"] for k, h in starts.items()} == {k: c["Id"] for k, c in by_step.items()}
+    env_of = (await docker_engine.containers.container(by_step["total"]["Id"]).show())["Config"]["Env"]
+    assert not any(v.startswith(("RUNHERD_DOCKER_URL=", "RUNHERD_PLAN")) for v in env_of)  # the worker's alone
+
+
+async def test_launcher_on_docker_a_resumed_attempt_adopts_the_step_container_after_a_kill(
+    denv: Env, docker_engine: Any
+) -> None:
+    env = denv
+    await env.start()
+    effects, gate = env.tmp / "effects", env.tmp / "gate"
+    run_id = await env.submit([{"key": "long", "command": _gated(effects, gate)}], tags=LAUNCHER)
+    step = await _step_handle(env, run_id, 1)
+    await eventually(lambda: _lines(effects) == ["start1"], timeout=20, what="the step running")
+    worker = await env.handle(run_id, attempt=1)
+    await docker_engine.containers.container(worker["container_id"]).kill(signal="SIGKILL")
+    adopted = await _step_handle(env, run_id, 2)
+    assert adopted["container_id"] == step["container_id"] and adopted["adopted"]  # not started again
+    assert await _running(docker_engine, step["container_id"])
+    gate.touch()
+    run = await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=30)
+    assert run["status"] == "SUCCESS" and run["attempt"] == 2, run["reason"]
+    assert _lines(effects) == ["start1", "done"]  # ran once, across two workers
+    assert len(await _step_containers(docker_engine, run_id)) == 1
+
+
+@pytest.mark.parametrize("scenario", ["cancel", "max_runtime"])
+async def test_launcher_on_docker_cancel_and_max_runtime_stop_the_step_container(
+    denv: Env, docker_engine: Any, scenario: str
+) -> None:
+    env = denv
+    await env.start()
+    effects, gate = env.tmp / "effects", env.tmp / "gate"
+    tags = {**LAUNCHER, **({"runherd/max_runtime": "3"} if scenario == "max_runtime" else {})}
+    run_id = await env.submit([{"key": "long", "command": _gated(effects, gate)}], tags=tags)
+    step = await _step_handle(env, run_id, 1)
+    await eventually(lambda: _lines(effects) == ["start1"], timeout=20, what="the step running")
+    if scenario == "cancel":
+        await env.cancel(run_id)
+    run = await env.wait_status(run_id, "CANCELED", "FAILURE", "SUCCESS", timeout=30)
+    assert run["status"] == ("CANCELED" if scenario == "cancel" else "FAILURE"), run["reason"]
+
+    async def stopped() -> bool:
+        return not await _running(docker_engine, step["container_id"])
+
+    await eventually(stopped, timeout=20, what="the step container stopped")
+    assert _lines(effects) == ["start1"]
 
 
 # --- on Kubernetes (the API-server emulator; its kubelet runs each pod as a local process) ------------
