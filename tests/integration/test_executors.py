@@ -289,8 +289,36 @@ async def test_launcher_on_docker_a_resumed_attempt_adopts_the_step_container_af
     assert len(await _step_containers(docker_engine, run_id)) == 1
 
 
-@pytest.mark.parametrize("scenario", ["cancel", "max_runtime"])
-async def test_launcher_on_docker_cancel_and_max_runtime_stop_the_step_container(
+async def test_launcher_on_docker_a_step_orphaned_by_a_crash_with_no_resume_left_is_killed(
+    env: Env, docker_engine: Any
+) -> None:
+    from tests.integration.test_docker_monitoring import use_docker
+    from tests.launchers.docker_fixtures import remove_session_containers
+
+    use_docker(env, run_monitoring={"max_resume_run_attempts": 0}, step_orphan_grace_seconds=1)
+    try:
+        await env.start()
+        effects, gate = env.tmp / "effects", env.tmp / "gate"
+        run_id = await env.submit([{"key": "long", "command": _gated(effects, gate)}], tags=LAUNCHER)
+        step = await _step_handle(env, run_id, 1)
+        await eventually(lambda: _lines(effects) == ["start1"], timeout=20, what="the step running")
+        worker = await env.handle(run_id, attempt=1)
+        await docker_engine.containers.container(worker["container_id"]).kill(signal="SIGKILL")
+        run = await env.wait_status(run_id, "FAILURE", "SUCCESS", timeout=30)
+        assert "resume is off" in run["reason"]
+
+        async def stopped() -> bool:
+            return not await _running(docker_engine, step["container_id"])
+
+        await eventually(stopped, timeout=20, what="the orphaned step container killed by the launcher")
+        assert _lines(effects) == ["start1"]
+    finally:
+        await env.stop_all()
+        await remove_session_containers(docker_engine)
+
+
+@pytest.mark.parametrize("scenario", ["cancel", "max_runtime", "hang", "cancel_stopped_worker"])
+async def test_launcher_on_docker_cancel_max_runtime_and_hang_stop_the_step_container(
     denv: Env, docker_engine: Any, scenario: str
 ) -> None:
     env = denv
@@ -302,8 +330,29 @@ async def test_launcher_on_docker_cancel_and_max_runtime_stop_the_step_container
     await eventually(lambda: _lines(effects) == ["start1"], timeout=20, what="the step running")
     if scenario == "cancel":
         await env.cancel(run_id)
+    if scenario == "cancel_stopped_worker":
+        # The worker cannot stop its step: the launcher's terminate finds the step by label.
+        worker = await env.handle(run_id, attempt=1)
+        await docker_engine.containers.container(worker["container_id"]).kill(signal="SIGSTOP")
+        await env.cancel(run_id)
+    if scenario == "hang":
+        # A stopped worker cannot stop its steps: the launcher's terminate of the hung worker
+        # kills its step container (found by label), unless a resumed attempt came first and
+        # adopted it (it owns it then, and it runs on).
+        worker = await env.handle(run_id, attempt=1)
+        await docker_engine.containers.container(worker["container_id"]).kill(signal="SIGSTOP")
+        second = await _step_handle(env, run_id, 2)
+        if second["adopted"]:
+            assert second["container_id"] == step["container_id"]
+        else:
+            assert not await _running(docker_engine, step["container_id"])
+        gate.touch()
+        run = await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=30)
+        assert run["status"] == "SUCCESS" and run["attempt"] == 2, run["reason"]
+        assert _lines(effects) == (["start1", "done"] if second["adopted"] else ["start1", "start2", "done"])
+        return
     run = await env.wait_status(run_id, "CANCELED", "FAILURE", "SUCCESS", timeout=30)
-    assert run["status"] == ("CANCELED" if scenario == "cancel" else "FAILURE"), run["reason"]
+    assert run["status"] == ("FAILURE" if scenario == "max_runtime" else "CANCELED"), run["reason"]
 
     async def stopped() -> bool:
         return not await _running(docker_engine, step["container_id"])

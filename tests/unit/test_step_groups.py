@@ -83,3 +83,50 @@ def test_an_orphan_is_timed_from_when_the_last_worker_went() -> None:
     assert step_groups.orphaned_for(None, False, 10.0) == 10.0
     assert step_groups.orphaned_for(10.0, False, 12.0) == 10.0
     assert step_groups.orphaned_for(10.0, True, 12.0) is None  # a resumed worker came: no longer an orphan
+
+
+# --- the launcher executor on Docker: the pure parts -----------------------------------------------
+
+
+def test_only_a_launcher_executor_run_on_docker_gets_a_step_launcher_in_its_plan() -> None:
+    from runherd.execution import ExecutorName, step_launcher
+
+    cfg = {"image": "img", "volumes": ["/a:/a:ro"]}
+    assert step_launcher(ExecutorName.LAUNCHER, "docker", cfg) == {"name": "docker", "config": cfg}
+    assert step_launcher(ExecutorName.MULTIPROCESS, "docker", cfg) is None
+    assert step_launcher(ExecutorName.LAUNCHER, "process", {}) is None  # process groups there
+
+
+def test_a_docker_worker_gets_the_engine_socket_and_its_steps_get_the_step_env_alone() -> None:
+    from runherd.launchers.docker import parse_config
+    from runherd.launchers.docker.steps import build_step_spec, step_container_name, worker_socket_bind
+
+    assert worker_socket_bind("unix:///var/run/docker.sock") == (
+        ["/var/run/docker.sock:/var/run/docker.sock"],
+        {"RUNHERD_DOCKER_URL": "unix:///var/run/docker.sock"},
+    )
+    assert worker_socket_bind("tcp://10.0.0.1:2375") == ([], {"RUNHERD_DOCKER_URL": "tcp://10.0.0.1:2375"})
+    cfg = parse_config({"image": "img", "env": {"FROM_CONFIG": "1"}, "volumes": ["/a:/a:ro"], "network": "n"})
+    spec = build_step_spec(cfg, run_id="r", attempt=2, job="j", step_key="a/b", try_=3, env={"K": "V"}, python="/py")
+    assert spec["Env"] == ["K=V"] and spec["Image"] == "img" and spec["HostConfig"]["Binds"] == ["/a:/a:ro"]
+    assert spec["Cmd"] == ["/py", "-m", "runherd.worker.detached", "/.runherd/step.json", "/.runherd/result.json"]
+    labels = spec["Labels"]
+    assert (
+        labels["runherd.run_id"],
+        labels["runherd.attempt"],
+        labels["runherd.step"],
+        labels["runherd.step_try"],
+    ) == (
+        "r",
+        "2",
+        "a/b",
+        "3",
+    )
+    name = step_container_name("r", step_groups.name("a/b"), 3)
+    assert name.endswith("-3") and "/" not in name and name != step_container_name("r", step_groups.name("a_b"), 3)
+
+
+def test_the_worker_keeps_its_engine_url_from_its_steps() -> None:
+    from runherd.worker.main import step_environment
+
+    assert step_environment({"RUNHERD_DOCKER_URL": "unix:///x", "PATH": "/bin"}) == {"PATH": "/bin"}

@@ -74,6 +74,7 @@ class DockerLauncher(EventWatcher, RunLauncher):
         self._last_event_at: float | None = None  # engine clock, seconds
         self._tails: OrderedDict[str, str] = OrderedDict()
         self._closed = False
+        self._orphan_tasks: set[asyncio.Task[None]] = set()
 
     # -- client
 
@@ -94,6 +95,8 @@ class DockerLauncher(EventWatcher, RunLauncher):
 
     async def close(self) -> None:
         self._closed = True
+        for task in list(self._orphan_tasks):
+            task.cancel()
         if self._stream_task is not None:
             self._stream_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
