@@ -59,7 +59,7 @@ def choose(tag_executor: Any, tag_max_concurrent: Any, default_executor: str, de
 
 # Run launchers on which the ``launcher`` executor starts each step try as the launcher starts
 # workers (a container, a Job); on the others each try is a process group of its own.
-STEP_LAUNCHERS = frozenset({"docker"})
+STEP_LAUNCHERS = frozenset({"docker", "kubernetes"})
 
 
 def step_launcher(executor: ExecutorName, launcher_name: str | None, launcher_config: Any) -> dict[str, Any] | None:

@@ -392,3 +392,89 @@ async def test_in_process_on_kubernetes_a_killed_worker_resumes_and_cancel_stops
     await env.cancel(second)
     assert (await env.wait_status(second, "CANCELED", "FAILURE", "SUCCESS", timeout=30))["status"] == "CANCELED"
     await eventually(lambda: not pids_alive([worker]), what="the pod's worker gone")
+
+
+# --- launcher on Kubernetes: each step try in a Job of its own, created by the worker ---------------
+
+
+def _step_jobs(emulator: Any) -> list[dict[str, Any]]:
+    from runherd.launchers.kubernetes.steps import LABEL_STEP
+
+    return [j for j in emulator.jobs() if LABEL_STEP in (j["metadata"].get("labels") or {})]
+
+
+def _step_job_running(emulator: Any, name: str) -> bool:
+    runtime = emulator.runtime(name)
+    return runtime is not None and runtime.proc is not None and runtime.proc.returncode is None
+
+
+async def _worker_pid(env: Env, run_id: str, attempt: int) -> int:
+    async def check() -> int | None:
+        for e in await env.events(run_id):
+            if e["type"] == "RUN_START" and e["attempt"] == attempt:
+                return int(e["data"]["pid"])
+        return None
+
+    return await eventually(check, what=f"the RUN_START of attempt {attempt}")
+
+
+async def test_launcher_on_kubernetes_runs_each_step_in_its_own_job(env: Env, k8s: Any) -> None:
+    await env.start()
+    run_id = await env.submit(
+        [
+            {"key": "numbers", "call": "tests.fixtures.steps:numbers"},
+            {"key": "total", "call": "tests.fixtures.steps:total", "deps": ["numbers"]},
+        ],
+        tags=LAUNCHER,
+    )
+    run = await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=30)
+    assert run["status"] == "SUCCESS", run["reason"]
+    assert {s["step_key"]: s for s in run["steps_status"]}["total"]["output"] == {"sum": 10}
+    jobs = {j["metadata"]["annotations"]["runherd/step_key"]: j for j in _step_jobs(k8s)}
+    assert sorted(jobs) == ["numbers", "total"] and len(_step_jobs(k8s)) == 2  # one Job per step
+    for job in jobs.values():
+        labels = job["metadata"]["labels"]
+        assert (labels["runherd/attempt"], labels["runherd/step_try"]) == ("1", "1")
+        assert job["metadata"]["annotations"]["runherd/run_id"] == run_id
+        env_of = {v["name"] for v in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert "RUNHERD_PLAN_FILE" not in env_of and "RUNHERD_AMQP_URL" not in env_of  # the worker's alone
+    starts = {e["step_key"]: e["data"]["handle"] for e in await env.events(run_id) if e["type"] == "STEP_START"}
+    assert {k: h["job_name"] for k, h in starts.items()} == {k: j["metadata"]["name"] for k, j in jobs.items()}
+
+
+async def test_launcher_on_kubernetes_a_resumed_attempt_adopts_the_step_job_after_a_kill(env: Env, k8s: Any) -> None:
+    await env.start()
+    effects, gate = env.tmp / "effects", env.tmp / "gate"
+    run_id = await env.submit([{"key": "long", "command": _gated(effects, gate)}], tags=LAUNCHER)
+    step = await _step_handle(env, run_id, 1)
+    await eventually(lambda: _lines(effects) == ["start1"], timeout=20, what="the step running")
+    os.kill(await _worker_pid(env, run_id, 1), signal.SIGKILL)  # the worker pod's process
+    adopted = await _step_handle(env, run_id, 2)
+    assert adopted["job_name"] == step["job_name"] and adopted["adopted"]  # not started again
+    assert _step_job_running(k8s, step["job_name"])
+    gate.touch()
+    run = await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=30)
+    assert run["status"] == "SUCCESS" and run["attempt"] == 2, run["reason"]
+    assert _lines(effects) == ["start1", "done"]  # ran once, across two workers
+    assert len(_step_jobs(k8s)) == 1
+
+
+@pytest.mark.parametrize("scenario", ["cancel", "max_runtime", "cancel_stopped_worker"])
+async def test_launcher_on_kubernetes_cancel_and_max_runtime_stop_the_step_job(
+    env: Env, k8s: Any, scenario: str
+) -> None:
+    await env.start()
+    effects, gate = env.tmp / "effects", env.tmp / "gate"
+    tags = {**LAUNCHER, **({"runherd/max_runtime": "3"} if scenario == "max_runtime" else {})}
+    run_id = await env.submit([{"key": "long", "command": _gated(effects, gate)}], tags=tags)
+    step = await _step_handle(env, run_id, 1)
+    await eventually(lambda: _lines(effects) == ["start1"], timeout=20, what="the step running")
+    if scenario == "cancel_stopped_worker":
+        # The worker cannot stop its step: the launcher's terminate finds the step Job by label.
+        os.kill(await _worker_pid(env, run_id, 1), signal.SIGSTOP)
+    if scenario != "max_runtime":
+        await env.cancel(run_id)
+    run = await env.wait_status(run_id, "CANCELED", "FAILURE", "SUCCESS", timeout=30)
+    assert run["status"] == ("FAILURE" if scenario == "max_runtime" else "CANCELED"), run["reason"]
+    await eventually(lambda: not _step_job_running(k8s, step["job_name"]), timeout=20, what="the step Job stopped")
+    assert _lines(effects) == ["start1"]

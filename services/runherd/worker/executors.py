@@ -6,7 +6,8 @@
   heartbeats go on), a ``command`` step is still a subprocess;
 - ``launcher``: each step try started through the run's launcher, outliving the worker, its handle
   in the events so a resumed attempt adopts it: on Docker a container of its own
-  (runherd.worker.step_containers), elsewhere a process group of its own (runherd.worker.detached).
+  (runherd.worker.step_containers), on Kubernetes a Job of its own (runherd.worker.step_jobs),
+  elsewhere a process group of its own (runherd.worker.detached).
 
 A failed try is followed by another while the step's policy allows (STEP_UP_FOR_RETRY, then
 STEP_RESTARTED after the delay). Each try has the step's whole timeout. A resumed attempt goes on
@@ -223,6 +224,10 @@ def runner_for(plan: Plan, step: Step, try_: int) -> StepRunner:
             from runherd.worker.step_containers import ContainerStep  # aiodocker: only when used
 
             return ContainerStep(plan, step, try_, launcher.get("config") or {})
+        if launcher.get("name") == "kubernetes":
+            from runherd.worker.step_jobs import JobStep  # kubernetes_asyncio: only when used
+
+            return JobStep(plan, step, try_, launcher.get("config") or {})
         return DetachedStep(plan, step, try_)
     if plan.executor == ExecutorName.IN_PROCESS and step.call is not None:
         return InProcessCall(step)
