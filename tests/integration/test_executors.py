@@ -478,3 +478,25 @@ async def test_launcher_on_kubernetes_cancel_and_max_runtime_stop_the_step_job(
     assert run["status"] == ("FAILURE" if scenario == "max_runtime" else "CANCELED"), run["reason"]
     await eventually(lambda: not _step_job_running(k8s, step["job_name"]), timeout=20, what="the step Job stopped")
     assert _lines(effects) == ["start1"]
+
+
+async def test_launcher_on_kubernetes_a_step_orphaned_by_a_crash_with_no_resume_left_is_deleted(
+    env: Env, k8s: Any
+) -> None:
+    from dataclasses import replace
+
+    launcher = env.cfg.run_launcher
+    env.cfg = replace(
+        env.configure(run_monitoring={"max_resume_run_attempts": 0}),
+        run_launcher=replace(launcher, config={**launcher.config, "step_orphan_grace_seconds": 1}),
+    )
+    await env.start()
+    effects, gate = env.tmp / "effects", env.tmp / "gate"
+    run_id = await env.submit([{"key": "long", "command": _gated(effects, gate)}], tags=LAUNCHER)
+    step = await _step_handle(env, run_id, 1)
+    await eventually(lambda: _lines(effects) == ["start1"], timeout=20, what="the step running")
+    os.kill(await _worker_pid(env, run_id, 1), signal.SIGKILL)
+    run = await env.wait_status(run_id, "FAILURE", "SUCCESS", timeout=30)
+    assert "resume is off" in run["reason"]
+    await eventually(lambda: not _step_job_running(k8s, step["job_name"]), timeout=20, what="the orphan deleted")
+    assert _lines(effects) == ["start1"]

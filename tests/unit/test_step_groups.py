@@ -130,3 +130,50 @@ def test_the_worker_keeps_its_engine_url_from_its_steps() -> None:
     from runherd.worker.main import step_environment
 
     assert step_environment({"RUNHERD_DOCKER_URL": "unix:///x", "PATH": "/bin"}) == {"PATH": "/bin"}
+
+
+# --- the launcher executor on Kubernetes: the pure parts -------------------------------------------
+
+
+def test_a_step_job_is_the_workers_manifest_running_the_detached_step_with_the_step_env() -> None:
+    from runherd.launchers.kubernetes import validate_config
+    from runherd.launchers.kubernetes.steps import build_step_job, step_job_name
+
+    cfg = validate_config({"image": "img", "env": {"FROM_CONFIG": "1"}, "service_account_name": "runherd-worker"})
+    body = build_step_job(cfg, run_id="R", attempt=2, job="j", step_key="a/b c", try_=3, env={"K": "V"}, python="/py")
+    name = step_job_name("R", "a/b c", 3)
+    assert body["metadata"]["name"] == name and len(name) <= 63 and name != step_job_name("R", "a/b_c", 3)
+    pod = body["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["/py", "-m", "runherd.worker.detached", "/var/run/runherd/plan.json", "-"]
+    assert container["env"] == [{"name": "K", "value": "V"}]  # the step's alone: no plan file, no config env
+    assert pod["serviceAccountName"] == "runherd-worker" and pod["volumes"][0]["secret"]["secretName"] == name
+    labels = body["metadata"]["labels"]
+    assert (labels["runherd/attempt"], labels["runherd/step"], labels["runherd/step_try"]) == ("2", "a_b_c", "3")
+    assert body["metadata"]["annotations"]["runherd/step_key"] == "a/b c"
+    assert "activeDeadlineSeconds" not in body["spec"]  # the step's own timeout bounds it
+
+
+def test_a_step_jobs_result_is_the_last_marked_line_of_its_log() -> None:
+    from runherd.launchers.kubernetes.steps import result_from_log
+
+    log = 'RUNHERD_STEP_RESULT {"ok": false}\nstep says hi\nRUNHERD_STEP_RESULT {"ok": true, "output": 1}\n'
+    assert result_from_log(log) == {"ok": True, "output": 1}
+    assert result_from_log("no result\n") is None
+    assert result_from_log("RUNHERD_STEP_RESULT {not json\n") is None
+
+
+def test_reap_deletes_a_runs_unfinished_step_jobs_unless_a_newer_worker_is_active() -> None:
+    from runherd.launchers.kubernetes.steps import reap_decision
+
+    def job(name: str, attempt: int, *, step: bool, done: bool = False, run_id: str = "R") -> dict[str, object]:
+        labels = {"runherd/attempt": str(attempt), **({"runherd/step": "s"} if step else {})}
+        status = {"conditions": [{"type": "Complete", "status": "True"}]} if done else {}
+        meta = {"name": name, "labels": labels, "annotations": {"runherd/run_id": run_id}}
+        return {"metadata": meta, "status": status}
+
+    steps = [job("s1", 1, step=True), job("s2", 1, step=True, done=True), job("x", 1, step=True, run_id="other")]
+    assert reap_decision([job("w1", 1, step=False), *steps], "R", 1) == ["s1"]
+    assert reap_decision([job("w2", 2, step=False), *steps], "R", 1) == []  # attempt 2 adopted it
+    assert reap_decision([job("w2", 2, step=False, done=True), *steps], "R", 1) == ["s1"]
+    assert reap_decision(steps, "R", None) == ["s1"]
