@@ -236,6 +236,8 @@ class DockerLauncher(EventWatcher, RunLauncher):
             "name": name,
             "run_id": run.run_id,
             "attempt": run.attempt,
+            # its terminate looks for step containers: only a `launcher`-executor worker has them
+            **({"step_containers": True} if run.executor == ExecutorName.LAUNCHER else {}),
         }
 
     # -- terminate, health, debug info
@@ -252,7 +254,7 @@ class DockerLauncher(EventWatcher, RunLauncher):
             return await self._terminate_worker(handle, grace_seconds)
         finally:
             # Its `launcher`-executor steps stop with it (unless a newer attempt has adopted them).
-            if handle.get("run_id"):
+            if handle.get("step_containers") and handle.get("run_id"):
                 killed = await reap_steps(self._client(), str(handle["run_id"]), handle.get("attempt"))
                 if killed:
                     log.info("docker killed %d step containers run_id=%s", len(killed), handle["run_id"])

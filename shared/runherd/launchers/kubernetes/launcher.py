@@ -142,6 +142,8 @@ class KubernetesLauncher(JobWatch, RunLauncher):
             "run_id": run.run_id,
             "attempt": run.attempt,
         }
+        if run.executor == ExecutorName.LAUNCHER:
+            handle["step_jobs"] = True  # its terminate looks for step Jobs: only this worker has them
         self._watch_add(handle)
         return handle
 
@@ -226,7 +228,7 @@ class KubernetesLauncher(JobWatch, RunLauncher):
             return await self._terminate_job(handle, grace_seconds)
         finally:
             # A worker's `launcher`-executor steps stop with it (unless a newer attempt adopted them).
-            if handle.get("run_id"):
+            if handle.get("step_jobs") and handle.get("run_id"):
                 deleted = await reap_steps(self, str(handle["run_id"]), handle.get("attempt"))
                 if deleted:
                     log.info("run %s: deleted %d step Jobs", handle["run_id"], len(deleted))
