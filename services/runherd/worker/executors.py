@@ -352,3 +352,11 @@ class Executor:
 
     async def stop(self) -> None:
         await asyncio.gather(*(p.stop() for p in list(self.running.values())), return_exceptions=True)
+
+    @staticmethod
+    async def close() -> None:
+        """Release the connections the `launcher` executor opened (engine, API), if it did."""
+        for name in ("runherd.worker.step_containers", "runherd.worker.step_jobs"):
+            module = sys.modules.get(name)
+            if module is not None:
+                await module.close()

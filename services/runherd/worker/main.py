@@ -59,6 +59,7 @@ async def run(plan: Plan, amqp_url: str, *, handle_sigterm: bool = True) -> int:
         return EXIT_FAILURE
     finally:
         beats.cancel()
+        await executor.close()
         await broker.close()
 
 

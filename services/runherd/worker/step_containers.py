@@ -52,6 +52,14 @@ def _docker() -> Docker:
     return _clients[url]
 
 
+async def close() -> None:
+    """The worker is done: release its engine connections."""
+    for docker in list(_clients.values()):
+        with contextlib.suppress(Exception):
+            await docker.close()
+    _clients.clear()
+
+
 class ContainerStep:
     """One try of a step in its own container."""
 

@@ -9,6 +9,7 @@ Jobs, create Secrets, list and delete pods and read pod logs: deploy/kubernetes'
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -31,6 +32,14 @@ def _launcher(config: Mapping[str, Any]) -> KubernetesLauncher:
     if key not in _clients:
         _clients[key] = KubernetesLauncher(config)
     return _clients[key]
+
+
+async def close() -> None:
+    """The worker is done: release its API connections."""
+    for launcher in list(_clients.values()):
+        with contextlib.suppress(Exception):
+            await launcher.close()
+    _clients.clear()
 
 
 class JobStep:
