@@ -118,12 +118,17 @@ class Reporter:
         """Every ``heartbeat_interval_seconds`` until cancelled (or ``stop`` is set: then it returns
         after the heartbeat in flight, never cancelling a publish); a lost heartbeat is fine."""
         stop = stop or asyncio.Event()
-        while not stop.is_set():
-            if self._on_beat is not None:
-                self._on_beat()
-            with contextlib.suppress(Exception):
-                await self.beats.publish_heartbeat(
-                    heartbeat_body(self.plan.run_id, self.plan.attempt), token=self.plan.token
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.plan.heartbeat_interval_seconds)
+        # One waiter for the whole life, not a task per beat (wait_for's): thousands of virtual
+        # workers in one process beat thousands of times a second.
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                if self._on_beat is not None:
+                    self._on_beat()
+                with contextlib.suppress(Exception):
+                    await self.beats.publish_heartbeat(
+                        heartbeat_body(self.plan.run_id, self.plan.attempt), token=self.plan.token
+                    )
+                await asyncio.wait((stopped,), timeout=self.plan.heartbeat_interval_seconds)
+        finally:
+            stopped.cancel()
