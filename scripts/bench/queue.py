@@ -11,13 +11,15 @@ max_concurrent_runs 500, {team: a, limit 50}, {database: applyLimitPerUniqueValu
 
 Each round: time the dequeue SELECT alone (read only), then time one store.dequeue() call (advisory
 lock, the SELECT, QUEUED -> STARTING transitions with their events and outbox rows, attempts rows),
-check every limit against the in-flight runs, check whether a run that fits was left behind because
-it lies outside dequeue's candidate window (1,000), then move the F oldest STARTING runs (``--free``,
-default 20) to SUCCESS with plain SQL (not timed): after five rounds the system is saturated and every
-round dequeues what the freed slots and the limits allow, the launcher's steady state. Variants, each
-on the same N runs:
+check every limit against the in-flight runs, check whether a run that fits was left queued while
+slots were free (the read-only SELECT run again after the call must find nothing), then move the F
+oldest STARTING runs (``--free``, default 20) to SUCCESS with plain SQL (not timed): after five rounds
+the system is saturated and every round dequeues what the freed slots and the limits allow, the
+launcher's steady state. Variants, each on the same N runs:
 
 * runherd, with the limits above;
+* runherd, with the limits above, two store.dequeue() calls at once each round (two launcher
+  replicas; they serialize on the dequeue's advisory lock): the limits must hold all the same;
 * runherd, max_concurrent_runs 500 and no tag limits: the cost of runherd's bookkeeping;
 * raw ceiling: plain ``SELECT ... ORDER BY priority DESC, created_at LIMIT n FOR UPDATE SKIP
   LOCKED`` + UPDATE to STARTING, one statement, on a copy of the table (same indexes), no tag limits;
@@ -50,11 +52,10 @@ import orjson  # noqa: E402
 
 from runherd import config, contract  # noqa: E402
 from runherd.store import Store  # noqa: E402
-from runherd.store.queries import q  # noqa: E402
+from runherd.store.queries import dequeue_query  # noqa: E402
 from scripts.bench._benchlib import bench_env, machine, ms, pct, quiet_logs, rate, ratio, rss, table  # noqa: E402
 
 BATCH = 100  # store.dequeue's default batch
-WINDOW = 1000  # store.dequeue's default candidate window
 MAX_CONCURRENT = 500
 TEAM_A_LIMIT = 50
 DB_LIMIT = 2
@@ -158,7 +159,7 @@ class Result:
     max_team_a: int = 0
     max_db: int = 0
     violations: int = 0
-    window_misses: int = 0  # rounds where a fitting run beyond the window was left queued
+    window_misses: int = 0  # rounds where a run that fit was left queued
     window_missed_runs: int = 0  # runs that fit (within the batch) but were left queued
     idle_slots: list[int] = field(default_factory=list)  # 500 - in flight, in rounds with a miss
 
@@ -192,16 +193,25 @@ async def check_limits(store: Store, res: Result, with_limits: bool) -> None:
 
 
 async def run_runherd(
-    store: Store, name: str, max_concurrent: int, limits: list[dict[str, Any]], n: int, budget: float, per_round: int
+    store: Store,
+    name: str,
+    max_concurrent: int,
+    limits: list[dict[str, Any]],
+    n: int,
+    budget: float,
+    per_round: int,
+    dequeuers: int = 1,
 ) -> Result:
     res = Result(name)
     began = time.perf_counter()
-    sql = q("dequeue")
+    sql = dequeue_query(limits)
     while res.moved < n and time.perf_counter() - began < budget:
         t0 = time.perf_counter()
-        await store.pool.fetch(sql, max_concurrent, limits, BATCH, WINDOW)
+        await store.pool.fetch(sql, max_concurrent, limits, BATCH)
         t1 = time.perf_counter()
-        moved = await store.dequeue(max_concurrent, limits)
+        # With two dequeuers, the call's time is the two calls' together (they run at once).
+        calls = await asyncio.gather(*(store.dequeue(max_concurrent, limits) for _ in range(dequeuers)))
+        moved = [run_id for call in calls for run_id in call]
         t2 = time.perf_counter()
         res.query.append(t1 - t0)
         res.calls.append(t2 - t1)
@@ -210,8 +220,8 @@ async def run_runherd(
         res.empty_rounds += not moved
         await check_limits(store, res, bool(limits))
         if limits and len(moved) < BATCH:
-            # Would a full scan of the queue have found a run that fits? Then the window hid it.
-            beyond = await store.pool.fetch(sql, max_concurrent, limits, BATCH - len(moved), n + 1)
+            # Does the walk, run again, find a run that fits? Then the call left it behind.
+            beyond = await store.pool.fetch(sql, max_concurrent, limits, BATCH - len(moved))
             res.window_misses += bool(beyond)
             res.window_missed_runs += len(beyond)
             if beyond:
@@ -287,11 +297,10 @@ async def main() -> int:
             await store.pool.execute("VACUUM ANALYZE runs")
             await store.pool.execute("VACUUM ANALYZE raw_runs")
             plan = await store.pool.fetch(
-                "EXPLAIN (ANALYZE, BUFFERS OFF, TIMING OFF, SUMMARY ON) " + q("dequeue"),
+                "EXPLAIN (ANALYZE, BUFFERS OFF, TIMING OFF, SUMMARY ON) " + dequeue_query(limits),
                 cfg.run_coordinator.max_concurrent_runs,
                 limits,
                 BATCH,
-                WINDOW,
             )
             first_plan = next((r[0] for r in plan if "Execution Time" in r[0]), "")
 
@@ -306,6 +315,22 @@ async def main() -> int:
             )
             print(
                 f"runherd with limits: {limited.rounds} rounds, {limited.moved:,} runs, {limited.wall:.1f} s",
+                flush=True,
+            )
+            await reset(store)
+            concurrent = await run_runherd(
+                store,
+                "runherd Store.dequeue, with the limits, 2 dequeuers at once",
+                cfg.run_coordinator.max_concurrent_runs,
+                limits,
+                n,
+                budget,
+                args.free,
+                dequeuers=2,
+            )
+            print(
+                f"runherd with limits, 2 dequeuers: {concurrent.rounds} rounds, {concurrent.moved:,} runs, "
+                f"{concurrent.wall:.1f} s",
                 flush=True,
             )
             await reset(store)
@@ -328,14 +353,14 @@ async def main() -> int:
     raw_p50, raw_tp = pct(raw.calls, 50), raw.throughput
     print()
     print(
-        f"Dequeue, N={n:,} queued runs, batch {BATCH}, window {WINDOW}, max_concurrent_runs {MAX_CONCURRENT}; "
+        f"Dequeue, N={n:,} queued runs, batch {BATCH}, max_concurrent_runs {MAX_CONCURRENT}; "
         f"{args.free} oldest STARTING runs → SUCCESS between rounds (so the system stays saturated); "
         f"{os.cpu_count()} CPUs, PostgreSQL on the same machine. runs/s = runs dequeued / time "
         f"inside the dequeue calls. Ratios against the raw ceiling."
     )
     print()
     rows = []
-    for r in (limited, unlimited, raw):
+    for r in (limited, concurrent, unlimited, raw):
         rows.append(
             [
                 r.name,
@@ -368,34 +393,34 @@ async def main() -> int:
     print()
     print(
         table(
-            ["limit", "configured", "max in flight seen (with limits)", "exceeded"],
+            ["limit", "configured", "max in flight seen (1 dequeuer / 2 at once)", "exceeded"],
             [
                 [
-                    "max_concurrent_runs",
-                    MAX_CONCURRENT,
-                    limited.max_total,
-                    "no" if limited.max_total <= MAX_CONCURRENT else "YES",
-                ],
-                ["team=a", TEAM_A_LIMIT, limited.max_team_a, "no" if limited.max_team_a <= TEAM_A_LIMIT else "YES"],
-                [
-                    "database (per unique value)",
-                    DB_LIMIT,
-                    limited.max_db,
-                    "no" if limited.max_db <= DB_LIMIT else "YES",
-                ],
+                    name,
+                    cap,
+                    f"{seen(limited)} / {seen(concurrent)}",
+                    "no" if max(seen(limited), seen(concurrent)) <= cap else "YES",
+                ]
+                for name, cap, seen in (
+                    ("max_concurrent_runs", MAX_CONCURRENT, lambda r: r.max_total),
+                    ("team=a", TEAM_A_LIMIT, lambda r: r.max_team_a),
+                    ("database (per unique value)", DB_LIMIT, lambda r: r.max_db),
+                )
             ],
         )
     )
     print()
+    for r in (limited, concurrent):
+        print(
+            f"{r.name}: limit violations after a round: {r.violations} of {r.rounds} rounds "
+            f"({'no limit was ever exceeded' if r.violations == 0 else 'LIMITS EXCEEDED'}); "
+            f"rounds that returned fewer than {BATCH} while a run that fit was left queued: {r.window_misses} "
+            f"({r.window_missed_runs:,} runs); rounds that dequeued nothing: {r.empty_rounds}"
+        )
     print(
-        f"limit violations after a dequeue: {limited.violations} of {limited.rounds} rounds "
-        f"({'no limit was ever exceeded' if limited.violations == 0 else 'LIMITS EXCEEDED'})"
-    )
-    print(
-        f"rounds that returned fewer than {BATCH} while a fitting run lay beyond the {WINDOW}-run window: "
-        f"{limited.window_misses} of {limited.rounds} ({limited.window_missed_runs:,} runs left queued that fit "
-        f"at that moment; free slots in those rounds p50 {pct(limited.idle_slots, 50):.0f} of {MAX_CONCURRENT}); "
-        f"rounds that dequeued nothing: {limited.empty_rounds}"
+        f"runherd with the limits: {rate(limited.throughput)}, {ratio(limited.throughput, raw_tp)} the raw ceiling "
+        f"({rate(raw_tp)}) in the same run; 2 dequeuers at once: {rate(concurrent.throughput)}, "
+        f"{ratio(concurrent.throughput, raw_tp)}"
     )
     print(f"EXPLAIN ANALYZE of the dequeue SELECT on the full queue: {first_plan.strip()}")
     if insert_rate:
