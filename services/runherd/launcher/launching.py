@@ -101,6 +101,7 @@ def worker_run(claim: LaunchClaim, config: Config, keys: Keys) -> WorkerRun:
         executor=chosen.executor.value,
         step_tries={k: v for k, v in claim.step_tries.items() if k not in claim.completed},
         event_shards=config.event_shards,
+        step_launcher=execution.step_launcher(chosen.executor, config.run_launcher.name, config.run_launcher.config),
     )
     env = dict(claim.env)
     max_runtime = contract.max_runtime(claim.tags, config.run_monitoring.max_runtime_seconds)
@@ -113,6 +114,7 @@ def worker_run(claim: LaunchClaim, config: Config, keys: Keys) -> WorkerRun:
         max_runtime_seconds=int(max_runtime) if max_runtime > 0 else None,
         plan=plan.to_json(),
         worker_id=worker_id,
+        executor=chosen.executor.value,
     )
 
 

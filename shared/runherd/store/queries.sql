@@ -423,13 +423,19 @@ FOR UPDATE OF r SKIP LOCKED;
 -- name: claim_reaps
 -- Workers that must not be running: attempts superseded by a resume (at once), and workers of
 -- finished runs still alive $1 seconds after the end (both marked by reap_after when it happened).
--- A claim lasts $2 seconds, so a monitor that dies mid-way leaves its work to the others.
+-- A claim lasts $2 seconds, so a monitor that dies mid-way leaves its work to the others; for a
+-- worker still not gone it lasts longer each time (half its time since it was due, up to 60 s): a
+-- launcher that is behind on kill requests is not sent the same ones again every few seconds, which
+-- would only put it further behind.
 WITH due AS (
     SELECT a.run_id, a.attempt
     FROM attempts a
     WHERE a.exited_at IS NULL AND a.reap_after IS NOT NULL AND a.handle IS NOT NULL
       AND a.reap_after < clock_timestamp() - make_interval(secs => $1)
-      AND (a.reap_claimed_at IS NULL OR a.reap_claimed_at < clock_timestamp() - make_interval(secs => $2))
+      AND (a.reap_claimed_at IS NULL OR a.reap_claimed_at < clock_timestamp() - make_interval(
+            secs => least(60, greatest($2, CASE WHEN isfinite(a.reap_after)
+                                                THEN extract(epoch FROM clock_timestamp() - a.reap_after)::float8 / 2
+                                                ELSE 0 END))))
     LIMIT $3
     FOR UPDATE OF a SKIP LOCKED
 )
