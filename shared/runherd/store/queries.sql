@@ -179,6 +179,24 @@ FROM runs r
 WHERE a.run_id = $1 AND a.attempt = $2 AND r.run_id = a.run_id
 RETURNING r.status, r.attempt AS current_attempt;
 
+-- name: record_launches
+-- record_launch for a batch of launches in one statement: $1 run ids, $2 attempts, $3 handles, $4
+-- launcher names. Attempts are locked in (run_id, attempt) order, the order every statement locks
+-- them in. Returns each recorded attempt with its run's status and current attempt as they are now.
+WITH launched AS (
+    SELECT DISTINCT ON (run_id, attempt) run_id, attempt, handle, launcher
+    FROM unnest($1::uuid[], $2::integer[], $3::jsonb[], $4::text[]) AS x(run_id, attempt, handle, launcher)
+), locked AS (
+    SELECT a.run_id, a.attempt
+    FROM attempts a JOIN launched l ON a.run_id = l.run_id AND a.attempt = l.attempt
+    ORDER BY a.run_id, a.attempt
+    FOR UPDATE OF a
+)
+UPDATE attempts a SET handle = l.handle, launcher = l.launcher, launched_at = clock_timestamp()
+FROM locked k JOIN launched l ON l.run_id = k.run_id AND l.attempt = k.attempt JOIN runs r ON r.run_id = k.run_id
+WHERE a.run_id = k.run_id AND a.attempt = k.attempt
+RETURNING a.run_id, a.attempt, r.status, r.attempt AS current_attempt;
+
 -- name: record_exit
 -- The first report of an exit wins; later duplicates change nothing.
 UPDATE attempts

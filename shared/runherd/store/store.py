@@ -394,6 +394,23 @@ class Store:
         row = await self.pool.fetchrow(q("record_launch"), UUID(run_id), attempt, handle, launcher)
         return None if row is None else (RunStatus(row["status"]), row["current_attempt"])
 
+    async def record_launches(
+        self, launched: Sequence[tuple[str, int, dict[str, Any], str]]
+    ) -> list[tuple[RunStatus, int] | None]:
+        """``record_launch`` for many (run_id, attempt, handle, launcher) in one statement; the
+        results in the same order (None: no such attempt)."""
+        if not launched:
+            return []
+        rows = await self.pool.fetch(
+            q("record_launches"),
+            [UUID(x[0]) for x in launched],
+            [x[1] for x in launched],
+            [x[2] for x in launched],
+            [x[3] for x in launched],
+        )
+        now = {(str(r["run_id"]), r["attempt"]): (RunStatus(r["status"]), r["current_attempt"]) for r in rows}
+        return [now.get((x[0], x[1])) for x in launched]
+
     async def live_handles(self) -> list[RunRef]:
         rows = await self.pool.fetch(q("live_handles"))
         return [RunRef(str(r["run_id"]), r["attempt"], r["handle"]) for r in rows]
