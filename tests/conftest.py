@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from collections.abc import AsyncIterator
 
@@ -51,7 +52,8 @@ async def env(tmp_path) -> AsyncIterator[harness.Env]:  # type: ignore[no-untype
         await broker.close()
         await store.close()
         await harness.drop_database(db)
-        shutil.rmtree(tmp_path, ignore_errors=True)
+        if not os.environ.get("RUNHERD_TEST_KEEP_TMP"):  # keep a failed test's logs when asked
+            shutil.rmtree(tmp_path, ignore_errors=True)
         if await harness.reset_vhost(amqp_url):
             _FREE_VHOSTS.append(vhost)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -142,6 +143,7 @@ async def serve(config: Config, services: dict[str, int]) -> int:
         return await holder[0].not_ready() if holder else ["starting: services not connected yet"]
 
     http = await probes.serve(config.metrics_port, not_ready) if config.metrics_port else None
+    lag = asyncio.ensure_future(probes.watch_loop_lag()) if http is not None else None
     running = await start(config, services, supervisor=supervisor)
     holder.append(running)
     log.info(
@@ -152,6 +154,8 @@ async def serve(config: Config, services: dict[str, int]) -> int:
     await supervisor.stop.wait()
     log.info("stopping")
     await running.close()
+    if lag is not None:
+        lag.cancel()
     if http is not None:
         http.close()
     return 1 if supervisor.failure else 0

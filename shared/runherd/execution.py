@@ -55,3 +55,15 @@ def choose(tag_executor: Any, tag_max_concurrent: Any, default_executor: str, de
     executor = parse_executor(tag_executor if tag_executor is not None else default_executor)
     limit = parse_max_concurrent(tag_max_concurrent if tag_max_concurrent is not None else default_max_concurrent)
     return Execution(executor, 1 if executor is ExecutorName.IN_PROCESS else limit)
+
+
+# Run launchers on which the ``launcher`` executor starts each step try as the launcher starts
+# workers (a container, a Job); on the others each try is a process group of its own.
+STEP_LAUNCHERS = frozenset({"docker", "kubernetes"})
+
+
+def step_launcher(executor: ExecutorName, launcher_name: str | None, launcher_config: Any) -> dict[str, Any] | None:
+    """What the plan tells a ``launcher``-executor worker about starting its steps, or None."""
+    if executor is not ExecutorName.LAUNCHER or launcher_name not in STEP_LAUNCHERS:
+        return None
+    return {"name": launcher_name, "config": dict(launcher_config or {})}

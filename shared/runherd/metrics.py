@@ -25,6 +25,12 @@ HEARTBEAT_LAG = Histogram(
     "From a heartbeat's send to its commit",
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )
+LOOP_LAG = Histogram(
+    "runherd_event_loop_lag_seconds",
+    "How late a timer of an event loop fires: time the loop spends on other callbacks",
+    ["loop"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+)
 SWEEP_DURATION = Histogram("runherd_sweep_duration_seconds", "One monitor sweep, all rules", ["rule"])
 DETECTION_LATENCY = Histogram(
     "runherd_detection_latency_seconds",

@@ -48,6 +48,9 @@ class Plan:
     # {"failed_tries": n, "retry_at": epoch seconds or None}. The step goes on at try n + 1.
     step_tries: dict[str, dict[str, Any]] = field(default_factory=dict)
     event_shards: int = 1  # the deployment's event_shards: the worker marks each event's shard
+    # The ``launcher`` executor on a container launcher: {"name": "docker", "config": {...}}, the
+    # run launcher's own config, so the worker starts each step try as the launcher starts workers.
+    step_launcher: dict[str, Any] | None = None
 
     @property
     def source(self) -> str:
@@ -71,6 +74,7 @@ class Plan:
                 "executor": self.executor,
                 "step_tries": self.step_tries,
                 **({"event_shards": self.event_shards} if self.event_shards > 1 else {}),
+                **({"step_launcher": self.step_launcher} if self.step_launcher else {}),
             }
         ).decode()
 
@@ -96,6 +100,7 @@ def from_json(text: str) -> Plan:
         executor=str(raw.get("executor") or "multiprocess"),
         step_tries=dict(raw.get("step_tries") or {}),
         event_shards=max(1, int(raw.get("event_shards") or 1)),
+        step_launcher=raw.get("step_launcher") if isinstance(raw.get("step_launcher"), dict) else None,
     )
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from runherd import metrics
+
 log = logging.getLogger("runherd.probes")
 
 # The reasons this process is not ready; empty when it is.
@@ -97,6 +99,21 @@ async def _handle(readiness: Readiness, reader: asyncio.StreamReader, writer: as
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
+
+
+LOOP_PROBE_SECONDS = 0.25
+
+
+async def watch_loop_lag(name: str = "main", interval: float = LOOP_PROBE_SECONDS) -> None:
+    """Observe how late a timer fires (``runherd_event_loop_lag_seconds``): every await of the
+    process waits that long behind other callbacks, so a loop saturated by its own work shows here
+    before it shows as slow database or broker calls."""
+    loop = asyncio.get_running_loop()
+    histogram = metrics.LOOP_LAG.labels(name)
+    while True:
+        due = loop.time() + interval
+        await asyncio.sleep(interval)
+        histogram.observe(max(0.0, loop.time() - due))
 
 
 async def serve(port: int, readiness: Readiness, host: str = "0.0.0.0") -> asyncio.Server:

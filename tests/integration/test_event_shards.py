@@ -113,7 +113,8 @@ def _shard_consumers(vhost: str) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 async def test_three_monitors_share_the_shards_keep_order_and_take_over_a_killed_one(env: Env) -> None:
-    env.configure(event_shards=SHARDS, run_monitoring={"heartbeat_timeout_seconds": 10})
+    # 150 workers boot in a burst: a start timeout that fits that on 2 busy cores.
+    env.configure(event_shards=SHARDS, run_monitoring={"heartbeat_timeout_seconds": 10, "start_timeout_seconds": 120})
     env.raw["run_launcher"] = {"name": "sim", "config": {"step_seconds": 0.02, "workers_per_connection": 100}}
     env.cfg = config.from_mapping(env.raw)
     vhost = env.amqp_url.rsplit("/", 1)[1]

@@ -5,8 +5,10 @@ process group, outliving the worker, adopted by a resumed attempt)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -209,6 +211,156 @@ async def test_in_process_on_docker_a_killed_container_resumes_and_cancel_stops_
         await remove_session_containers(docker_engine)
 
 
+# --- launcher on Docker: each step try in a container of its own, started by the worker -----------
+
+
+async def _step_containers(engine: Any, run_id: str) -> list[dict[str, Any]]:
+    """The run's step containers, as the engine lists them (found by label, as terminate does)."""
+    from runherd.launchers.docker.spec import LABEL_RUN_ID
+    from runherd.launchers.docker.steps import LABEL_STEP
+
+    filters = json.dumps({"label": [f"{LABEL_RUN_ID}={run_id}", LABEL_STEP]})
+    return [c._container for c in await engine.containers.list(all=True, filters=filters)]
+
+
+async def _running(engine: Any, container_id: str) -> bool:
+    from tests.integration.test_docker_monitoring import inspect
+
+    state = await inspect(engine, container_id)
+    return state is not None and bool(state["Running"])
+
+
+@pytest.fixture
+async def denv(env: Env, docker_engine: Any) -> AsyncIterator[Env]:
+    """The env on the Docker launcher; afterwards the services stop, then the containers go."""
+    from tests.integration.test_docker_monitoring import use_docker
+    from tests.launchers.docker_fixtures import remove_session_containers
+
+    use_docker(env, run_monitoring={"heartbeat_timeout_seconds": 3})
+    yield env
+    await env.stop_all()
+    await remove_session_containers(docker_engine)
+
+
+async def test_launcher_on_docker_runs_each_step_in_its_own_container(denv: Env, docker_engine: Any) -> None:
+    env = denv
+    await env.start()
+    run_id = await env.submit(
+        [
+            {"key": "numbers", "call": "tests.fixtures.steps:numbers"},
+            {"key": "total", "call": "tests.fixtures.steps:total", "deps": ["numbers"]},
+        ],
+        tags=LAUNCHER,
+    )
+    run = await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=30)
+    assert run["status"] == "SUCCESS", run["reason"]
+    steps = {s["step_key"]: s for s in run["steps_status"]}
+    assert steps["total"]["output"] == {"sum": 10}  # the inputs went in, the output came out
+    worker = await env.handle(run_id, attempt=1)
+    containers = await _step_containers(docker_engine, run_id)
+    by_step = {c["Labels"]["runherd.step"]: c for c in containers}
+    assert sorted(by_step) == ["numbers", "total"] and len(containers) == 2  # one per step
+    assert {c["Id"] for c in containers}.isdisjoint({worker["container_id"]})
+    assert all(c["Labels"]["runherd.attempt"] == "1" and c["Labels"]["runherd.step_try"] == "1" for c in containers)
+    starts = {e["step_key"]: e["data"]["handle"] for e in await env.events(run_id) if e["type"] == "STEP_START"}
+    assert {k: h["container_id"] for k, h in starts.items()} == {k: c["Id"] for k, c in by_step.items()}
+    env_of = (await docker_engine.containers.container(by_step["total"]["Id"]).show())["Config"]["Env"]
+    assert not any(v.startswith(("RUNHERD_DOCKER_URL=", "RUNHERD_PLAN")) for v in env_of)  # the worker's alone
+
+
+async def test_launcher_on_docker_a_resumed_attempt_adopts_the_step_container_after_a_kill(
+    denv: Env, docker_engine: Any
+) -> None:
+    env = denv
+    await env.start()
+    effects, gate = env.tmp / "effects", env.tmp / "gate"
+    run_id = await env.submit([{"key": "long", "command": _gated(effects, gate)}], tags=LAUNCHER)
+    step = await _step_handle(env, run_id, 1)
+    await eventually(lambda: _lines(effects) == ["start1"], timeout=20, what="the step running")
+    worker = await env.handle(run_id, attempt=1)
+    await docker_engine.containers.container(worker["container_id"]).kill(signal="SIGKILL")
+    adopted = await _step_handle(env, run_id, 2)
+    assert adopted["container_id"] == step["container_id"] and adopted["adopted"]  # not started again
+    assert await _running(docker_engine, step["container_id"])
+    gate.touch()
+    run = await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=30)
+    assert run["status"] == "SUCCESS" and run["attempt"] == 2, run["reason"]
+    assert _lines(effects) == ["start1", "done"]  # ran once, across two workers
+    assert len(await _step_containers(docker_engine, run_id)) == 1
+
+
+async def test_launcher_on_docker_a_step_orphaned_by_a_crash_with_no_resume_left_is_killed(
+    env: Env, docker_engine: Any
+) -> None:
+    from tests.integration.test_docker_monitoring import use_docker
+    from tests.launchers.docker_fixtures import remove_session_containers
+
+    use_docker(env, run_monitoring={"max_resume_run_attempts": 0}, step_orphan_grace_seconds=1)
+    try:
+        await env.start()
+        effects, gate = env.tmp / "effects", env.tmp / "gate"
+        run_id = await env.submit([{"key": "long", "command": _gated(effects, gate)}], tags=LAUNCHER)
+        step = await _step_handle(env, run_id, 1)
+        await eventually(lambda: _lines(effects) == ["start1"], timeout=20, what="the step running")
+        worker = await env.handle(run_id, attempt=1)
+        await docker_engine.containers.container(worker["container_id"]).kill(signal="SIGKILL")
+        run = await env.wait_status(run_id, "FAILURE", "SUCCESS", timeout=30)
+        assert "resume is off" in run["reason"]
+
+        async def stopped() -> bool:
+            return not await _running(docker_engine, step["container_id"])
+
+        await eventually(stopped, timeout=20, what="the orphaned step container killed by the launcher")
+        assert _lines(effects) == ["start1"]
+    finally:
+        await env.stop_all()
+        await remove_session_containers(docker_engine)
+
+
+@pytest.mark.parametrize("scenario", ["cancel", "max_runtime", "hang", "cancel_stopped_worker"])
+async def test_launcher_on_docker_cancel_max_runtime_and_hang_stop_the_step_container(
+    denv: Env, docker_engine: Any, scenario: str
+) -> None:
+    env = denv
+    await env.start()
+    effects, gate = env.tmp / "effects", env.tmp / "gate"
+    tags = {**LAUNCHER, **({"runherd/max_runtime": "3"} if scenario == "max_runtime" else {})}
+    run_id = await env.submit([{"key": "long", "command": _gated(effects, gate)}], tags=tags)
+    step = await _step_handle(env, run_id, 1)
+    await eventually(lambda: _lines(effects) == ["start1"], timeout=20, what="the step running")
+    if scenario == "cancel":
+        await env.cancel(run_id)
+    if scenario == "cancel_stopped_worker":
+        # The worker cannot stop its step: the launcher's terminate finds the step by label.
+        worker = await env.handle(run_id, attempt=1)
+        await docker_engine.containers.container(worker["container_id"]).kill(signal="SIGSTOP")
+        await env.cancel(run_id)
+    if scenario == "hang":
+        # A stopped worker cannot stop its steps: the launcher's terminate of the hung worker
+        # kills its step container (found by label), unless a resumed attempt came first and
+        # adopted it (it owns it then, and it runs on).
+        worker = await env.handle(run_id, attempt=1)
+        await docker_engine.containers.container(worker["container_id"]).kill(signal="SIGSTOP")
+        second = await _step_handle(env, run_id, 2)
+        if second["adopted"]:
+            assert second["container_id"] == step["container_id"]
+        else:
+            assert not await _running(docker_engine, step["container_id"])
+        gate.touch()
+        run = await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=30)
+        assert run["status"] == "SUCCESS" and run["attempt"] == 2, run["reason"]
+        assert _lines(effects) == (["start1", "done"] if second["adopted"] else ["start1", "start2", "done"])
+        return
+    run = await env.wait_status(run_id, "CANCELED", "FAILURE", "SUCCESS", timeout=30)
+    assert run["status"] == ("FAILURE" if scenario == "max_runtime" else "CANCELED"), run["reason"]
+
+    async def stopped() -> bool:
+        return not await _running(docker_engine, step["container_id"])
+
+    await eventually(stopped, timeout=20, what="the step container stopped")
+    assert _lines(effects) == ["start1"]
+
+
 # --- on Kubernetes (the API-server emulator; its kubelet runs each pod as a local process) ------------
 
 
@@ -240,3 +392,111 @@ async def test_in_process_on_kubernetes_a_killed_worker_resumes_and_cancel_stops
     await env.cancel(second)
     assert (await env.wait_status(second, "CANCELED", "FAILURE", "SUCCESS", timeout=30))["status"] == "CANCELED"
     await eventually(lambda: not pids_alive([worker]), what="the pod's worker gone")
+
+
+# --- launcher on Kubernetes: each step try in a Job of its own, created by the worker ---------------
+
+
+def _step_jobs(emulator: Any) -> list[dict[str, Any]]:
+    from runherd.launchers.kubernetes.steps import LABEL_STEP
+
+    return [j for j in emulator.jobs() if LABEL_STEP in (j["metadata"].get("labels") or {})]
+
+
+def _step_job_running(emulator: Any, name: str) -> bool:
+    runtime = emulator.runtime(name)
+    return runtime is not None and runtime.proc is not None and runtime.proc.returncode is None
+
+
+async def _worker_pid(env: Env, run_id: str, attempt: int) -> int:
+    async def check() -> int | None:
+        for e in await env.events(run_id):
+            if e["type"] == "RUN_START" and e["attempt"] == attempt:
+                return int(e["data"]["pid"])
+        return None
+
+    return await eventually(check, what=f"the RUN_START of attempt {attempt}")
+
+
+async def test_launcher_on_kubernetes_runs_each_step_in_its_own_job(env: Env, k8s: Any) -> None:
+    await env.start()
+    run_id = await env.submit(
+        [
+            {"key": "numbers", "call": "tests.fixtures.steps:numbers"},
+            {"key": "total", "call": "tests.fixtures.steps:total", "deps": ["numbers"]},
+        ],
+        tags=LAUNCHER,
+    )
+    run = await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=30)
+    assert run["status"] == "SUCCESS", run["reason"]
+    assert {s["step_key"]: s for s in run["steps_status"]}["total"]["output"] == {"sum": 10}
+    jobs = {j["metadata"]["annotations"]["runherd/step_key"]: j for j in _step_jobs(k8s)}
+    assert sorted(jobs) == ["numbers", "total"] and len(_step_jobs(k8s)) == 2  # one Job per step
+    for job in jobs.values():
+        labels = job["metadata"]["labels"]
+        assert (labels["runherd/attempt"], labels["runherd/step_try"]) == ("1", "1")
+        assert job["metadata"]["annotations"]["runherd/run_id"] == run_id
+        env_of = {v["name"] for v in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert "RUNHERD_PLAN_FILE" not in env_of and "RUNHERD_AMQP_URL" not in env_of  # the worker's alone
+    starts = {e["step_key"]: e["data"]["handle"] for e in await env.events(run_id) if e["type"] == "STEP_START"}
+    assert {k: h["job_name"] for k, h in starts.items()} == {k: j["metadata"]["name"] for k, j in jobs.items()}
+
+
+async def test_launcher_on_kubernetes_a_resumed_attempt_adopts_the_step_job_after_a_kill(env: Env, k8s: Any) -> None:
+    await env.start()
+    effects, gate = env.tmp / "effects", env.tmp / "gate"
+    run_id = await env.submit([{"key": "long", "command": _gated(effects, gate)}], tags=LAUNCHER)
+    step = await _step_handle(env, run_id, 1)
+    await eventually(lambda: _lines(effects) == ["start1"], timeout=20, what="the step running")
+    os.kill(await _worker_pid(env, run_id, 1), signal.SIGKILL)  # the worker pod's process
+    adopted = await _step_handle(env, run_id, 2)
+    assert adopted["job_name"] == step["job_name"] and adopted["adopted"]  # not started again
+    assert _step_job_running(k8s, step["job_name"])
+    gate.touch()
+    run = await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=30)
+    assert run["status"] == "SUCCESS" and run["attempt"] == 2, run["reason"]
+    assert _lines(effects) == ["start1", "done"]  # ran once, across two workers
+    assert len(_step_jobs(k8s)) == 1
+
+
+@pytest.mark.parametrize("scenario", ["cancel", "max_runtime", "cancel_stopped_worker"])
+async def test_launcher_on_kubernetes_cancel_and_max_runtime_stop_the_step_job(
+    env: Env, k8s: Any, scenario: str
+) -> None:
+    await env.start()
+    effects, gate = env.tmp / "effects", env.tmp / "gate"
+    tags = {**LAUNCHER, **({"runherd/max_runtime": "3"} if scenario == "max_runtime" else {})}
+    run_id = await env.submit([{"key": "long", "command": _gated(effects, gate)}], tags=tags)
+    step = await _step_handle(env, run_id, 1)
+    await eventually(lambda: _lines(effects) == ["start1"], timeout=20, what="the step running")
+    if scenario == "cancel_stopped_worker":
+        # The worker cannot stop its step: the launcher's terminate finds the step Job by label.
+        os.kill(await _worker_pid(env, run_id, 1), signal.SIGSTOP)
+    if scenario != "max_runtime":
+        await env.cancel(run_id)
+    run = await env.wait_status(run_id, "CANCELED", "FAILURE", "SUCCESS", timeout=30)
+    assert run["status"] == ("FAILURE" if scenario == "max_runtime" else "CANCELED"), run["reason"]
+    await eventually(lambda: not _step_job_running(k8s, step["job_name"]), timeout=20, what="the step Job stopped")
+    assert _lines(effects) == ["start1"]
+
+
+async def test_launcher_on_kubernetes_a_step_orphaned_by_a_crash_with_no_resume_left_is_deleted(
+    env: Env, k8s: Any
+) -> None:
+    from dataclasses import replace
+
+    launcher = env.cfg.run_launcher
+    env.cfg = replace(
+        env.configure(run_monitoring={"max_resume_run_attempts": 0}),
+        run_launcher=replace(launcher, config={**launcher.config, "step_orphan_grace_seconds": 1}),
+    )
+    await env.start()
+    effects, gate = env.tmp / "effects", env.tmp / "gate"
+    run_id = await env.submit([{"key": "long", "command": _gated(effects, gate)}], tags=LAUNCHER)
+    step = await _step_handle(env, run_id, 1)
+    await eventually(lambda: _lines(effects) == ["start1"], timeout=20, what="the step running")
+    os.kill(await _worker_pid(env, run_id, 1), signal.SIGKILL)
+    run = await env.wait_status(run_id, "FAILURE", "SUCCESS", timeout=30)
+    assert "resume is off" in run["reason"]
+    await eventually(lambda: not _step_job_running(k8s, step["job_name"]), timeout=20, what="the orphan deleted")
+    assert _lines(effects) == ["start1"]

@@ -104,3 +104,30 @@ async def test_a_worker_no_launcher_can_reach_is_never_reported_killed(env: Env)
 async def _reap_claimed_at(env: Env, run_id: str) -> Any:
     rows = await env.store.fetch("SELECT reap_claimed_at FROM attempts WHERE run_id = $1", uuid.UUID(run_id))
     return rows[0]["reap_claimed_at"]
+
+
+async def test_a_storm_of_repeated_kill_requests_kills_each_worker_once(env: Env) -> None:
+    """A monitor asks again while the launcher is behind: the repeats are looked up together and a
+    worker already being killed (here: one ignoring SIGTERM, inside its grace) is not killed again."""
+    from runherd import killing
+    from runherd.store import RunRef
+
+    env.configure(run_launcher=env.process_launcher(STUBBORN, grace=3))
+    await env.start()
+    run_ids = [await env.submit([{"key": "a", "command": ["sleep", "600"]}]) for _ in range(3)]
+    handles = {r: await env.handle(r) for r in run_ids}
+    for r in run_ids:
+        await env.wait_status(r, "STARTED")
+    for _ in range(20):  # one batch or several, as the consumer takes them
+        for r in run_ids:
+            body = killing.request_body(RunRef(r, 1, handles[r]), "a test storm", None)
+            await env.broker.publish_command(killing.KILL_KEY, body)
+    for r in run_ids:
+        event = await _terminated_for_real(env, r, handles[r]["pid"])
+        assert "terminated worker of attempt 1" in event["message"], event
+
+    # Commands are taken in order: once a launch published after the storm is stored, every kill
+    # request before it has been handled.
+    await env.wait_status(await env.submit([{"key": "a", "command": ["true"]}]), "SUCCESS")
+    for r in run_ids:
+        assert len(await _events(env, r, "WORKER_TERMINATED")) == 1, "one kill per worker, however often asked"

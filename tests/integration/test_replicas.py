@@ -19,7 +19,12 @@ async def test_three_monitors_100_runs_a_third_crashed_each_resumed_once(env: En
     marks = tmp_path / "marks"
     marks.mkdir()
     go = tmp_path / "go"
-    env.configure(run_monitoring={"heartbeat_timeout_seconds": 30, "poll_interval_seconds": 0.5})
+    # 100 Python workers boot at once: on 2 busy cores the last can take longer than the suite's
+    # 10 s start timeout, and a run failed as stuck starting has its worker killed before this test
+    # kills it. The start timeout is not what this test is about.
+    env.configure(
+        run_monitoring={"heartbeat_timeout_seconds": 30, "poll_interval_seconds": 0.5, "start_timeout_seconds": 120}
+    )
     for _ in range(3):
         env.spawn("monitor")
     await env.start({"launcher": 1, "heartbeat": 1})
@@ -29,7 +34,12 @@ async def test_three_monitors_100_runs_a_third_crashed_each_resumed_once(env: En
         await eventually(lambda: len(os.listdir(marks)) >= 100, timeout=120, what="all 100 workers running")
         victims = run_ids[::3]
         for run_id in victims:
-            os.kill((await env.handle(run_id, attempt=1))["pid"], signal.SIGKILL)
+            pid = (await env.handle(run_id, attempt=1))["pid"]
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                rows = await env.store.fetch("SELECT status, reason FROM runs WHERE run_id = $1", uuid.UUID(run_id))
+                pytest.fail(f"the worker of {run_id} attempt 1 was gone before the kill: run {dict(rows[0])}")
         await eventually(
             lambda: len(os.listdir(marks)) >= 100 + len(victims), timeout=120, what="every killed run resumed"
         )

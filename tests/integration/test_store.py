@@ -166,3 +166,26 @@ async def test_status_message_body_and_routing_key(env: Env) -> None:
         "tags": {"team": "data"},
         "parent_run_id": None,
     }
+
+
+async def test_launches_recorded_in_one_statement_say_what_became_of_each_run(env: Env) -> None:
+    started = await _started_run(env)
+    canceled = await _started_run(env)
+    async with env.store.tx() as tx:
+        await tx.transition([canceled], RunStatus.CANCELING)
+    missing = str(uuid.uuid4())
+    got = await env.store.record_launches(
+        [
+            (started, 1, {"pid": 1}, "process"),
+            (missing, 1, {"pid": 2}, "process"),
+            (canceled, 1, {"pid": 3}, "process"),
+            (started, 2, {"pid": 4}, "process"),  # no such attempt
+        ]
+    )
+    assert got == [(RunStatus.STARTED, 1), None, (RunStatus.CANCELING, 1), None]
+    rows = await env.store.fetch("SELECT run_id, handle, launcher, launched_at FROM attempts ORDER BY handle->>'pid'")
+    assert [(str(r["run_id"]), r["handle"], r["launcher"]) for r in rows] == [
+        (started, {"pid": 1}, "process"),
+        (canceled, {"pid": 3}, "process"),
+    ]
+    assert all(r["launched_at"] is not None for r in rows)

@@ -172,16 +172,16 @@ async def test_a_failed_handle_record_never_makes_a_second_worker(env: Env, monk
     body = {"v": 1, "run_id": run_id, "job": "j", "steps": [{"key": "a", "command": ["true"]}], "env": {MARK: run_id}}
     await commands.apply(env.store, "launch", body)
     launcher = ProcessLauncher({"log_dir": str(env.tmp / "logs"), "worker_command": ["sleep", "60"]})
-    record_launch = env.store.record_launch
+    record_launches = env.store.record_launches
     blips = []
 
     async def blip_once(*args: Any) -> Any:
         if not blips:
             blips.append(args)
             raise ConnectionResetError("the database went away")
-        return await record_launch(*args)
+        return await record_launches(*args)
 
-    monkeypatch.setattr(env.store, "record_launch", blip_once)
+    monkeypatch.setattr(env.store, "record_launches", blip_once)
     launching = Launching(env.cfg, env.store, launcher, HandleMap())
     try:
         assert await launching.tick() == 1

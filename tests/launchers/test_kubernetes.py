@@ -465,3 +465,19 @@ def test_job_names_are_dns_labels() -> None:
         name = job_name(odd, 12)
         assert len(name) <= 63 and name == name.lower() and name[-1].isalnum()
     assert job_name("run_1", 1) != job_name("run-1", 1)
+
+
+async def test_only_a_launcher_executor_worker_gets_the_step_jobs_service_account(
+    k8s_launcher_factory: LauncherFactory, k8s_emulator: K8sEmulator
+) -> None:
+    launcher = k8s_launcher_factory(
+        service_account_name="runherd-worker", step_jobs_service_account_name="runherd-step-launcher"
+    )
+    accounts = {}
+    for executor in ("multiprocess", "launcher"):
+        run = WorkerRun(run_id=str(uuid.uuid4()), attempt=1, job="sa", env={}, command=["true"], executor=executor)
+        handle = await launcher.launch(run)
+        job = k8s_emulator.job(handle["job_name"])
+        assert job is not None
+        accounts[executor] = job["spec"]["template"]["spec"]["serviceAccountName"]
+    assert accounts == {"multiprocess": "runherd-worker", "launcher": "runherd-step-launcher"}

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -283,8 +285,8 @@ def rbac_of(method: str, path: str, query: dict[str, str]) -> tuple[str, str, st
     return m["group"] or "", resource, verb
 
 
-def role_grants() -> set[tuple[str, str, str]]:
-    role = next(d for d in render(BASE) if d["kind"] == "Role" and d["metadata"]["name"] == "runherd-launcher")
+def role_grants(name: str = "runherd-launcher") -> set[tuple[str, str, str]]:
+    role = next(d for d in render(BASE) if d["kind"] == "Role" and d["metadata"]["name"] == name)
     return {
         (group, resource, verb)
         for rule in role["rules"]
@@ -365,3 +367,46 @@ async def test_role_grants_exactly_the_launchers_api_calls(
     grants = role_grants()
     assert recorded <= grants, f"the launcher calls what the Role does not grant: {recorded - grants}"
     assert grants - recorded == RESERVED, f"the Role grants what the launcher never calls: {grants - recorded}"
+
+
+def _proc(emulator: K8sEmulator, job_name: str) -> int:
+    runtime = emulator.runtime(job_name, "runherd")
+    return runtime.proc.pid if runtime is not None and runtime.proc is not None else 0
+
+
+async def test_step_jobs_role_grants_exactly_a_launcher_executor_workers_api_calls(
+    k8s_emulator: K8sEmulator, launcher: KubernetesLauncher
+) -> None:
+    """The worker of a `launcher`-executor run creates its steps' Jobs (runherd.worker.step_jobs):
+    its service account's Role grants exactly what that takes, and its binding names it."""
+    from runherd.launchers.kubernetes.steps import StepJob
+
+    docs = render(BASE)
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    raw = yaml.safe_load(by["ConfigMap", "runherd-config"]["data"]["runherd.yaml"])
+    account = validate_config(raw["run_launcher"]["config"])["step_jobs_service_account_name"]
+    assert [s["name"] for s in by["RoleBinding", "runherd-step-jobs"]["subjects"]] == [account]
+    assert by["ServiceAccount", account].get("automountServiceAccountToken") is not False
+
+    def step(key: str, command: list[str]) -> tuple[StepJob, dict[str, Any]]:
+        job = StepJob(launcher, run_id=str(uuid.uuid4()), attempt=1, job="rbac", step_key=key, try_=1)
+        return job, {"step": {"key": key, "command": command}, "inputs": {}}
+
+    env = {"PATH": "/usr/bin:/bin"}
+    first = len(k8s_emulator.requests)
+    # a try that finishes: created with its spec Secret, waited for, its result read from the log
+    done, spec = step("done", ["true"])
+    await done.spawn(spec, env, sys.executable)
+    result, why = await done.wait()
+    assert result is not None and result["ok"], why
+    # adopted after it finished (its result taken), and a running try stopped (Job and pods deleted)
+    assert (await done.adopt() or ({}, None))[1] == result
+    slow, spec = step("slow", ["sleep", "60"])
+    await slow.spawn(spec, env, sys.executable)
+    await wait_for(lambda: _proc(k8s_emulator, slow.name), 15, "the slow step's pod running")
+    # stopped, so the pod outlives its Job's deletion (as a real pod does for its grace period)
+    os.kill(_proc(k8s_emulator, slow.name), signal.SIGSTOP)
+    await slow.stop(0)
+
+    recorded = {rbac_of(r.method, r.path, r.query) for r in k8s_emulator.requests[first:]}
+    assert recorded == role_grants("runherd-step-jobs")

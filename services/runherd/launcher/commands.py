@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,31 +114,49 @@ async def apply(
 
 # Kills run in the background (a worker ignoring SIGTERM holds its grace period, which must not
 # hold up launches); if this process dies first, the monitor's reap rule asks again.
-_kills: set[asyncio.Task[killing.Verdict]] = set()
+_kills: dict[tuple[str, int], asyncio.Task[killing.Verdict]] = {}
 
 
 async def kill(store: Store, run_launcher: RunLauncher, request: killing.KillRequest) -> None:
-    """A monitor that cannot reach a worker asks the launcher on its host (internal, see
-    shared/killing.py). The stored handle is the one acted on, never the message's."""
+    await kill_many(store, run_launcher, [request])
+
+
+async def kill_many(store: Store, run_launcher: RunLauncher, requests: Sequence[killing.KillRequest]) -> None:
+    """Monitors that cannot reach a worker ask the launcher on its host (internal, see
+    shared/killing.py): every request of a batch looked up in one statement. The stored handle is
+    the one acted on, never the message's. A worker already being killed here is not killed twice:
+    a storm of repeated requests (a monitor asking again while this launcher is behind) costs a
+    lookup, not another grace period."""
+    wanted = {(r.run_id, r.attempt): r for r in requests if (r.run_id, r.attempt) not in _kills}
+    if not wanted:
+        return
     async with store.tx() as tx:
-        refs = [r for r in await tx.handles([request.run_id]) if r.attempt == request.attempt]
-    if not refs:
-        log.info("kill: worker already exited run_id=%s attempt=%s", request.run_id, request.attempt)
-        return
-    ref = refs[0]
-    assert ref.handle is not None
-    if not run_launcher.can_reach(ref.handle):
-        message = (
-            f"could not terminate the worker of attempt {ref.attempt} ({request.reason}): "
-            f"it runs on host {ref.handle.get('host')}, which no launcher here can reach"
+        live = {(r.run_id, r.attempt): r for r in await tx.handles(sorted({k[0] for k in wanted}))}
+    for key, request in wanted.items():
+        ref = live.get(key)
+        if ref is None:
+            log.info("kill: worker already exited run_id=%s attempt=%s", request.run_id, request.attempt)
+            continue
+        assert ref.handle is not None
+        if not run_launcher.can_reach(ref.handle):
+            message = (
+                f"could not terminate the worker of attempt {ref.attempt} ({request.reason}): "
+                f"it runs on host {ref.handle.get('host')}, which no launcher here can reach"
+            )
+            await killing.record(store, ref, killing.Verdict(False, False, message), None, source="launcher")
+            continue
+        task = asyncio.ensure_future(
+            killing.kill(run_launcher, store, ref, request.reason, grace=request.grace_seconds, source="launcher")
         )
-        await killing.record(store, ref, killing.Verdict(False, False, message), None, source="launcher")
-        return
-    task = asyncio.ensure_future(
-        killing.kill(run_launcher, store, ref, request.reason, grace=request.grace_seconds, source="launcher")
-    )
-    _kills.add(task)
-    task.add_done_callback(_kills.discard)
+        _kills[key] = task
+        task.add_done_callback(_forget_kill(key))
+
+
+def _forget_kill(key: tuple[str, int]) -> Callable[[asyncio.Task[killing.Verdict]], None]:
+    def forget(_: asyncio.Task[killing.Verdict]) -> None:
+        _kills.pop(key, None)
+
+    return forget
 
 
 def with_derived_ids(key: str, data: dict[str, Any], message_id: str | None) -> dict[str, Any]:

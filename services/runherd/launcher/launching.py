@@ -101,6 +101,7 @@ def worker_run(claim: LaunchClaim, config: Config, keys: Keys) -> WorkerRun:
         executor=chosen.executor.value,
         step_tries={k: v for k, v in claim.step_tries.items() if k not in claim.completed},
         event_shards=config.event_shards,
+        step_launcher=execution.step_launcher(chosen.executor, config.run_launcher.name, config.run_launcher.config),
     )
     env = dict(claim.env)
     max_runtime = contract.max_runtime(claim.tags, config.run_monitoring.max_runtime_seconds)
@@ -113,6 +114,7 @@ def worker_run(claim: LaunchClaim, config: Config, keys: Keys) -> WorkerRun:
         max_runtime_seconds=int(max_runtime) if max_runtime > 0 else None,
         plan=plan.to_json(),
         worker_id=worker_id,
+        executor=chosen.executor.value,
     )
 
 
@@ -136,6 +138,41 @@ async def launch_with_retries(
     raise AssertionError("unreachable")
 
 
+class LaunchRecorder:
+    """Worker handles recorded in batches: the launches that finish while one statement runs go
+    in the next, so a storm of launches costs a statement per batch, not one per worker."""
+
+    def __init__(self, store: Store, max_batch: int = 500) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self._pending: list[tuple[tuple[str, int, Handle, str], asyncio.Future[tuple[RunStatus, int] | None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def record(self, run_id: str, attempt: int, handle: Handle, launcher: str) -> tuple[RunStatus, int] | None:
+        """The run's status and current attempt once the handle is stored (as record_launch)."""
+        future: asyncio.Future[tuple[RunStatus, int] | None] = asyncio.get_running_loop().create_future()
+        self._pending.append(((run_id, attempt, handle, launcher), future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            try:
+                results = await self.store.record_launches([item for item, _ in batch])
+            except BaseException as exc:  # each launch hears it (a TransientDbError: its lease brings it back)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+
 class Launching:
     def __init__(
         self,
@@ -153,6 +190,7 @@ class Launching:
         self.handles = handles
         self.concurrency = launcher.launch_concurrency if concurrency is None else concurrency
         self._slots = asyncio.Semaphore(self.concurrency)
+        self.recorder = LaunchRecorder(store)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def tick(self) -> int:
@@ -248,7 +286,7 @@ class Launching:
                 await self._failed(claim, exc)
                 return
             self.handles[(claim.run_id, claim.attempt)] = handle
-            now = await self.store.record_launch(claim.run_id, claim.attempt, handle, self.launcher.name)
+            now = await self.recorder.record(claim.run_id, claim.attempt, handle, self.launcher.name)
             metrics.LAUNCHES.labels(self.launcher.name, "ok").inc()
             log.info("launched run_id=%s attempt=%s handle=%s", claim.run_id, claim.attempt, handle)
             if now is not None and (now[0] is RunStatus.CANCELING or now[0].terminal or now[1] != claim.attempt):

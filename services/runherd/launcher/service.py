@@ -7,7 +7,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from runherd import auth, outbox
+from runherd import auth, killing, outbox
 from runherd import broker as topology
 from runherd.broker import Broker, Delivery
 from runherd.config import Config
@@ -17,6 +17,7 @@ from runherd.errors import InvalidMessage
 from runherd.launcher import commands
 from runherd.launcher.launching import HandleMap, Launching
 from runherd.launchers import RunLauncher, WorkerExit
+from runherd.limits import check_command
 from runherd.rules.events import describe_exit
 from runherd.runtime import Supervisor, retrying, sleep_or_stop
 from runherd.store import Store
@@ -26,6 +27,7 @@ log = logging.getLogger("runherd.launcher")
 
 # Commands are taken in batches: consecutive launches are stored in one transaction.
 COMMAND_BATCH = 500
+LAUNCH = "launch"
 COMMAND_BATCH_WAIT_SECONDS = 0.05
 EXIT_REPORTS_IN_FLIGHT = 64  # WORKER_EXITED publishes awaiting their confirm at once
 
@@ -77,20 +79,38 @@ class LauncherService:
         )
 
     async def commands(self, batch: list[Delivery]) -> list[Verdict]:
-        """The batch in arrival order: each run of consecutive launches in one transaction, any
-        other command on its own (a terminate after a launch of the same run sees the run)."""
+        """The batch in arrival order: each run of consecutive launches in one transaction, each run
+        of consecutive kill requests in one lookup, any other command on its own (a terminate after
+        a launch of the same run sees the run)."""
         verdicts: list[Verdict] = []
         start = 0
         while start < len(batch):
-            end = start
-            while end < len(batch) and batch[end].routing_key == "launch":
-                end += 1
-            if end > start:
+            key = batch[start].routing_key
+            end = start + 1
+            if key in (LAUNCH, killing.KILL_KEY):
+                while end < len(batch) and batch[end].routing_key == key:
+                    end += 1
+            if key == LAUNCH:
                 verdicts += await self.launches(batch[start:end])
-                start = end
+            elif key == killing.KILL_KEY:
+                verdicts += await self.kills(batch[start:end])
             else:
                 verdicts.append(await self.command(batch[start]))
-                start += 1
+            start = end
+        return verdicts
+
+    async def kills(self, batch: list[Delivery]) -> list[Verdict]:
+        """Kill requests (internal, from monitors), validated one by one, looked up together."""
+        verdicts: list[Verdict] = [APPLIED] * len(batch)
+        requests = []
+        for i, delivery in enumerate(batch):
+            try:
+                data = decode(delivery.body)
+                check_command(killing.KILL_KEY, data, self.config.limits)
+                requests.append(killing.parse_request(data))
+            except InvalidMessage as exc:
+                verdicts[i] = Reject(str(exc))
+        await commands.kill_many(self.store, self.launcher, requests)
         return verdicts
 
     async def launches(self, batch: list[Delivery]) -> list[Verdict]:

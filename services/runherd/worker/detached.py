@@ -1,9 +1,11 @@
 """`python -m runherd.worker.detached SPEC RESULT`: one try of a step under the ``launcher``
 executor, as the leader of its own process group that outlives the worker.
 
-SPEC holds the step and its inputs; the try runs as runherd.worker.steps runs any step (its
-timeout included), and what it came to is written to RESULT before this process exits, for the
-worker that started it or the resumed attempt that adopted it.
+SPEC holds the step and its inputs (JSON, gzip-compressed or not); the try runs as
+runherd.worker.steps runs any step (its timeout included), and what it came to is written to RESULT
+before this process exits, for the worker that started it or the resumed attempt that adopted it.
+RESULT ``-`` prints it instead, as the last line of stdout after ``RUNHERD_STEP_RESULT `` (a step Job
+on Kubernetes: its pod's log is read back).
 
 An orphan does not run forever: when no worker of its run has been alive for
 ``RUNHERD_STEP_ORPHAN_GRACE_SECONDS`` (default 60; a resumed attempt adopts it well before), the run
@@ -14,6 +16,7 @@ result.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import os
 import sys
 import time
@@ -28,6 +31,7 @@ from runherd.launchers.process import RECORD_ENV
 from runherd.worker.steps import StepProcess, StepResult
 
 EXIT_ORPHANED = 4
+RESULT_MARKER = "RUNHERD_STEP_RESULT "  # runherd.launchers.kubernetes.steps reads it back
 
 
 async def _watch_orphan(folder: Path, grace: float) -> None:
@@ -56,13 +60,21 @@ async def run(spec: dict[str, Any], result_path: Path) -> int:
         work.cancel()
         return EXIT_ORPHANED
     result: StepResult = work.result()
-    step_groups.write_json(result_path, {"ok": result.ok, "output": result.output, "error": result.error})
+    got = {"ok": result.ok, "output": result.output, "error": result.error}
+    if str(result_path) == "-":
+        sys.stderr.flush()
+        sys.stdout.write(RESULT_MARKER + orjson.dumps(got).decode() + "\n")
+        sys.stdout.flush()
+    else:
+        step_groups.write_json(result_path, got)
     return 0 if result.ok else 1
 
 
 def main(argv: list[str]) -> int:
-    spec = orjson.loads(Path(argv[1]).read_bytes())
-    return asyncio.run(run(spec, Path(argv[2])))
+    data = Path(argv[1]).read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return asyncio.run(run(orjson.loads(data), Path(argv[2])))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@
   worker), up to ``max_concurrent`` at once;
 - ``in_process``: one step at a time; a ``call`` step is called inside the worker (in a thread, so
   heartbeats go on), a ``command`` step is still a subprocess;
-- ``launcher``: see runherd.worker.detached (each step in its own process group that outlives the
-  worker, recorded in the events so a resumed attempt adopts it).
+- ``launcher``: each step try started through the run's launcher, outliving the worker, its handle
+  in the events so a resumed attempt adopts it: on Docker a container of its own
+  (runherd.worker.step_containers), on Kubernetes a Job of its own (runherd.worker.step_jobs),
+  elsewhere a process group of its own (runherd.worker.detached).
 
 A failed try is followed by another while the step's policy allows (STEP_UP_FOR_RETRY, then
 STEP_RESTARTED after the delay). Each try has the step's whole timeout. A resumed attempt goes on
@@ -28,7 +30,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import orjson
 
@@ -128,7 +130,7 @@ class DetachedStep:
             "adopted": adopted,
         }
 
-    def adopt(self) -> dict[str, Any] | None:
+    async def adopt(self) -> dict[str, Any] | None:
         seen = step_groups.look(self.folder, self.step.key, self.try_)
         if seen.result is not None:
             self.record = seen.record or {"pid": None}
@@ -188,7 +190,7 @@ class DetachedStep:
         return StepResult(bool(got.get("ok")), got.get("output"), got.get("error"))
 
     async def run(self, inputs: dict[str, Any], env: dict[str, str]) -> StepResult:
-        if self.adopt() is None:
+        if await self.adopt() is None:
             await self.spawn(inputs, env)
         return await self.wait()
 
@@ -205,12 +207,35 @@ class DetachedStep:
             os.killpg(record["pid"], signal.SIGKILL)
 
 
+class LaunchedStep(StepRunner, Protocol):
+    """A ``launcher``-executor try: found again (``adopt``) or started (``spawn``), then waited for."""
+
+    async def adopt(self) -> dict[str, Any] | None: ...
+
+    async def spawn(self, inputs: dict[str, Any], env: dict[str, str]) -> dict[str, Any]: ...
+
+    async def wait(self) -> StepResult: ...
+
+
 def runner_for(plan: Plan, step: Step, try_: int) -> StepRunner:
     if plan.executor == ExecutorName.LAUNCHER:
+        launcher = plan.step_launcher or {}
+        if launcher.get("name") == "docker":
+            from runherd.worker.step_containers import ContainerStep  # aiodocker: only when used
+
+            return ContainerStep(plan, step, try_, launcher.get("config") or {})
+        if launcher.get("name") == "kubernetes":
+            from runherd.worker.step_jobs import JobStep  # kubernetes_asyncio: only when used
+
+            return JobStep(plan, step, try_, launcher.get("config") or {})
         return DetachedStep(plan, step, try_)
     if plan.executor == ExecutorName.IN_PROCESS and step.call is not None:
         return InProcessCall(step)
     return StepProcess(step)
+
+
+def _launched(runner: StepRunner) -> TypeGuard[LaunchedStep]:
+    return hasattr(runner, "adopt") and hasattr(runner, "spawn")
 
 
 class Executor:
@@ -269,9 +294,9 @@ class Executor:
                 self.running[step.key] = runner
                 try:
                     inputs, env = upstream_outputs(step, self.outputs), self._step_env(step, n)
-                    if isinstance(runner, DetachedStep):
-                        # its handle in the start event: the group is found again from the event log
-                        data["handle"] = runner.adopt() or await runner.spawn(inputs, env)
+                    if _launched(runner):
+                        # its handle (process group, container) in the start event, for `show`
+                        data["handle"] = await runner.adopt() or await runner.spawn(inputs, env)
                         await self._started(step, n, policy.max_tries, data)
                         result = await runner.wait()
                     else:
@@ -327,3 +352,11 @@ class Executor:
 
     async def stop(self) -> None:
         await asyncio.gather(*(p.stop() for p in list(self.running.values())), return_exceptions=True)
+
+    @staticmethod
+    async def close() -> None:
+        """Release the connections the `launcher` executor opened (engine, API), if it did."""
+        for name in ("runherd.worker.step_containers", "runherd.worker.step_jobs"):
+            module = sys.modules.get(name)
+            if module is not None:
+                await module.close()

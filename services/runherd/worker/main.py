@@ -59,13 +59,15 @@ async def run(plan: Plan, amqp_url: str, *, handle_sigterm: bool = True) -> int:
         return EXIT_FAILURE
     finally:
         beats.cancel()
+        await executor.close()
         await broker.close()
 
 
 # The worker's own secrets: a step's environment is the worker's less these (issue 9), its broker
 # URL and its plan (which holds the URL and its token). Its record and log cap are no secret: a
 # detached step (the launcher executor) reads the record's path to know whether a worker is alive.
-WORKER_ONLY_ENV = frozenset({"RUNHERD_AMQP_URL", PLAN_ENV, PLAN_FILE_ENV})
+# RUNHERD_DOCKER_URL: the engine a `launcher`-executor worker on Docker starts its steps through.
+WORKER_ONLY_ENV = frozenset({"RUNHERD_AMQP_URL", PLAN_ENV, PLAN_FILE_ENV, "RUNHERD_DOCKER_URL"})
 
 
 def step_environment(environ: Mapping[str, str]) -> dict[str, str]:

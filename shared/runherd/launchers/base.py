@@ -58,6 +58,9 @@ class WorkerRun:
     # RUNHERD_PLAN_FILE, never in the environment (Linux caps one variable at 128 KiB).
     plan: str = ""
     worker_id: str = ""  # this worker instance, also in the plan
+    # The run's executor (runherd.execution): under ``launcher`` a container launcher gives the
+    # worker what it needs to start its steps' containers (Docker: the engine's socket).
+    executor: str = ""
 
     def inline_plan_env(self) -> dict[str, str]:
         """``env`` plus the plan inline (RUNHERD_PLAN), for a launcher of one's own that cannot

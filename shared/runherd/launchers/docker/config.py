@@ -29,6 +29,9 @@ class DockerConfig:
     stop_grace_seconds: float = 10.0
     docker_url: str | None = None
     launch_retries: int = 3
+    # The `launcher` executor's step containers of a worker that died and was not resumed within
+    # this many seconds are killed (a resumed attempt adopts them well before).
+    step_orphan_grace_seconds: float = 60.0
 
 
 def _fail(key: str, why: str) -> ConfigError:
@@ -123,6 +126,7 @@ _KNOWN_KEYS = frozenset(
         "stop_grace_seconds",
         "docker_url",
         "launch_retries",
+        "step_orphan_grace_seconds",
     }
 )
 
@@ -162,4 +166,5 @@ def parse_config(cfg: Mapping[str, Any]) -> DockerConfig:
         stop_grace_seconds=float(_number(cfg, "stop_grace_seconds", 10.0, minimum=0)),
         docker_url=docker_url,
         launch_retries=_number(cfg, "launch_retries", 3, minimum=0, integer=True),
+        step_orphan_grace_seconds=float(_number(cfg, "step_orphan_grace_seconds", 60.0, minimum=0)),
     )

@@ -21,6 +21,7 @@ from aiodocker.events import DockerEvents
 from aiodocker.exceptions import DockerError
 
 from runherd.errors import LaunchError
+from runherd.execution import ExecutorName
 from runherd.launchers.base import (
     Handle,
     Health,
@@ -39,6 +40,8 @@ from runherd.launchers.docker.spec import (
     plan_archive,
 )
 from runherd.launchers.docker.state import health_from_inspect
+from runherd.launchers.docker.steps import reap as reap_steps
+from runherd.launchers.docker.steps import worker_socket_bind
 from runherd.launchers.docker.watch import EventWatcher, _Watched
 
 # The package's logger, as before the split into modules: one name for all of the launcher's logs.
@@ -71,6 +74,7 @@ class DockerLauncher(EventWatcher, RunLauncher):
         self._last_event_at: float | None = None  # engine clock, seconds
         self._tails: OrderedDict[str, str] = OrderedDict()
         self._closed = False
+        self._orphan_tasks: set[asyncio.Task[None]] = set()
 
     # -- client
 
@@ -79,15 +83,20 @@ class DockerLauncher(EventWatcher, RunLauncher):
         if self._closed:
             raise RuntimeError("DockerLauncher is closed")
         if self._docker is None:
-            url = self.cfg.docker_url or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_URL
+            url = self._url()
             # No total timeout (stop waits out the grace period, events never end) but a bound
             # on connecting and on silence, so a wedged engine gives UNKNOWN instead of a hang.
             timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)
             self._docker = Docker(url=url, timeout=timeout)
         return self._docker
 
+    def _url(self) -> str:
+        return self.cfg.docker_url or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_URL
+
     async def close(self) -> None:
         self._closed = True
+        for task in list(self._orphan_tasks):
+            task.cancel()
         if self._stream_task is not None:
             self._stream_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -102,6 +111,11 @@ class DockerLauncher(EventWatcher, RunLauncher):
     async def launch(self, run: WorkerRun) -> Handle:
         name = container_name(run.run_id, run.attempt)
         spec = build_container_spec(self.cfg, run)
+        if run.executor == ExecutorName.LAUNCHER:
+            # The worker starts its steps' containers itself: it alone gets the engine's socket.
+            binds, env = worker_socket_bind(self._url())
+            spec["HostConfig"]["Binds"] = [*(spec["HostConfig"].get("Binds") or []), *binds]
+            spec["Env"] = [*spec["Env"], *(f"{k}={v}" for k, v in env.items())]
         retries = self.cfg.launch_retries
         for try_no in range(retries + 1):
             try:
@@ -222,6 +236,8 @@ class DockerLauncher(EventWatcher, RunLauncher):
             "name": name,
             "run_id": run.run_id,
             "attempt": run.attempt,
+            # its terminate looks for step containers: only a `launcher`-executor worker has them
+            **({"step_containers": True} if run.executor == ExecutorName.LAUNCHER else {}),
         }
 
     # -- terminate, health, debug info
@@ -234,6 +250,16 @@ class DockerLauncher(EventWatcher, RunLauncher):
         return str(ref)
 
     async def terminate(self, handle: Handle, *, grace_seconds: float | None = None) -> bool:
+        try:
+            return await self._terminate_worker(handle, grace_seconds)
+        finally:
+            # Its `launcher`-executor steps stop with it (unless a newer attempt has adopted them).
+            if handle.get("step_containers") and handle.get("run_id"):
+                killed = await reap_steps(self._client(), str(handle["run_id"]), handle.get("attempt"))
+                if killed:
+                    log.info("docker killed %d step containers run_id=%s", len(killed), handle["run_id"])
+
+    async def _terminate_worker(self, handle: Handle, grace_seconds: float | None) -> bool:
         grace = self.cfg.stop_grace_seconds if grace_seconds is None else max(grace_seconds, 0)
         container = self._client().containers.container(self._ref(handle))
         ids = f"run_id={handle.get('run_id')} attempt={handle.get('attempt')}"

@@ -26,6 +26,7 @@ from runherd.launchers.docker.config import DockerConfig
 from runherd.launchers.docker.errors import _TRANSPORT_ERRORS, _is_not_found
 from runherd.launchers.docker.spec import LABEL_RUN_ID
 from runherd.launchers.docker.state import _Exit, _signal_reason, exit_from_state
+from runherd.launchers.docker.steps import reap as reap_steps
 
 # The package's logger, as before the split into modules: one name for all of the launcher's logs.
 log = logging.getLogger("runherd.launchers.docker")
@@ -62,6 +63,7 @@ class EventWatcher:
     _last_event_at: float | None
     _tails: OrderedDict[str, str]
     _closed: bool
+    _orphan_tasks: set[asyncio.Task[None]]
 
     def _client(self) -> Docker:
         raise NotImplementedError  # DockerLauncher's
@@ -235,6 +237,8 @@ class EventWatcher:
             exit_.exit_code,
             exit_.reason,
         )
+        if exit_.exit_code != 0:
+            self._reap_orphans_later(watched.run_id, watched.attempt)
         self._exits.put_nowait(
             WorkerExit(
                 run_id=watched.run_id,
@@ -245,6 +249,20 @@ class EventWatcher:
                 message=exit_.message,
             )
         )
+
+    def _reap_orphans_later(self, run_id: str, attempt: int) -> None:
+        """A worker died: its `launcher`-executor step containers run on, for a resumed attempt
+        to adopt. If none is alive after the grace, the run will not come back for them."""
+
+        async def later() -> None:
+            await asyncio.sleep(self.cfg.step_orphan_grace_seconds)
+            killed = await reap_steps(self._client(), run_id, attempt)
+            if killed:
+                log.warning("docker killed %d orphaned step containers run_id=%s", len(killed), run_id)
+
+        task = asyncio.ensure_future(later())
+        self._orphan_tasks.add(task)
+        task.add_done_callback(self._orphan_tasks.discard)
 
     async def _capture_and_remove(self, cid: str, watched: _Watched) -> None:
         try:

@@ -26,6 +26,10 @@ retry_backoff_seconds           first retry delay, doubled each time (default 0.
 request_timeout_seconds         per API call (default 30)
 watch_timeout_seconds           server-side timeout of one watch request (default 300)
 log_tail_lines                  lines of worker log in debug_info (default 50)
+step_jobs_service_account_name  the service account of a ``launcher``-executor run's worker,
+                                which creates its steps' Jobs (default: service_account_name)
+step_orphan_grace_seconds       a dead, unresumed worker's step Jobs are deleted after this
+                                (default 60)
 ==============================  ===========================================================
 
 Health: a Job's Complete/Failed condition decides SUCCESS/FAILED (exit code and reason from the

@@ -86,6 +86,8 @@ _CONFIG: dict[str, _Key] = {
     "request_timeout_seconds": _Key(lambda v: _is_number(v) and v > 0, "a number > 0", 30),
     "watch_timeout_seconds": _Key(lambda v: _is_int(v) and v > 0, "an integer > 0", 300),
     "log_tail_lines": _Key(lambda v: _is_int(v) and v > 0, "an integer > 0", 50),
+    "step_jobs_service_account_name": _Key(lambda v: isinstance(v, str) and bool(v), "a string"),
+    "step_orphan_grace_seconds": _Key(lambda v: _is_number(v) and v >= 0, "a number >= 0", 60),
 }
 
 

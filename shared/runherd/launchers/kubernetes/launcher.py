@@ -19,6 +19,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 
 from runherd.errors import LaunchError
+from runherd.execution import ExecutorName
 from runherd.launchers.base import Handle, Health, HealthStatus, RunLauncher, WorkerExit, WorkerRun
 from runherd.launchers.kubernetes.api_errors import TRANSPORT_ERRORS, _api_message, _describe, _transient
 from runherd.launchers.kubernetes.config import validate_config
@@ -32,6 +33,7 @@ from runherd.launchers.kubernetes.job import (
     job_name,
     plan_secret,
 )
+from runherd.launchers.kubernetes.steps import reap as reap_steps
 from runherd.launchers.kubernetes.watch import JobWatch, _Watched
 from runherd.plan import compress
 
@@ -57,6 +59,7 @@ class KubernetesLauncher(JobWatch, RunLauncher):
         self._exits: asyncio.Queue[WorkerExit] = asyncio.Queue()
         self._watching = False
         self._ns_tasks: dict[str, asyncio.Task[None]] = {}
+        self._orphan_tasks: set[asyncio.Task[None]] = set()
 
     # --- API plumbing ------------------------------------------------------------------------
 
@@ -125,6 +128,9 @@ class KubernetesLauncher(JobWatch, RunLauncher):
                 f"a Kubernetes Secret holds at most {MAX_SECRET_BYTES}"
             )
         body = build_job(self.cfg, run, name)
+        if run.executor == ExecutorName.LAUNCHER and self.cfg["step_jobs_service_account_name"]:
+            # The worker creates its steps' Jobs itself: it alone gets that API access.
+            body["spec"]["template"]["spec"]["serviceAccountName"] = self.cfg["step_jobs_service_account_name"]
         job = await self._create(body, run)
         if run.plan:
             # After the Job, so the Secret can name it as its owner; the pod waits for its volume.
@@ -136,6 +142,8 @@ class KubernetesLauncher(JobWatch, RunLauncher):
             "run_id": run.run_id,
             "attempt": run.attempt,
         }
+        if run.executor == ExecutorName.LAUNCHER:
+            handle["step_jobs"] = True  # its terminate looks for step Jobs: only this worker has them
         self._watch_add(handle)
         return handle
 
@@ -216,6 +224,16 @@ class KubernetesLauncher(JobWatch, RunLauncher):
     # --- terminate / health / debug ----------------------------------------------------------
 
     async def terminate(self, handle: Handle, *, grace_seconds: float | None = None) -> bool:
+        try:
+            return await self._terminate_job(handle, grace_seconds)
+        finally:
+            # A worker's `launcher`-executor steps stop with it (unless a newer attempt adopted them).
+            if handle.get("step_jobs") and handle.get("run_id"):
+                deleted = await reap_steps(self, str(handle["run_id"]), handle.get("attempt"))
+                if deleted:
+                    log.info("run %s: deleted %d step Jobs", handle["run_id"], len(deleted))
+
+    async def _terminate_job(self, handle: Handle, grace_seconds: float | None) -> bool:
         ns, name = handle["namespace"], handle["job_name"]
         extra = {"run_id": handle.get("run_id"), "attempt": handle.get("attempt")}
         try:
@@ -331,6 +349,8 @@ class KubernetesLauncher(JobWatch, RunLauncher):
                 self._watch_add(handle)
 
     async def close(self) -> None:
+        for task in list(self._orphan_tasks):
+            task.cancel()
         await self._stop_ns_watches()
         if self._client is not None:
             await self._client.close()

@@ -50,6 +50,7 @@ class JobWatch:
     _exits: asyncio.Queue[WorkerExit]
     _watching: bool
     _ns_tasks: dict[str, asyncio.Task[None]]
+    _orphan_tasks: set[asyncio.Task[None]]
 
     if TYPE_CHECKING:  # KubernetesLauncher's API plumbing (launcher.py)
 
@@ -60,6 +61,23 @@ class JobWatch:
         async def _job_pod(self, ns: str, name: str) -> dict[str, Any] | None: ...
 
         def _backoff(self, failures: int) -> float: ...
+
+    def _reap_orphans_later(self, run_id: str, attempt: int) -> None:
+        """A worker's Job failed: its `launcher`-executor step Jobs run on, for a resumed attempt to
+        adopt. If none is active after the grace, the run will not come back for them."""
+        from runherd.launchers.kubernetes.launcher import KubernetesLauncher
+        from runherd.launchers.kubernetes.steps import reap
+
+        async def later() -> None:
+            await asyncio.sleep(self.cfg["step_orphan_grace_seconds"])
+            assert isinstance(self, KubernetesLauncher)
+            deleted = await reap(self, run_id, attempt)
+            if deleted:
+                log.warning("run %s: deleted %d orphaned step Jobs", run_id, len(deleted))
+
+        task = asyncio.ensure_future(later())
+        self._orphan_tasks.add(task)
+        task.add_done_callback(self._orphan_tasks.discard)
 
     # --- watch -------------------------------------------------------------------------------
 
@@ -217,6 +235,8 @@ class JobWatch:
             health.message,
             extra={"run_id": watched.run_id, "attempt": watched.attempt},
         )
+        if health.status is not HealthStatus.SUCCESS:
+            self._reap_orphans_later(watched.run_id, watched.attempt)
         self._exits.put_nowait(
             WorkerExit(
                 run_id=watched.run_id,
