@@ -8,7 +8,9 @@ next fork: 50 relaunches queued behind 10-50 ms each. So the server keeps ``spar
 forked ahead, in idle time, each already in a session of its own and waiting on a socket of its own
 for its launch (the environment, the working directory and the two descriptors). A launch hands the
 request to a spare (one sendmsg) and replies with its pid at once; only when none is left does it
-fork on demand. A spare never ran anything: if the server goes away, it exits."""
+fork on demand. Spares are topped up once launches have been quiet for QUIET_SECONDS, so a storm's
+workers do not compete with new forks for the CPU. A spare never ran anything: if the server goes
+away, it exits."""
 
 from __future__ import annotations
 
@@ -18,11 +20,14 @@ import select
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 import orjson
 
 from runherd.launchers.forkserver import LEN, frame
+
+QUIET_SECONDS = 0.25  # launches quiet this long: the storm is over, spares may be forked again
 
 
 class Spares:
@@ -32,6 +37,18 @@ class Spares:
         self.wanted = wanted
         self.ready: dict[int, socket.socket] = {}
         self._keep_closed = keep_closed  # the server's descriptors a spare must not hold
+        self.not_before = 0.0  # monotonic: no top-up before (a storm of launches, a failed fork)
+
+    def top_up_in(self) -> float | None:
+        """Seconds until the next spare may be forked; None if there are enough."""
+        if len(self.ready) >= self.wanted:
+            return None
+        return max(0.0, self.not_before - time.monotonic())
+
+    def launched(self) -> None:
+        """A launch came in: more may follow (a crash storm), and a fork now would take the CPU
+        their workers need. Top up once the launches have been quiet for a moment."""
+        self.not_before = time.monotonic() + QUIET_SECONDS
 
     def fork_one(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -40,7 +57,7 @@ class Spares:
         except OSError:
             ours.close()
             theirs.close()
-            self.wanted = len(self.ready)  # the machine says no: stop trying to top up
+            self.not_before = time.monotonic() + 1.0  # the machine says no (for now): try again later
             return
         if pid == 0:
             ours.close()
@@ -53,7 +70,8 @@ class Spares:
     def hand_over(self, request: dict[str, Any], fds: list[int]) -> int | None:
         """The pid of the spare that took the launch, or None if none could."""
         while self.ready:
-            pid, sock = self.ready.popitem()
+            pid = next(iter(self.ready))  # the oldest: long settled, while the newest may still be forking
+            sock = self.ready.pop(pid)
             try:
                 socket.send_fds(sock, [frame(request)], fds)
             except OSError:
@@ -85,8 +103,7 @@ def serve(sock: socket.socket, spares_wanted: int = 0) -> None:
     pending: list[int] = []  # descriptors received, in request order
     while True:
         # Top up the spares only when idle: a request waiting never waits for a spare's fork.
-        idle = 0.0 if len(spares.ready) < spares.wanted else None
-        ready, _, _ = select.select([sock.fileno(), wake_r], [], [], idle)
+        ready, _, _ = select.select([sock.fileno(), wake_r], [], [], spares.top_up_in())
         if not ready:
             spares.fork_one()
             continue
@@ -100,6 +117,7 @@ def serve(sock: socket.socket, spares_wanted: int = 0) -> None:
                 return  # the launcher is gone; so are the spares (their sockets close with us)
             buf += data
             pending += fds
+            spares.launched()
             while len(buf) >= LEN.size and len(buf) >= LEN.size + LEN.unpack_from(buf)[0]:
                 size = LEN.unpack_from(buf)[0]
                 request = orjson.loads(buf[LEN.size : LEN.size + size])
