@@ -476,6 +476,7 @@ async def test_launcher_on_kubernetes_cancel_and_max_runtime_stop_the_step_job(
         await env.cancel(run_id)
     run = await env.wait_status(run_id, "CANCELED", "FAILURE", "SUCCESS", timeout=30)
     assert run["status"] == ("FAILURE" if scenario == "max_runtime" else "CANCELED"), run["reason"]
+    assert run["attempt"] == 1  # the Job's deadline, if it fired first, is no crash to resume
     await eventually(lambda: not _step_job_running(k8s, step["job_name"]), timeout=20, what="the step Job stopped")
     assert _lines(effects) == ["start1"]
 
@@ -499,4 +500,29 @@ async def test_launcher_on_kubernetes_a_step_orphaned_by_a_crash_with_no_resume_
     run = await env.wait_status(run_id, "FAILURE", "SUCCESS", timeout=30)
     assert "resume is off" in run["reason"]
     await eventually(lambda: not _step_job_running(k8s, step["job_name"]), timeout=20, what="the orphan deleted")
+    assert _lines(effects) == ["start1"]
+
+
+async def test_on_kubernetes_a_worker_stopped_at_its_jobs_deadline_fails_the_run_and_its_step_jobs(
+    env: Env, k8s: Any
+) -> None:
+    """The Job's activeDeadlineSeconds (the run's max runtime, counted from the Job's start) stops
+    the worker: that is the max runtime, not a crash to resume; and the step Jobs go with it. The
+    monitor's sweeps are off, so the deadline is what fires."""
+    from dataclasses import replace
+
+    launcher = env.cfg.run_launcher
+    env.cfg = replace(env.configure(run_monitoring={"enabled": False}), run_launcher=launcher)
+    await env.start()
+    effects, gate = env.tmp / "effects", env.tmp / "gate"
+    run_id = await env.submit(
+        [{"key": "long", "command": _gated(effects, gate)}], tags={**LAUNCHER, "runherd/max_runtime": "2"}
+    )
+    step = await _step_handle(env, run_id, 1)
+    run = await env.wait_status(run_id, "FAILURE", "SUCCESS", timeout=30)
+    assert (run["status"], run["reason"], run["attempt"]) == ("FAILURE", "exceeded max runtime of 2 s", 1)
+    [exited] = [e for e in await env.events(run_id) if e["type"] == "WORKER_EXITED"]
+    assert exited["data"]["reason"] == "DeadlineExceeded"
+    assert not [e for e in await env.events(run_id) if e["type"] == "RUN_RESUMED"]
+    await eventually(lambda: not _step_job_running(k8s, step["job_name"]), timeout=10, what="the step Job deleted")
     assert _lines(effects) == ["start1"]
