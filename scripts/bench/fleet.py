@@ -471,6 +471,21 @@ async def probe_heartbeats(fleet: Fleet, stop: asyncio.Event, lags: list[float])
             await asyncio.wait_for(stop.wait(), 0.25)
 
 
+def loop_lags(
+    services: list[Service], before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> dict[str, float]:
+    """p99 timer lag of each process's event loop, and of the sim fleet's own loop."""
+    lags: dict[str, float] = {}
+    for s in services:
+        for loop_name in ("main", "sim-fleet"):
+            b, t = histogram_quantiles(
+                before[s.name], after[s.name], "runherd_event_loop_lag_seconds", f'loop="{loop_name}"'
+            )
+            if t:
+                lags[s.name if loop_name == "main" else "sim fleet"] = quantile(b, t, 0.99)
+    return lags
+
+
 async def steady_window(fleet: Fleet, seconds: float, label: str) -> dict[str, Any]:
     services = list(fleet.services)
     probes: list[float] = []
@@ -515,9 +530,11 @@ async def steady_window(fleet: Fleet, seconds: float, label: str) -> dict[str, A
             sweep50 += quantile(rb, rt, 0.5)
             sweep99 += quantile(rb, rt, 0.99)
             sweeps = max(sweeps, rt)
+    loop_lag = loop_lags(services, scrape0, scrape1)
     counts = await fleet.counts()
     window = {
         "label": label,
+        "loop_lag_p99": loop_lag,
         "seconds": elapsed,
         "cpu": cpu,
         "rss": rss,
@@ -543,6 +560,10 @@ async def steady_window(fleet: Fleet, seconds: float, label: str) -> dict[str, A
         f"({len(probes)} probes); heard-through watermark behind by p50 {ms(window['watermark_p50'])}, "
         f"p99 {ms(window['watermark_p99'])} (runherd_heartbeat_lag_seconds, canaries every ~1 s); "
         f"sweep p50 {ms(sweep50)}, p99 <= {ms(sweep99)} (sum of its rules' p99, {sweeps:.0f} sweeps)"
+    )
+    print(
+        "event-loop timer lag p99 (runherd_event_loop_lag_seconds): "
+        + ", ".join(f"{name} {ms(v)}" for name, v in loop_lag.items())
     )
     return window
 

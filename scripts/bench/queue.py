@@ -11,18 +11,21 @@ max_concurrent_runs 500, {team: a, limit 50}, {database: applyLimitPerUniqueValu
 
 Each round: time the dequeue SELECT alone (read only), then time one store.dequeue() call (advisory
 lock, the SELECT, QUEUED -> STARTING transitions with their events and outbox rows, attempts rows),
-check every limit against the in-flight runs, check whether a run that fits was left behind because
-it lies outside dequeue's candidate window (1,000), then move the F oldest STARTING runs (``--free``,
-default 20) to SUCCESS with plain SQL (not timed): after five rounds the system is saturated and every
-round dequeues what the freed slots and the limits allow, the launcher's steady state. Variants, each
-on the same N runs:
+check every limit against the in-flight runs, check whether a run that fits was left queued while
+slots were free (the read-only SELECT run again after the call must find nothing), then move the F
+oldest STARTING runs (``--free``, default 20) to SUCCESS with plain SQL (not timed): after five rounds
+the system is saturated and every round dequeues what the freed slots and the limits allow, the
+launcher's steady state. Variants, each on the same N runs:
 
 * runherd, with the limits above;
+* runherd, with the limits above, two store.dequeue() calls at once each round (two launcher
+  replicas; they serialize on the dequeue's advisory lock): the limits must hold all the same;
 * runherd, max_concurrent_runs 500 and no tag limits: the cost of runherd's bookkeeping;
 * raw ceiling: plain ``SELECT ... ORDER BY priority DESC, created_at LIMIT n FOR UPDATE SKIP
   LOCKED`` + UPDATE to STARTING, one statement, on a copy of the table (same indexes), no tag limits;
   n = min(100, 500 - in flight) computed in the same statement so that it stays comparable once the
-  system is saturated.
+  system is saturated. It runs alongside each runherd variant, round for round in turn, so each
+  ratio compares two figures taken at the same moments of this shared, noisy machine.
 
     .venv/bin/python scripts/bench/queue.py [--quick] [-n 10000]
 """
@@ -50,11 +53,10 @@ import orjson  # noqa: E402
 
 from runherd import config, contract  # noqa: E402
 from runherd.store import Store  # noqa: E402
-from runherd.store.queries import q  # noqa: E402
+from runherd.store.queries import dequeue_query  # noqa: E402
 from scripts.bench._benchlib import bench_env, machine, ms, pct, quiet_logs, rate, ratio, rss, table  # noqa: E402
 
 BATCH = 100  # store.dequeue's default batch
-WINDOW = 1000  # store.dequeue's default candidate window
 MAX_CONCURRENT = 500
 TEAM_A_LIMIT = 50
 DB_LIMIT = 2
@@ -143,6 +145,8 @@ async def reset(store: Store) -> None:
         "reason = NULL, status_changed_at = created_at"
     )
     await store.pool.execute("VACUUM ANALYZE runs")
+    await store.pool.execute("UPDATE raw_runs SET status = 'QUEUED', attempt = 0, status_changed_at = created_at")
+    await store.pool.execute("VACUUM ANALYZE raw_runs")
 
 
 @dataclass
@@ -158,7 +162,7 @@ class Result:
     max_team_a: int = 0
     max_db: int = 0
     violations: int = 0
-    window_misses: int = 0  # rounds where a fitting run beyond the window was left queued
+    window_misses: int = 0  # rounds where a run that fit was left queued
     window_missed_runs: int = 0  # runs that fit (within the batch) but were left queued
     idle_slots: list[int] = field(default_factory=list)  # 500 - in flight, in rounds with a miss
 
@@ -191,64 +195,95 @@ async def check_limits(store: Store, res: Result, with_limits: bool) -> None:
         res.violations += 1
 
 
-async def run_runherd(
-    store: Store, name: str, max_concurrent: int, limits: list[dict[str, Any]], n: int, budget: float, per_round: int
-) -> Result:
-    res = Result(name)
+async def runherd_round(
+    store: Store,
+    res: Result,
+    max_concurrent: int,
+    limits: list[dict[str, Any]],
+    per_round: int,
+    dequeuers: int,
+) -> None:
+    """One round of a runherd variant on `runs`."""
+    sql = dequeue_query(limits)
+    t0 = time.perf_counter()
+    await store.pool.fetch(sql, max_concurrent, limits, BATCH)
+    t1 = time.perf_counter()
+    # With two dequeuers, the call's time is the two calls' together (they run at once).
+    calls = await asyncio.gather(*(store.dequeue(max_concurrent, limits) for _ in range(dequeuers)))
+    moved = [run_id for call in calls for run_id in call]
+    t2 = time.perf_counter()
+    res.query.append(t1 - t0)
+    res.calls.append(t2 - t1)
+    res.moved += len(moved)
+    res.rounds += 1
+    res.empty_rounds += not moved
+    await check_limits(store, res, bool(limits))
+    if limits and len(moved) < BATCH:
+        # Does the walk, run again, find a run that fits? Then the call left it behind.
+        beyond = await store.pool.fetch(sql, max_concurrent, limits, BATCH - len(moved))
+        res.window_misses += bool(beyond)
+        res.window_missed_runs += len(beyond)
+        if beyond:
+            in_flight = await store.pool.fetchval(f"SELECT count(*) FROM runs WHERE status IN {IN_FLIGHT}")
+            res.idle_slots.append(max_concurrent - in_flight)
+    await free(store, "runs", per_round)
+
+
+RAW_MOVE = (
+    "WITH c AS (SELECT run_id FROM raw_runs WHERE status = 'QUEUED' "
+    "ORDER BY priority DESC, created_at, run_id "
+    f"LIMIT greatest(0, least($1, $2 - (SELECT count(*) FROM raw_runs WHERE status IN {IN_FLIGHT}))) "
+    "FOR UPDATE SKIP LOCKED) "
+    "UPDATE raw_runs r SET status = 'STARTING', attempt = 1, status_changed_at = clock_timestamp() "
+    "FROM c WHERE r.run_id = c.run_id RETURNING r.run_id"
+)
+RAW_SELECT = "SELECT run_id FROM raw_runs WHERE status = 'QUEUED' ORDER BY priority DESC, created_at, run_id LIMIT $1"
+
+
+async def raw_round(store: Store, res: Result, per_round: int) -> None:
+    """One round of the raw ceiling on its own copy of the table, `raw_runs`."""
+    t0 = time.perf_counter()
+    await store.pool.fetch(RAW_SELECT, BATCH)
+    t1 = time.perf_counter()
+    async with store.pool.acquire() as conn, conn.transaction():
+        moved = await conn.fetch(RAW_MOVE, BATCH, MAX_CONCURRENT)
+    t2 = time.perf_counter()
+    res.query.append(t1 - t0)
+    res.calls.append(t2 - t1)
+    res.moved += len(moved)
+    res.rounds += 1
+    res.empty_rounds += not moved
+    await free(store, "raw_runs", per_round)
+
+
+async def paired(
+    store: Store,
+    name: str,
+    max_concurrent: int,
+    limits: list[dict[str, Any]],
+    n: int,
+    budget: float,
+    per_round: int,
+    dequeuers: int = 1,
+) -> tuple[Result, Result]:
+    """A runherd variant and the raw ceiling, round for round in turn (each on its own table,
+    both fresh), so that both see the same moments of a shared, noisy machine and their ratio
+    holds even when the load swings between variants."""
+    await reset(store)
+    res, raw = Result(name), Result("raw ceiling: SELECT … FOR UPDATE SKIP LOCKED + UPDATE (global cap only)")
     began = time.perf_counter()
-    sql = q("dequeue")
-    while res.moved < n and time.perf_counter() - began < budget:
-        t0 = time.perf_counter()
-        await store.pool.fetch(sql, max_concurrent, limits, BATCH, WINDOW)
-        t1 = time.perf_counter()
-        moved = await store.dequeue(max_concurrent, limits)
-        t2 = time.perf_counter()
-        res.query.append(t1 - t0)
-        res.calls.append(t2 - t1)
-        res.moved += len(moved)
-        res.rounds += 1
-        res.empty_rounds += not moved
-        await check_limits(store, res, bool(limits))
-        if limits and len(moved) < BATCH:
-            # Would a full scan of the queue have found a run that fits? Then the window hid it.
-            beyond = await store.pool.fetch(sql, max_concurrent, limits, BATCH - len(moved), n + 1)
-            res.window_misses += bool(beyond)
-            res.window_missed_runs += len(beyond)
-            if beyond:
-                in_flight = await store.pool.fetchval(f"SELECT count(*) FROM runs WHERE status IN {IN_FLIGHT}")
-                res.idle_slots.append(max_concurrent - in_flight)
-        await free(store, "runs", per_round)
-    res.wall = time.perf_counter() - began
-    return res
-
-
-async def run_raw(store: Store, n: int, budget: float, per_round: int) -> Result:
-    res = Result("raw ceiling: SELECT … FOR UPDATE SKIP LOCKED + UPDATE (global cap only)")
-    sql = (
-        "WITH c AS (SELECT run_id FROM raw_runs WHERE status = 'QUEUED' "
-        "ORDER BY priority DESC, created_at, run_id "
-        f"LIMIT greatest(0, least($1, $2 - (SELECT count(*) FROM raw_runs WHERE status IN {IN_FLIGHT}))) "
-        "FOR UPDATE SKIP LOCKED) "
-        "UPDATE raw_runs r SET status = 'STARTING', attempt = 1, status_changed_at = clock_timestamp() "
-        "FROM c WHERE r.run_id = c.run_id RETURNING r.run_id"
+    while (res.moved < n or raw.moved < n) and time.perf_counter() - began < budget:
+        if res.moved < n:
+            await runherd_round(store, res, max_concurrent, limits, per_round, dequeuers)
+            res.wall = time.perf_counter() - began
+        if raw.moved < n:
+            await raw_round(store, raw, per_round)
+            raw.wall = time.perf_counter() - began
+    print(
+        f"{name}: {res.rounds} rounds, {res.moved:,} runs, {res.wall:.1f} s; raw alongside: {raw.rounds} rounds",
+        flush=True,
     )
-    select = "SELECT run_id FROM raw_runs WHERE status = 'QUEUED' ORDER BY priority DESC, created_at, run_id LIMIT $1"
-    began = time.perf_counter()
-    while res.moved < n and time.perf_counter() - began < budget:
-        t0 = time.perf_counter()
-        await store.pool.fetch(select, BATCH)
-        t1 = time.perf_counter()
-        async with store.pool.acquire() as conn, conn.transaction():
-            moved = await conn.fetch(sql, BATCH, MAX_CONCURRENT)
-        t2 = time.perf_counter()
-        res.query.append(t1 - t0)
-        res.calls.append(t2 - t1)
-        res.moved += len(moved)
-        res.rounds += 1
-        res.empty_rounds += not moved
-        await free(store, "raw_runs", per_round)
-    res.wall = time.perf_counter() - began
-    return res
+    return res, raw
 
 
 async def main() -> int:
@@ -261,7 +296,7 @@ async def main() -> int:
     parser.add_argument("--via-store", action="store_true", help="insert with Store.insert_run, one run a call")
     args = parser.parse_args()
     n = args.n or (2_000 if args.quick else 10_000)
-    budget = 12.0 if args.quick else 50.0  # seconds per variant at most
+    budget = 24.0 if args.quick else 100.0  # seconds per variant and its raw run alongside, at most
     quiet_logs()
     t_start = time.monotonic()
     print(f"# queue: N={n:,}; {machine()}", flush=True)
@@ -287,15 +322,14 @@ async def main() -> int:
             await store.pool.execute("VACUUM ANALYZE runs")
             await store.pool.execute("VACUUM ANALYZE raw_runs")
             plan = await store.pool.fetch(
-                "EXPLAIN (ANALYZE, BUFFERS OFF, TIMING OFF, SUMMARY ON) " + q("dequeue"),
+                "EXPLAIN (ANALYZE, BUFFERS OFF, TIMING OFF, SUMMARY ON) " + dequeue_query(limits),
                 cfg.run_coordinator.max_concurrent_runs,
                 limits,
                 BATCH,
-                WINDOW,
             )
             first_plan = next((r[0] for r in plan if "Execution Time" in r[0]), "")
 
-            limited = await run_runherd(
+            limited, raw = await paired(
                 store,
                 "runherd Store.dequeue, with the limits",
                 cfg.run_coordinator.max_concurrent_runs,
@@ -304,12 +338,17 @@ async def main() -> int:
                 budget,
                 args.free,
             )
-            print(
-                f"runherd with limits: {limited.rounds} rounds, {limited.moved:,} runs, {limited.wall:.1f} s",
-                flush=True,
+            concurrent, raw2 = await paired(
+                store,
+                "runherd Store.dequeue, with the limits, 2 dequeuers at once",
+                cfg.run_coordinator.max_concurrent_runs,
+                limits,
+                n,
+                budget,
+                args.free,
+                dequeuers=2,
             )
-            await reset(store)
-            unlimited = await run_runherd(
+            unlimited, raw3 = await paired(
                 store,
                 "runherd Store.dequeue, global cap only (no tag limits)",
                 MAX_CONCURRENT,
@@ -318,37 +357,35 @@ async def main() -> int:
                 budget,
                 args.free,
             )
-            print(f"runherd without limits: {unlimited.rounds} rounds, {unlimited.wall:.1f} s", flush=True)
-            raw = await run_raw(store, n, budget, args.free)
-            print(f"raw: {raw.rounds} rounds, {raw.wall:.1f} s", flush=True)
         finally:
             await store.close()
     elapsed = time.monotonic() - t_start
 
-    raw_p50, raw_tp = pct(raw.calls, 50), raw.throughput
     print()
     print(
-        f"Dequeue, N={n:,} queued runs, batch {BATCH}, window {WINDOW}, max_concurrent_runs {MAX_CONCURRENT}; "
+        f"Dequeue, N={n:,} queued runs, batch {BATCH}, max_concurrent_runs {MAX_CONCURRENT}; "
         f"{args.free} oldest STARTING runs → SUCCESS between rounds (so the system stays saturated); "
         f"{os.cpu_count()} CPUs, PostgreSQL on the same machine. runs/s = runs dequeued / time "
-        f"inside the dequeue calls. Ratios against the raw ceiling."
+        f"inside the dequeue calls. Each variant ran round for round in turn with the raw ceiling "
+        f"(its own copy of the table), and its ratios are against that raw run."
     )
     print()
     rows = []
-    for r in (limited, unlimited, raw):
-        rows.append(
-            [
-                r.name,
-                r.rounds,
-                f"{r.moved:,}",
-                ms(pct(r.query, 50)),
-                ms(pct(r.calls, 50)),
-                ms(pct(r.calls, 99)),
-                rate(r.throughput),
-                ratio(pct(r.calls, 50), raw_p50),
-                ratio(r.throughput, raw_tp),
-            ]
-        )
+    for r, rr in ((limited, raw), (concurrent, raw2), (unlimited, raw3)):
+        for x in (r, rr):
+            rows.append(
+                [
+                    x.name if x is r else "… raw ceiling alongside",
+                    x.rounds,
+                    f"{x.moved:,}",
+                    ms(pct(x.query, 50)),
+                    ms(pct(x.calls, 50)),
+                    ms(pct(x.calls, 99)),
+                    rate(x.throughput),
+                    ratio(pct(x.calls, 50), pct(rr.calls, 50)),
+                    ratio(x.throughput, rr.throughput),
+                ]
+            )
     print(
         table(
             [
@@ -368,34 +405,34 @@ async def main() -> int:
     print()
     print(
         table(
-            ["limit", "configured", "max in flight seen (with limits)", "exceeded"],
+            ["limit", "configured", "max in flight seen (1 dequeuer / 2 at once)", "exceeded"],
             [
                 [
-                    "max_concurrent_runs",
-                    MAX_CONCURRENT,
-                    limited.max_total,
-                    "no" if limited.max_total <= MAX_CONCURRENT else "YES",
-                ],
-                ["team=a", TEAM_A_LIMIT, limited.max_team_a, "no" if limited.max_team_a <= TEAM_A_LIMIT else "YES"],
-                [
-                    "database (per unique value)",
-                    DB_LIMIT,
-                    limited.max_db,
-                    "no" if limited.max_db <= DB_LIMIT else "YES",
-                ],
+                    name,
+                    cap,
+                    f"{seen(limited)} / {seen(concurrent)}",
+                    "no" if max(seen(limited), seen(concurrent)) <= cap else "YES",
+                ]
+                for name, cap, seen in (
+                    ("max_concurrent_runs", MAX_CONCURRENT, lambda r: r.max_total),
+                    ("team=a", TEAM_A_LIMIT, lambda r: r.max_team_a),
+                    ("database (per unique value)", DB_LIMIT, lambda r: r.max_db),
+                )
             ],
         )
     )
     print()
+    for r in (limited, concurrent):
+        print(
+            f"{r.name}: limit violations after a round: {r.violations} of {r.rounds} rounds "
+            f"({'no limit was ever exceeded' if r.violations == 0 else 'LIMITS EXCEEDED'}); "
+            f"rounds that returned fewer than {BATCH} while a run that fit was left queued: {r.window_misses} "
+            f"({r.window_missed_runs:,} runs); rounds that dequeued nothing: {r.empty_rounds}"
+        )
     print(
-        f"limit violations after a dequeue: {limited.violations} of {limited.rounds} rounds "
-        f"({'no limit was ever exceeded' if limited.violations == 0 else 'LIMITS EXCEEDED'})"
-    )
-    print(
-        f"rounds that returned fewer than {BATCH} while a fitting run lay beyond the {WINDOW}-run window: "
-        f"{limited.window_misses} of {limited.rounds} ({limited.window_missed_runs:,} runs left queued that fit "
-        f"at that moment; free slots in those rounds p50 {pct(limited.idle_slots, 50):.0f} of {MAX_CONCURRENT}); "
-        f"rounds that dequeued nothing: {limited.empty_rounds}"
+        f"runherd with the limits: {rate(limited.throughput)}, {ratio(limited.throughput, raw.throughput)} the raw "
+        f"ceiling ({rate(raw.throughput)}) run alongside; 2 dequeuers at once: {rate(concurrent.throughput)}, "
+        f"{ratio(concurrent.throughput, raw2.throughput)} (raw alongside {rate(raw2.throughput)})"
     )
     print(f"EXPLAIN ANALYZE of the dequeue SELECT on the full queue: {first_plan.strip()}")
     if insert_rate:

@@ -194,10 +194,11 @@ class Broker:
             broker._exchanges[name] = await broker.channel.get_exchange(name, ensure=False)
         return broker
 
-    async def sibling(self) -> Broker:
-        """Another Broker on this one's connection, with a channel (and publisher confirms) of its
-        own: many workers of one host can share a connection instead of opening one each."""
-        channel = await self.connection.channel(publisher_confirms=True)
+    async def sibling(self, *, confirms: bool = True) -> Broker:
+        """Another Broker on this one's connection, with a channel (and publisher confirms, unless
+        ``confirms`` is false: for heartbeats) of its own: many workers of one host can share a
+        connection instead of opening one each."""
+        channel = await self.connection.channel(publisher_confirms=confirms)
         other = Broker(self.connection, channel)
         for name in _EXCHANGES:
             other._exchanges[name] = await channel.get_exchange(name, ensure=False)

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from runherd.broker import Broker
 from runherd.contract import Event, EventType, heartbeat_body, now_iso
@@ -19,13 +19,26 @@ from runherd.plan import Plan
 log = logging.getLogger("runherd.worker")
 
 
+class HeartbeatSink(Protocol):
+    async def publish_heartbeat(self, body: bytes, *, token: str | None = None) -> None: ...
+
+
 class Reporter:
     """Publishes one attempt's events (with confirms) and its heartbeats."""
 
     def __init__(
-        self, broker: Broker, plan: Plan, *, on_beat: Callable[[], object] | None = None, quiet: bool = False
+        self,
+        broker: Broker,
+        plan: Plan,
+        *,
+        on_beat: Callable[[], object] | None = None,
+        quiet: bool = False,
+        beats: HeartbeatSink | None = None,
     ) -> None:
         self.broker = broker
+        # Heartbeats may go another way than events: a channel without publisher confirms (a lost
+        # heartbeat is fine), shared by the workers of one connection (the sim fleet).
+        self.beats: HeartbeatSink = beats or broker
         self.plan = plan
         self.seq = 0
         self._lock = asyncio.Lock()
@@ -105,12 +118,17 @@ class Reporter:
         """Every ``heartbeat_interval_seconds`` until cancelled (or ``stop`` is set: then it returns
         after the heartbeat in flight, never cancelling a publish); a lost heartbeat is fine."""
         stop = stop or asyncio.Event()
-        while not stop.is_set():
-            if self._on_beat is not None:
-                self._on_beat()
-            with contextlib.suppress(Exception):
-                await self.broker.publish_heartbeat(
-                    heartbeat_body(self.plan.run_id, self.plan.attempt), token=self.plan.token
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.plan.heartbeat_interval_seconds)
+        # One waiter for the whole life, not a task per beat (wait_for's): thousands of virtual
+        # workers in one process beat thousands of times a second.
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                if self._on_beat is not None:
+                    self._on_beat()
+                with contextlib.suppress(Exception):
+                    await self.beats.publish_heartbeat(
+                        heartbeat_body(self.plan.run_id, self.plan.attempt), token=self.plan.token
+                    )
+                await asyncio.wait((stopped,), timeout=self.plan.heartbeat_interval_seconds)
+        finally:
+            stopped.cancel()

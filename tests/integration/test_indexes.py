@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from runherd.store.migrate import SCHEMA_VERSION, migrate, migrations
-from runherd.store.queries import q
+from runherd.store.queries import dequeue_query, q
 from runherd.store.store import Store
 from tests import harness
 from tests.harness import Env
@@ -26,7 +26,6 @@ RULES = {
         10,
         orjson.dumps([{"key": "team", "value": "a", "per_unique_value": False, "limit": 2}]).decode(),
         100,
-        1000,
     ),
     "claim_reaps": (30.0, 5.0, 100),
 }
@@ -67,7 +66,8 @@ async def test_rule_queries_use_partial_indexes_not_a_scan_of_all_runs(env: Env,
     await _fill(env, finished=20_000, in_flight=20)
     async with env.store.tx() as tx:
         await tx.conn.execute("SET LOCAL enable_seqscan = on")
-        plan = await tx.conn.fetchval(f"EXPLAIN (FORMAT JSON) {q(rule)}", *RULES[rule])
+        sql = dequeue_query(orjson.loads(RULES[rule][1])) if rule == "dequeue" else q(rule)
+        plan = await tx.conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *RULES[rule])
     plan = plan if isinstance(plan, list) else orjson.loads(plan)
     scans = _scans(plan[0]["Plan"])
     assert scans, plan

@@ -4,16 +4,20 @@ two launcher replicas sharing the limits, priority order end to end, and `runher
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 import yaml
 
-from runherd.config import Config, TagConcurrencyLimit
+from runherd.config import Config, RunCoordinator, TagConcurrencyLimit
 from runherd.contract import Launch, Step
 from runherd.launcher import commands
+from runherd.rules.coordinator import group, pick
+from runherd.store.queries import dequeue_query
 from tests import harness
 from tests.harness import Env, eventually
 
@@ -92,23 +96,22 @@ async def test_global_limit_and_a_run_held_by_two_limits(env: Env) -> None:
     assert in_flight[0]["n"] == 3
 
 
-async def test_blocked_runs_never_hold_back_the_runs_behind_them_even_past_the_window(env: Env) -> None:
+async def test_blocked_runs_never_hold_back_the_runs_behind_them(env: Env) -> None:
     limits = [limit("team", 1, "data"), limit("banned", 0)]
     first = await queue(env, {"team": "data"})
     assert await env.store.dequeue(-1, limits) == [first]
     blocked = [await queue(env, {"team": "data"}) for _ in range(6)]
     banned = [await queue(env, {"banned": "yes"}, steps=(Step(key="b", command=["true"]),)) for _ in range(6)]
     free = await queue(env)
-    # 12 blocked runs queue ahead of `free`; the candidate window is 5.
-    assert await env.store.dequeue(-1, limits, window=5) == [free]
-    assert await env.store.dequeue(-1, limits, window=5) == []
+    # 12 blocked runs queue ahead of `free`, and a batch of 1 still finds it.
+    assert await env.store.dequeue(-1, limits, batch=1) == [free]
+    assert await env.store.dequeue(-1, limits) == []
     assert blocked and banned
 
 
-async def test_limits_of_zero_numeric_tag_values_and_a_window_sized_to_the_free_slots(env: Env) -> None:
-    """The pre-filter of full groups (queries.sql dequeue: full_groups) agrees with the exact test: a
-    per-value limit of 0 holds every value, a numeric tag value counts as its text, and with one
-    global slot free a window of 16 still finds the one run that fits behind the held ones."""
+async def test_limits_of_zero_numeric_tag_values_and_one_free_slot_behind_held_runs(env: Env) -> None:
+    """A per-value limit of 0 holds every value, a numeric tag value counts as its text, and with one
+    global slot free the walk still finds the one run that fits behind 41 held ones."""
     limits = [limit("database", 0, per_unique=True), limit("team", 0, "data"), limit("shard", 1, per_unique=True)]
     held = [await queue(env, {"database": "a"}), await queue(env, {"team": "data"})]
     first = await queue(env, {"shard": 7})
@@ -264,3 +267,119 @@ async def test_runs_status_queued_says_why_each_waits(env: Env) -> None:
     assert why[backoff].startswith("retry backoff: not before")
     code, table, _ = await cli("--config", str(path), "runs", "--status", "QUEUED")
     assert code == 0 and "WAITING FOR" in table and "tag limit team=data: 1/1 in flight" in table
+
+
+def random_tags(rnd: random.Random) -> dict[str, Any]:
+    """Tags over the keys the random limits use: absent keys, a JSON null, a number and its text."""
+    tags: dict[str, Any] = {"runherd/priority": rnd.choice([-1, 0, 0, 1, 3])}
+    for key, values in (
+        ("team", ["data", "ml"]),
+        ("pool", ["x", "y"]),
+        ("database", ["a", "b", "c", None]),
+        ("shard", [1, "1", 2]),
+    ):
+        if rnd.random() < 0.6:
+            tags[key] = rnd.choice(values)
+    return tags
+
+
+async def insert_runs(env: Env, rnd: random.Random, statuses: list[str]) -> None:
+    """Runs straight into the table, as the launcher stores them (priority from the tag), with
+    created_at ties (then run_id orders them) and some retries still in their backoff."""
+    base = datetime.now(UTC) - timedelta(hours=1)
+    tags = [random_tags(rnd) for _ in statuses]
+    await env.store.pool.execute(
+        "INSERT INTO runs (run_id, job, status, attempt, priority, tags, steps, root_run_id, created_at, not_before) "
+        "SELECT u.id, 'queue-test', u.status, 0, u.priority, u.tags::jsonb, '[]'::jsonb, u.id, u.created, u.nb "
+        "FROM unnest($1::uuid[], $2::text[], $3::integer[], $4::text[], $5::timestamptz[], $6::timestamptz[]) "
+        "AS u(id, status, priority, tags, created, nb)",
+        [uuid.uuid4() for _ in statuses],
+        statuses,
+        [t["runherd/priority"] for t in tags],
+        [orjson.dumps(t).decode() for t in tags],
+        [base + timedelta(seconds=rnd.randrange(len(statuses) // 2 + 1)) for _ in statuses],
+        [base + timedelta(hours=rnd.choice([-1, 2])) if rnd.random() < 0.1 else None for _ in statuses],
+    )
+
+
+async def snapshot(env: Env) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    queued = await env.store.fetch(
+        "SELECT run_id::text, tags, priority, created_at, not_before FROM runs WHERE status = 'QUEUED'"
+    )
+    in_flight = await env.store.fetch(f"SELECT tags FROM runs WHERE status IN {IN_FLIGHT}")
+    return [dict(r) for r in queued], [dict(r) for r in in_flight]
+
+
+async def finish_some(env: Env, rnd: random.Random, share: float) -> None:
+    rows = await env.store.fetch(f"SELECT run_id FROM runs WHERE status IN {IN_FLIGHT}")
+    done = [r["run_id"] for r in rows if rnd.random() < share]
+    await env.store.fetch("UPDATE runs SET status = 'SUCCESS' WHERE run_id = ANY($1::uuid[])", done)
+
+
+async def test_the_dequeue_statement_takes_exactly_what_the_pure_decision_picks(env: Env) -> None:
+    """queries.sql `dequeue` against rules/coordinator.py `pick` on random queues: random limits
+    (by key, by key and value, per unique value, of 0), a JSON null and numeric tag values, equal
+    created_at, retries in their backoff, runs already in flight over a limit; round after round,
+    the statement returns the very runs, in the very order, and Store.dequeue moves them."""
+    for seed in range(4):
+        rnd = random.Random(seed)
+        await env.store.pool.execute("TRUNCATE runs CASCADE")
+        limits = rnd.sample(
+            [
+                limit("team", rnd.randrange(4), "data"),
+                limit("pool", rnd.randrange(1, 5)),
+                limit("database", rnd.randrange(3), per_unique=True),
+                limit("shard", 1, per_unique=True),
+            ],
+            rnd.randrange(1, 5),
+        )
+        coordinator = RunCoordinator(
+            max_concurrent_runs=rnd.choice([-1, 25, 40]),
+            tag_concurrency_limits=tuple(
+                TagConcurrencyLimit(lim["key"], lim["limit"], lim["value"], lim["per_unique_value"]) for lim in limits
+            ),
+        )
+        await insert_runs(env, rnd, ["QUEUED"] * 150 + ["STARTED"] * 12 + ["STARTING"] * 4 + ["SUCCESS"] * 20)
+        for _ in range(6):
+            queued, in_flight = await snapshot(env)
+            batch = rnd.randrange(1, 40)
+            expected = pick(queued, in_flight, coordinator, batch)
+            rows = await env.store.fetch(dequeue_query(limits), coordinator.max_concurrent_runs, limits, batch)
+            assert [str(r["run_id"]) for r in rows] == expected, (seed, limits)
+            assert set(await env.store.dequeue(coordinator.max_concurrent_runs, limits, batch)) == set(expected)
+            await finish_some(env, rnd, 0.4)
+
+
+async def test_two_concurrent_dequeuers_never_exceed_a_limit(env: Env) -> None:
+    """Two Store.dequeue calls at once, round after round, on two connections (as two launcher
+    replicas): after every round no limit is exceeded, and every run is dequeued in the end."""
+    rnd = random.Random(12)
+    limits = [limit("team", 3, "data"), limit("database", 1, per_unique=True), limit("pool", 2)]
+    coordinator = RunCoordinator(
+        max_concurrent_runs=8,
+        tag_concurrency_limits=tuple(
+            TagConcurrencyLimit(lim["key"], lim["limit"], lim["value"], lim["per_unique_value"]) for lim in limits
+        ),
+    )
+    await insert_runs(env, rnd, ["QUEUED"] * 120)
+    await env.store.pool.execute("UPDATE runs SET not_before = NULL")
+    both = 0
+    for _ in range(400):
+        moved = await asyncio.gather(
+            env.store.dequeue(8, limits, batch=rnd.randrange(1, 6)), env.store.dequeue(8, limits, batch=5)
+        )
+        both += all(moved)
+        _, in_flight = await snapshot(env)
+        assert len(in_flight) <= 8
+        for lim in coordinator.tag_concurrency_limits:
+            counts: dict[str, int] = {}
+            for run in in_flight:
+                g = group(lim, run["tags"])
+                if g is not None:
+                    counts[g] = counts.get(g, 0) + 1
+            assert max(counts.values(), default=0) <= lim.limit, (lim, counts)
+        if not await env.store.fetch("SELECT 1 FROM runs WHERE status = 'QUEUED' LIMIT 1"):
+            break
+        await finish_some(env, rnd, 0.5)
+    assert not await env.store.fetch("SELECT 1 FROM runs WHERE status = 'QUEUED'")
+    print(f"rounds where both dequeuers moved runs: {both}")

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from runherd.config import RunCoordinator, TagConcurrencyLimit
-from runherd.rules.coordinator import NEXT, group, tag_text, why_waiting
+from runherd.rules.coordinator import NEXT, group, pick, tag_text, why_waiting
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 DATA = TagConcurrencyLimit(key="team", value="data", limit=2)
@@ -81,3 +81,24 @@ def test_a_retry_in_its_backoff_says_until_when_and_takes_no_slot() -> None:
 def test_no_limits_means_next_in_line() -> None:
     why = why_waiting([run("a"), run("b")], [run("f")] * 50, RunCoordinator(), now=T0)
     assert set(why.values()) == {NEXT}
+
+
+def test_pick_takes_the_runs_that_fit_in_order_and_stops_at_n() -> None:
+    """What queries.sql `dequeue` must return: a held run holds back no one, a run taken fills its
+    group for the runs behind it, a JSON null tag value is the group "null" (as `tags->>key` is
+    coalesced there), and at most n."""
+    coordinator = RunCoordinator(max_concurrent_runs=5, tag_concurrency_limits=(DATA, DB))
+    in_flight = [run("f1", {"team": "data"}), run("f2", {"database": "a"})]
+    queued = [
+        run("db-a", {"database": "a"}, minute=0),  # held: database=a is full
+        run("data1", {"team": "data"}, minute=1),  # takes the last team=data slot
+        run("data2", {"team": "data"}, minute=2),  # held by data1, taken just ahead
+        run("db-null", {"database": None}, minute=3),
+        run("db-null2", {"database": None}, minute=4),  # held: group "null" taken by db-null
+        run("plain", minute=5),
+        run("late", minute=6),  # the global limit: 2 in flight + 3 taken = 5
+    ]
+    assert pick(queued, in_flight, coordinator, 10, now=T0) == ["data1", "db-null", "plain"]
+    assert pick(queued, in_flight, coordinator, 2, now=T0) == ["data1", "db-null"]
+    assert pick(queued, in_flight, RunCoordinator(max_concurrent_runs=0), 10, now=T0) == []
+    assert group(DB, {"database": None}) == "null"

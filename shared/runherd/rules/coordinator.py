@@ -1,8 +1,11 @@
-"""Why a queued run waits: the limit it is held by (for `runherd runs --status QUEUED`).
+"""Which queued runs the dequeue takes, and why each other one waits (for `runherd runs --status
+QUEUED`).
 
-The dequeue itself is one SQL statement (queries.sql: dequeue); this explains its outcome with the
-same rules, walking the queued runs in dequeue order (priority, then FIFO): a run that fits takes
-its slots, so the runs behind it see them taken. Pure: no I/O.
+The dequeue itself is one SQL statement (queries.sql: dequeue, a walk down the queue); this is the
+same decision in Python, walking the queued runs in dequeue order (priority, then FIFO): a run that
+fits takes its slots, so the runs behind it see them taken, and a run held by a limit holds back no
+one. ``pick`` is what the statement must return (tests/integration/test_queue.py compares them on
+random queues); ``why_waiting`` explains the rest. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -92,3 +95,16 @@ def why_waiting(
             if g is not None:
                 counts[(i, g)] += 1
     return held
+
+
+def pick(
+    queued: list[dict[str, Any]],
+    in_flight: list[dict[str, Any]],
+    coordinator: RunCoordinator,
+    n: int,
+    now: datetime | None = None,
+) -> list[str]:
+    """The run ids the dequeue takes, in order: at most ``n`` of the runs that fit (``why_waiting``
+    says NEXT), as queries.sql ``dequeue`` walks them."""
+    held = why_waiting(queued, in_flight, coordinator, now)  # in dequeue order
+    return [run_id for run_id, why in held.items() if why == NEXT][: max(n, 0)]

@@ -46,86 +46,88 @@ WITH target AS (
 SELECT run_id, job, status, previous_status, attempt FROM moved;
 
 -- name: dequeue
--- Picks the next queued runs that fit every limit, in priority order (FIFO within), as one
--- statement. $1 global limit (-1: none), $2 tag limits as JSON, $3 how many at most,
--- $4 the largest candidate window. Runs in a limit group that is already full are left out before the window
--- is cut, so a blocked run never holds back the ones behind it, however many blocked runs queue
--- ahead; runs whose retry backoff (not_before) has not passed are left out too. Within the window,
--- a run fits when every group it belongs to has room for it and for the runs ranked ahead of it
--- there; this can leave room unused when a run ahead is refused by another limit, so callers
--- repeat until nothing fits (the first candidate always fits, so each round makes progress).
-WITH lim AS (
+-- Picks the next queued runs that fit every limit, in priority order (FIFO within), exactly as
+-- rules/coordinator.py `pick` walks them: a run that fits takes its slots, so the runs behind it see
+-- them taken, and a run held by a limit never holds back the runs behind it. $1 global limit (-1:
+-- none), $2 tag limits as JSON, $3 how many at most. Runs whose retry backoff (not_before) has not
+-- passed are skipped. Returns the picked runs in order, each with `slots`: how many could start
+-- (the free global slots, at most $3).
+-- One walk down the `runs_queued` index (a recursive CTE): each step seeks, from the last run taken,
+-- the next queued run that fits the counts so far (the in-flight runs' groups plus those of the runs
+-- taken before it, carried as one jsonb object {"<limit>:<group>": n}) and takes it; the walk stops
+-- when the slots are filled or the queue ends. Each queued run is read at most once per call,
+-- however many are taken, and no candidate window is needed: the decision is exact in one pass.
+-- {held} is the test "this queued run is held by a limit", written out per limit by
+-- store/queries.py `dequeue_query` (one plain expression per limit, its key, value and cap read once
+-- from `lim`): a blocked run at the head of the queue is read on every call, so its test must be
+-- cheap, and a subquery over `lim` per queued run costs twice the plain expressions.
+WITH RECURSIVE lim AS (
     SELECT ord::integer AS i, l->>'key' AS key, l->>'value' AS value,
            coalesce((l->>'per_unique_value')::boolean, false) AS per_unique, (l->>'limit')::integer AS cap
     FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS x(l, ord)
-), busy AS (
-    SELECT count(*) AS n FROM runs WHERE status IN ('STARTING', 'STARTED', 'CANCELING')
+), slots AS (
+    SELECT CASE WHEN $1::integer < 0 THEN $3::integer
+                ELSE greatest(0, least($3::integer, $1::integer - (
+                    SELECT count(*)::integer FROM runs WHERE status IN ('STARTING', 'STARTED', 'CANCELING'))))
+           END AS n
 ), flight AS (
-    SELECT lim.i, CASE WHEN lim.per_unique THEN r.tags->>lim.key ELSE '' END AS grp, count(*) AS n
-    FROM runs r
-    JOIN lim ON r.tags ? lim.key AND (lim.value IS NULL OR r.tags->>lim.key = lim.value)
-    WHERE r.status IN ('STARTING', 'STARTED', 'CANCELING')
-    GROUP BY 1, 2
-), full_groups AS (
-    -- The full groups as jsonb a run's tags contain ({"team": "a"}, {"database": "db07"}), or as keys
-    -- it has (a limit on a key whatever its value; a per-value limit of 0): a cheap pre-filter, so the
-    -- scan below skips the runs of full groups without a subquery per run (the exact test follows).
-    SELECT coalesce((SELECT array_agg(o) FROM (
-               SELECT jsonb_build_object(lim.key, f.grp) AS o
-               FROM lim JOIN flight f ON f.i = lim.i
-               WHERE lim.per_unique AND f.n >= lim.cap
-               UNION ALL
-               SELECT jsonb_build_object(lim.key, lim.value)
-               FROM lim LEFT JOIN flight f ON f.i = lim.i
-               WHERE NOT lim.per_unique AND lim.value IS NOT NULL AND coalesce(f.n, 0) >= lim.cap) x),
-           '{}'::jsonb[]) AS objs,
-           coalesce((SELECT array_agg(DISTINCT lim.key)
-                     FROM lim LEFT JOIN flight f ON f.i = lim.i
-                     WHERE (lim.per_unique AND lim.cap <= 0)
-                        OR (NOT lim.per_unique AND lim.value IS NULL AND coalesce(f.n, 0) >= lim.cap)),
-                    '{}'::text[]) AS keys
-), cand AS (
-    SELECT r.run_id, r.priority, r.created_at, r.tags
-    FROM runs r
-    WHERE r.status = 'QUEUED' AND (r.not_before IS NULL OR r.not_before <= clock_timestamp())
-      AND ($1::integer < 0 OR (SELECT n FROM busy) < $1::integer)
-      AND NOT r.tags @> ANY ((SELECT objs FROM full_groups)::jsonb[])
-      AND NOT r.tags ?| (SELECT keys FROM full_groups)
-      AND NOT EXISTS (
-          SELECT 1
-          FROM lim
-          JOIN flight f ON f.i = lim.i
-                       AND f.grp = CASE WHEN lim.per_unique THEN r.tags->>lim.key ELSE '' END
-          WHERE r.tags ? lim.key AND (lim.value IS NULL OR r.tags->>lim.key = lim.value)
-            AND f.n >= lim.cap)
-      AND NOT EXISTS (SELECT 1 FROM lim WHERE lim.cap <= 0 AND r.tags ? lim.key
-                                            AND (lim.value IS NULL OR r.tags->>lim.key = lim.value))
-    ORDER BY r.priority DESC, r.created_at, r.run_id
-    -- The window: 16 times what may start now (the free slots, at most $3), never over $4.
-    -- Every run in it is checked against every limit, and the scan to fill it reads the blocked
-    -- runs too, so a window sized to the need, not to the queue, keeps a saturated system's
-    -- dequeue cheap. Any window is correct: the first candidate always fits.
-    LIMIT (SELECT least($4::integer, greatest(1, 16 * least($3::integer,
-                 CASE WHEN $1::integer < 0 THEN $3::integer ELSE $1::integer - (SELECT n FROM busy)::integer END))))
-), memb AS (
-    SELECT c.run_id, c.priority, c.created_at, lim.i, lim.cap,
-           CASE WHEN lim.per_unique THEN c.tags->>lim.key ELSE '' END AS grp
-    FROM cand c
-    JOIN lim ON c.tags ? lim.key AND (lim.value IS NULL OR c.tags->>lim.key = lim.value)
-), ranked AS (
-    SELECT m.run_id, m.cap,
-           coalesce(f.n, 0) + row_number() OVER (
-               PARTITION BY m.i, m.grp ORDER BY m.priority DESC, m.created_at, m.run_id) AS would_be
-    FROM memb m LEFT JOIN flight f ON f.i = m.i AND f.grp = m.grp
-), fits AS (
-    SELECT c.run_id, row_number() OVER (ORDER BY c.priority DESC, c.created_at, c.run_id) AS rn
-    FROM cand c
-    WHERE NOT EXISTS (SELECT 1 FROM ranked k WHERE k.run_id = c.run_id AND k.would_be > k.cap)
+    -- A group is "<limit>:<value>" for a per-value limit, "<limit>:" otherwise. A JSON null tag
+    -- value spells "null", as coordinator.tag_text spells it.
+    SELECT coalesce(jsonb_object_agg(g, n), '{}'::jsonb) AS counts
+    FROM (
+        SELECT lim.i || ':' || CASE WHEN lim.per_unique THEN coalesce(r.tags->>lim.key, 'null') ELSE '' END AS g,
+               count(*) AS n
+        FROM runs r
+        JOIN lim ON r.tags ? lim.key AND (lim.value IS NULL OR coalesce(r.tags->>lim.key, 'null') = lim.value)
+        WHERE r.status IN ('STARTING', 'STARTED', 'CANCELING')
+        GROUP BY 1
+    ) f
+), clock AS (
+    SELECT clock_timestamp() AS ts  -- read once, not once per queued run
+), walk AS (
+    -- The cursor starts before the first run: the highest priority, from the beginning of time.
+    SELECT NULL::uuid AS run_id, 2147483647 AS priority, '-infinity'::timestamptz AS created_at,
+           '00000000-0000-0000-0000-000000000000'::uuid AS after_id, 0 AS taken,
+           (SELECT counts FROM flight) AS counts
+    UNION ALL
+    SELECT nx.run_id, nx.priority, nx.created_at, nx.run_id, w.taken + 1,
+           w.counts || coalesce((
+               SELECT jsonb_object_agg(g.k, coalesce((w.counts->>g.k)::integer, 0) + 1)
+               FROM (SELECT lim.i || ':' || CASE WHEN lim.per_unique THEN coalesce(nx.tags->>lim.key, 'null') ELSE '' END
+                            AS k
+                     FROM lim
+                     WHERE nx.tags ? lim.key
+                       AND (lim.value IS NULL OR coalesce(nx.tags->>lim.key, 'null') = lim.value)) g),
+               '{}'::jsonb)
+    FROM walk w
+    CROSS JOIN LATERAL (
+        -- The next run that fits: in the rest of the cursor's priority, else in the lower ones. Two
+        -- index range scans (the index is priority DESC, created_at, run_id), so the walk never
+        -- reads a run it has passed again.
+        (SELECT r.run_id, r.priority, r.created_at, r.tags
+         FROM runs r
+         WHERE r.status = 'QUEUED' AND r.priority = w.priority
+           AND (r.created_at, r.run_id) > (w.created_at, w.after_id)
+           AND (r.not_before IS NULL OR r.not_before <= (SELECT ts FROM clock))
+           AND NOT ({held})
+         ORDER BY r.priority DESC, r.created_at, r.run_id
+         LIMIT 1)
+        UNION ALL
+        (SELECT r.run_id, r.priority, r.created_at, r.tags
+         FROM runs r
+         WHERE r.status = 'QUEUED' AND r.priority < w.priority
+           AND (r.not_before IS NULL OR r.not_before <= (SELECT ts FROM clock))
+           AND NOT ({held})
+         ORDER BY r.priority DESC, r.created_at, r.run_id
+         LIMIT 1)
+        LIMIT 1
+    ) nx
+    WHERE w.taken < (SELECT n FROM slots)
 )
-SELECT run_id FROM fits
-WHERE $1::integer < 0 OR rn <= $1::integer - (SELECT n FROM busy)
-ORDER BY rn
-LIMIT $3;
+SELECT run_id, (SELECT n FROM slots) AS slots
+FROM walk
+WHERE run_id IS NOT NULL
+ORDER BY taken;
 
 -- name: in_flight_by_limit
 -- What each limit group holds now: for `runherd runs --status QUEUED` to say why a run waits.
@@ -524,8 +526,8 @@ FROM runs WHERE status = 'STARTING';
 -- One statement per batch: the runs `dequeue` picks (that statement is inlined below by
 -- store/queries.py) move QUEUED -> STARTING on attempt 1 with their event-log and status-outbox rows
 -- (as `transition` writes them) and their first attempt row. A run cancelled meanwhile is re-checked
--- by FOR UPDATE and left alone. Returns the moved runs and how many slots the global limit had free
--- before the move (NULL: no global limit), so the caller knows when another round is pointless.
+-- by FOR UPDATE and left alone (the caller runs it under an advisory lock, so no other dequeue
+-- moves runs meanwhile and the counts it walked stay exact). Returns the moved runs.
 WITH picked AS (
 {dequeue}
 ), target AS (
@@ -558,8 +560,4 @@ WITH picked AS (
     SELECT run_id, 1, NULL FROM moved
     ON CONFLICT DO NOTHING
 )
-SELECT m.run_id,
-       CASE WHEN $1::integer < 0 THEN NULL
-            ELSE $1::integer - (SELECT count(*) FROM runs WHERE status IN ('STARTING', 'STARTED', 'CANCELING'))
-       END AS free
-FROM moved m;
+SELECT run_id FROM moved;

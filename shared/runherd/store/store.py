@@ -22,7 +22,7 @@ from runherd.config import redact
 from runherd.contract import ALLOWED_FROM, Launch, RunStatus
 from runherd.errors import NotMigrated, RunherdError
 from runherd.store.migrate import SCHEMA_VERSION, current_version
-from runherd.store.queries import q
+from runherd.store.queries import dequeue_query, q
 
 log = logging.getLogger("runherd.store")
 
@@ -340,26 +340,18 @@ class Store:
             await tx.conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
             return True
 
-    async def dequeue(
-        self, max_concurrent: int, limits: list[dict[str, Any]], batch: int = 100, window: int = 1000
-    ) -> list[str]:
-        """QUEUED -> STARTING for the next runs that fit every limit; one replica at a time. Each
-        round is one statement (``dequeue_move``); another round only while runs moved and global
-        slots are left (a run refused by one limit can leave room that the next round fills)."""
-        moved: list[str] = []
+    async def dequeue(self, max_concurrent: int, limits: list[dict[str, Any]], batch: int = 100) -> list[str]:
+        """QUEUED -> STARTING for the next runs that fit every limit (at most ``batch``), in one
+        statement (``dequeue_move``: the exact walk of ``dequeue``, so no second round can find
+        more). One dequeuer at a time across launcher replicas (a transaction-level advisory lock):
+        each walks the in-flight counts as committed by the one before it, so together they never
+        exceed a limit."""
         async with self.tx() as tx:
             await tx.conn.execute("SELECT pg_advisory_xact_lock($1)", _DEQUEUE_LOCK)
-            while len(moved) < batch:
-                rows = await tx.conn.fetch(q("dequeue_move"), max_concurrent, limits, batch - len(moved), window)
-                if not rows:
-                    break
-                moved.extend(str(r["run_id"]) for r in rows)
-                free = rows[0]["free"]
-                if free is not None and len(rows) >= free:
-                    break
-            if moved:
+            rows = await tx.conn.fetch(dequeue_query(limits, move=True), max_concurrent, limits, batch)
+            if rows:
                 await tx.conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
-        return moved
+        return [str(r["run_id"]) for r in rows]
 
     async def claim_launches(self, limit: int, lease_seconds: float) -> list[LaunchClaim]:
         async with self.tx() as tx:
