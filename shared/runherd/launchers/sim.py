@@ -216,7 +216,7 @@ class _Connection:
         return await asyncio.shield(self.beats)
 
     async def publish_heartbeat(self, body: bytes, *, token: str | None = None) -> None:
-        await (await self.heartbeat_channel()).publish_heartbeat(body, token=token)
+        await (await self.heartbeat_channel()).send_heartbeat(body, token=token)
 
 
 async def _beats_channel(ready: asyncio.Task[Broker]) -> Broker:
