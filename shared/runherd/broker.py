@@ -329,6 +329,23 @@ class Broker:
     async def publish_heartbeat(self, body: bytes, *, token: str | None = None) -> None:
         await self.publish(HEARTBEATS, "hb", body, persistent=False, headers={TOKEN_HEADER: token} if token else None)
 
+    async def send_heartbeat(self, body: bytes, *, token: str | None = None) -> None:
+        """A heartbeat handed to the connection's writer without waiting for it to be written. For
+        a channel without confirms shared by many workers: aiormq holds a channel's lock until its
+        publish is written, so waiting would let the channel carry one heartbeat per loop iteration
+        (50 workers sharing it, 50 iterations for a round of heartbeats)."""
+        channel = await self.channel.get_underlay_channel()
+        assert isinstance(channel, aiormq.Channel)  # the concrete channel takes ``wait``
+        await channel.basic_publish(
+            body,
+            exchange=HEARTBEATS,
+            routing_key="hb",
+            properties=aiormq.spec.Basic.Properties(
+                content_type="application/json", delivery_mode=1, headers={TOKEN_HEADER: token} if token else {}
+            ),
+            wait=False,
+        )
+
     async def publish_command(self, key: str, body: bytes) -> None:
         await self.publish(COMMANDS, key, body)
 

@@ -1,19 +1,20 @@
 """Issue 11, item 1: the executors under the monitoring scenarios (SIGKILL, hang, max runtime,
 cancel). ``multiprocess`` is the default, which tests/integration/test_monitoring.py covers; here
 ``in_process`` (a call step running inside the worker) and ``launcher`` (each step in its own
-process group, outliving the worker, adopted by a resumed attempt)."""
+process group, outliving the worker, adopted by a resumed attempt), and at the end the cells of the
+matrix (executor x scenario x launcher) that no other test covers."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from tests.harness import Env, eventually, pids_alive
+from tests.harness import ROOT, Env, eventually, pids_alive
 from tests.integration import test_launch_failures
 
 IN_PROCESS = {"runherd/executor": "in_process"}
@@ -476,6 +477,7 @@ async def test_launcher_on_kubernetes_cancel_and_max_runtime_stop_the_step_job(
         await env.cancel(run_id)
     run = await env.wait_status(run_id, "CANCELED", "FAILURE", "SUCCESS", timeout=30)
     assert run["status"] == ("FAILURE" if scenario == "max_runtime" else "CANCELED"), run["reason"]
+    assert run["attempt"] == 1  # the Job's deadline, if it fired first, is no crash to resume
     await eventually(lambda: not _step_job_running(k8s, step["job_name"]), timeout=20, what="the step Job stopped")
     assert _lines(effects) == ["start1"]
 
@@ -499,4 +501,150 @@ async def test_launcher_on_kubernetes_a_step_orphaned_by_a_crash_with_no_resume_
     run = await env.wait_status(run_id, "FAILURE", "SUCCESS", timeout=30)
     assert "resume is off" in run["reason"]
     await eventually(lambda: not _step_job_running(k8s, step["job_name"]), timeout=20, what="the orphan deleted")
+    assert _lines(effects) == ["start1"]
+
+
+# --- the rest of the matrix: each executor under each scenario, on each launcher -------------------
+#
+# The cells the tests above, test_monitoring.py, test_run_path.py (multiprocess cancel) and
+# test_docker_monitoring.py do not cover, run through one scenario: step ``one`` (a side effect to
+# count) then ``two``, a call that notes its start and pid and, on attempt 1, waits for a gate file
+# the test opens only when the launcher executor may have adopted it.
+
+SCENARIOS = ("sigkill", "hang", "max_runtime", "cancel")
+SignalWorker = Callable[[str, signal.Signals], Awaitable[None]]
+Gone = Callable[[str, list[int]], Awaitable[bool]]
+
+
+async def _matrix_case(env: Env, executor: str, scenario: str, signal_worker: SignalWorker, gone: Gone) -> None:
+    """Runs one cell. ``signal_worker(run_id, sig)`` signals attempt 1's worker; ``gone(run_id,
+    pids)`` says whether attempt 1's worker and the step processes of these pids are all gone."""
+    effects, pids, gate = env.tmp / "effects", env.tmp / "pids", env.tmp / "gate"
+    tags = {"runherd/executor": executor, **({"runherd/max_runtime": "3"} if scenario == "max_runtime" else {})}
+    run_id = await env.submit(
+        [
+            {"key": "one", "command": ["sh", "-c", f"echo one >> {effects}"]},
+            {"key": "two", "call": "tests.fixtures.steps:gated", "deps": ["one"]},
+        ],
+        tags=tags,
+        env={
+            "RUNHERD_TEST_EFFECTS": str(effects),
+            "RUNHERD_TEST_PIDS": str(pids),
+            "RUNHERD_TEST_GATE": str(gate),
+            "PYTHONPATH": str(ROOT),
+        },
+    )
+    await eventually(lambda: _lines(effects) == ["one", "start1"], timeout=20, what="step two running in attempt 1")
+    if scenario == "cancel":
+        await env.cancel(run_id)
+    if scenario in ("sigkill", "hang"):
+        await signal_worker(run_id, signal.SIGKILL if scenario == "sigkill" else signal.SIGSTOP)
+    if scenario in ("max_runtime", "cancel"):
+        run = await env.wait_status(run_id, "CANCELED", "FAILURE", "SUCCESS", timeout=30)
+        if scenario == "cancel":
+            assert run["status"] == "CANCELED", run["reason"]
+        else:
+            assert (run["status"], run["reason"]) == ("FAILURE", "exceeded max runtime of 3 s")
+        assert run["attempt"] == 1  # not resumed on the way
+        await eventually(lambda: gone(run_id, _ints(pids)), timeout=20, what="the worker and its step gone")
+        assert _lines(effects) == ["one", "start1"]  # stopped, not finished
+        return
+    adopted = False
+    if executor == "launcher":
+        # A resumed attempt that came before the hung worker's terminate adopts the step (it runs
+        # on, and finishes once the gate opens); else the terminate stopped it and it starts anew.
+        adopted = bool((await _step_handle(env, run_id, 2))["adopted"])
+        gate.touch()
+    run = await env.wait_status(run_id, "SUCCESS", "FAILURE", timeout=30)
+    assert (run["status"], run["attempt"]) == ("SUCCESS", 2), run["reason"]
+    steps = {s["step_key"]: s for s in run["steps_status"]}
+    assert (steps["one"]["attempt"], steps["two"]["attempt"]) == (1, 2)
+    [resumed] = [e for e in await env.events(run_id) if e["type"] == "RUN_RESUMED"]
+    assert ("no heartbeat" in resumed["message"]) == (scenario == "hang"), resumed["message"]
+    first = _ints(pids)[:1]
+    await eventually(lambda: gone(run_id, first), timeout=20, what="attempt 1's worker and step gone")
+    # One ran once; two ran again only if not adopted, and attempt 1's try never got past its gate.
+    assert _lines(effects) == (["one", "start1", "done1"] if adopted else ["one", "start1", "start2", "done2"])
+
+
+def _ints(path: os.PathLike[str]) -> list[int]:
+    return [int(x) for x in _lines(path)]
+
+
+DOCKER_GAPS = [
+    ("in_process", "hang"),
+    ("in_process", "max_runtime"),
+    ("multiprocess", "hang"),
+    ("multiprocess", "cancel"),
+]
+
+
+@pytest.mark.parametrize(("executor", "scenario"), DOCKER_GAPS)
+async def test_executor_matrix_on_docker(denv: Env, docker_engine: Any, executor: str, scenario: str) -> None:
+    """The worker's container is the worker: stopped, everything its steps ran in it is gone."""
+    env = denv
+    await env.start()
+
+    async def signal_worker(run_id: str, sig: signal.Signals) -> None:
+        worker = await env.handle(run_id, attempt=1)
+        await docker_engine.containers.container(worker["container_id"]).kill(signal=sig.name)
+
+    async def gone(run_id: str, pids: list[int]) -> bool:
+        return not await _running(docker_engine, (await env.handle(run_id, attempt=1))["container_id"])
+
+    await _matrix_case(env, executor, scenario, signal_worker, gone)
+
+
+K8S_GAPS = [
+    ("in_process", "hang"),
+    ("in_process", "max_runtime"),
+    *[("multiprocess", s) for s in SCENARIOS],
+    ("launcher", "hang"),
+]
+
+
+@pytest.mark.parametrize(("executor", "scenario"), K8S_GAPS)
+async def test_executor_matrix_on_kubernetes(env: Env, k8s: Any, executor: str, scenario: str) -> None:
+    """The emulator's kubelet runs each pod as a local process: the worker's and its steps' pids
+    are this host's, and a launcher-executor step's Job is looked at too."""
+    from dataclasses import replace
+
+    launcher = env.cfg.run_launcher
+    env.cfg = replace(env.configure(run_monitoring={"heartbeat_timeout_seconds": 3}), run_launcher=launcher)
+    await env.start()
+
+    async def signal_worker(run_id: str, sig: signal.Signals) -> None:
+        os.kill(await _worker_pid(env, run_id, 1), sig)
+
+    async def gone(run_id: str, pids: list[int]) -> bool:
+        if pids_alive([await _worker_pid(env, run_id, 1), *pids]):
+            return False
+        jobs = [j["metadata"]["name"] for j in _step_jobs(k8s) if j["metadata"]["labels"]["runherd/attempt"] == "1"]
+        return not any(_step_job_running(k8s, name) for name in jobs)
+
+    await _matrix_case(env, executor, scenario, signal_worker, gone)
+
+
+async def test_on_kubernetes_a_worker_stopped_at_its_jobs_deadline_fails_the_run_and_its_step_jobs(
+    env: Env, k8s: Any
+) -> None:
+    """The Job's activeDeadlineSeconds (the run's max runtime, counted from the Job's start) stops
+    the worker: that is the max runtime, not a crash to resume; and the step Jobs go with it. The
+    monitor's sweeps are off, so the deadline is what fires."""
+    from dataclasses import replace
+
+    launcher = env.cfg.run_launcher
+    env.cfg = replace(env.configure(run_monitoring={"enabled": False}), run_launcher=launcher)
+    await env.start()
+    effects, gate = env.tmp / "effects", env.tmp / "gate"
+    run_id = await env.submit(
+        [{"key": "long", "command": _gated(effects, gate)}], tags={**LAUNCHER, "runherd/max_runtime": "2"}
+    )
+    step = await _step_handle(env, run_id, 1)
+    run = await env.wait_status(run_id, "FAILURE", "SUCCESS", timeout=30)
+    assert (run["status"], run["reason"], run["attempt"]) == ("FAILURE", "exceeded max runtime of 2 s", 1)
+    [exited] = [e for e in await env.events(run_id) if e["type"] == "WORKER_EXITED"]
+    assert exited["data"]["reason"] == "DeadlineExceeded"
+    assert not [e for e in await env.events(run_id) if e["type"] == "RUN_RESUMED"]
+    await eventually(lambda: not _step_job_running(k8s, step["job_name"]), timeout=10, what="the step Job deleted")
     assert _lines(effects) == ["start1"]

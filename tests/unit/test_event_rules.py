@@ -56,6 +56,22 @@ def test_worker_exit(status: RunStatus, current: int, exited: int, actions: tupl
     assert on_worker_exit(status, current, exited).actions == actions
 
 
+@pytest.mark.parametrize(
+    ("status", "reason", "actions"),
+    [
+        (RunStatus.STARTED, "DeadlineExceeded", (Action.MAX_RUNTIME,)),  # never resumed
+        (RunStatus.STARTED, "OOMKilled", (Action.CRASHED,)),
+        (RunStatus.CANCELING, "DeadlineExceeded", (Action.CANCELED,)),  # the user's cancel is done
+        (RunStatus.STARTING, "DeadlineExceeded", (Action.FAIL_BEFORE_START,)),
+        (RunStatus.FAILURE, "DeadlineExceeded", ()),  # the sweep's max runtime came first
+    ],
+)
+def test_a_worker_stopped_at_its_deadline_is_over_max_runtime(
+    status: RunStatus, reason: str, actions: tuple[Action, ...]
+) -> None:
+    assert on_worker_exit(status, 1, 1, reason).actions == actions
+
+
 def test_describe_exit() -> None:
     assert describe_exit(137, 9, "SIGKILL") == "killed by signal 9 (SIGKILL)"
     assert describe_exit(3, None, None) == "exit code 3"

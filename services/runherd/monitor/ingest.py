@@ -34,6 +34,7 @@ _STEP_STATUS = {
 @dataclass
 class Effects:
     fence: list[tuple[str, int]] = field(default_factory=list)  # (run_id, attempt) to terminate
+    over_max_runtime: list[tuple[str, int]] = field(default_factory=list)  # to terminate: its step Jobs too
     failed: bool = False  # a run failed: the retry rule should not wait for the next sweep
     exits: list[tuple[str, datetime]] = field(default_factory=list)
 
@@ -130,7 +131,7 @@ async def apply_event(tx: Tx, event: Event, config: Config, effects: Effects, ru
         raise InvalidMessage(f"event for unknown run {event.run_id}")
     status, attempt = RunStatus(run["status"]), run["attempt"]
     if event.type is EventType.WORKER_EXITED:
-        decision = on_worker_exit(status, attempt, event.attempt)
+        decision = on_worker_exit(status, attempt, event.attempt, event.data.get("reason"))
         if runs.gather_steps and decision.actions == (Action.CRASHED,) and not decision.refused:
             await runs.flush_steps()
             runs.exit_later(event, run["resumes"], config.run_monitoring.max_resume_run_attempts, effects)
@@ -188,12 +189,12 @@ async def apply_event(tx: Tx, event: Event, config: Config, effects: Effects, ru
     metrics.EVENTS_APPLIED.labels(event.type.value).inc()
     for action in decision.actions:
         if action not in _STEP_ACTIONS:
-            await _act(tx, action, event, run["resumes"], config, effects)
+            await _act(tx, action, event, run, config, effects)
     if _CHANGES_RUN.intersection(decision.actions):
         runs.stale.add(event.run_id)
 
 
-async def _act(tx: Tx, action: Action, event: Event, resumes: int, config: Config, effects: Effects) -> None:
+async def _act(tx: Tx, action: Action, event: Event, run: Any, config: Config, effects: Effects) -> None:
     run_id, attempt = event.run_id, event.attempt
     if action is Action.MARK_STARTED:
         await tx.transition([run_id], RunStatus.STARTED, None, attempt=attempt, source="worker")
@@ -217,12 +218,36 @@ async def _act(tx: Tx, action: Action, event: Event, resumes: int, config: Confi
             failure_kind="infrastructure",
             source="monitor",
         )
+    elif action is Action.MAX_RUNTIME:
+        # The limit and words of the sweep's max runtime rule (over_max_runtime); with no limit (a
+        # launcher reporting the reason for a deadline of its own), a crash as any other.
+        limit = run["max_runtime_seconds"]
+        if limit is None:
+            limit = config.run_monitoring.max_runtime_seconds
+        if limit <= 0:
+            await _act(tx, Action.CRASHED, event, run, config, effects)
+            return
+        effects.failed = True
+        moved = await tx.transition(
+            [run_id],
+            RunStatus.FAILURE,
+            f"exceeded max runtime of {limit:g} s",
+            attempt=attempt,
+            from_=[RunStatus.STARTED],
+            failure_kind="infrastructure",
+            source="monitor",
+        )
+        if moved:
+            metrics.MONITOR_ACTIONS.labels("max_runtime").inc()
+            # The worker is gone, but a launcher-executor step's container or Job may not be: the
+            # launcher's terminate stops them, as after the sweep's max runtime.
+            effects.over_max_runtime.append((run_id, attempt))
     elif action is Action.CRASHED:
         effects.failed = True  # if the crash budget is spent; a needless wake otherwise costs one sweep
         await crash(
             tx,
             [(run_id, attempt, f"worker crashed: {event.message}")],
-            resumes_of={run_id: resumes},
+            resumes_of={run_id: run["resumes"]},
             max_resumes=config.run_monitoring.max_resume_run_attempts,
         )
 

@@ -231,10 +231,12 @@ class MonitorService:
         now = datetime.now(UTC)
         for _, exited_at in effects.exits:
             metrics.DETECTION_LATENCY.labels("exit").observe(max(0.0, (now - exited_at).total_seconds()))
-        if effects.fence:
-            async with self.store.tx() as tx:
-                refs = await tx.handles([run_id for run_id, _ in effects.fence])
-            wanted = set(effects.fence)
-            self.actions.terminate_soon(
-                [r for r in refs if (r.run_id, r.attempt) in wanted], "fenced: its events are refused"
-            )
+        for wanted, why in (
+            (effects.fence, "fenced: its events are refused"),
+            (effects.over_max_runtime, "exceeded max runtime"),
+        ):
+            if wanted:
+                async with self.store.tx() as tx:
+                    refs = await tx.handles([run_id for run_id, _ in wanted])
+                pairs = set(wanted)
+                self.actions.terminate_soon([r for r in refs if (r.run_id, r.attempt) in pairs], why)

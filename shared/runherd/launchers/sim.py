@@ -54,7 +54,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from runherd.broker import Broker, BrokerError
+from runherd.broker import Broker
 from runherd.errors import ConfigError, InvalidMessage, LaunchError
 from runherd.launchers.base import Handle, Health, HealthStatus, RunLauncher, WorkerExit, WorkerRun
 from runherd.launchers.process import start_time
@@ -84,6 +84,8 @@ EXIT_CANCELED = 143
 SIGKILL = 9
 MAX_EXITS_KEPT = 20_000
 LOG_LINES = 40
+CONNECT_TRIES = 4
+CONNECT_BACKOFF_SECONDS = 2.0
 
 
 def command_body(action: str, run_ids: Iterable[str] | None = None) -> bytes:
@@ -214,7 +216,7 @@ class _Connection:
         return await asyncio.shield(self.beats)
 
     async def publish_heartbeat(self, body: bytes, *, token: str | None = None) -> None:
-        await (await self.heartbeat_channel()).publish_heartbeat(body, token=token)
+        await (await self.heartbeat_channel()).send_heartbeat(body, token=token)
 
 
 async def _beats_channel(ready: asyncio.Task[Broker]) -> Broker:
@@ -229,7 +231,20 @@ class Connections:
         self._open: dict[str, list[_Connection]] = {}
 
     async def channel(self, url: str) -> tuple[Broker, HeartbeatSink, Callable[[], Awaitable[None]]]:
-        """(the worker's events channel, its heartbeats channel, what releases both)."""
+        """(the worker's events channel, its heartbeats channel, what releases both). A connection
+        that fails to open is tried again, a few times over about 30 s: on a loaded load-test host
+        a handshake can miss RabbitMQ's 10 s timeout, and one failed connection would otherwise fail
+        every worker that was to share it."""
+        for try_ in range(1, CONNECT_TRIES + 1):
+            try:
+                return await self._channel(url)
+            except Exception:  # BrokerError, or a channel that could not be opened
+                if try_ == CONNECT_TRIES:
+                    raise
+                await asyncio.sleep(CONNECT_BACKOFF_SECONDS * try_)
+        raise AssertionError("unreachable")
+
+    async def _channel(self, url: str) -> tuple[Broker, HeartbeatSink, Callable[[], Awaitable[None]]]:
         if self.per_connection == 1:
             broker = await Broker.connect(url, declare=False)
             return broker, broker, broker.close
@@ -243,6 +258,9 @@ class Connections:
             base = await asyncio.shield(entry.ready)
             broker = await base.sibling()
         except BaseException:
+            if entry.ready.done() and not entry.ready.cancelled() and entry.ready.exception() is not None:
+                with contextlib.suppress(ValueError):  # a failed connection takes no more workers
+                    pool.remove(entry)
             await self._release(url, entry)
             raise
 
@@ -354,7 +372,7 @@ class VirtualWorker:
             return
         try:
             broker, beats_channel, release = await self.fleet.connections.channel(url)
-        except BrokerError as exc:
+        except Exception as exc:  # as a real worker that cannot reach the broker: exit code 3
             self.note(f"cannot connect: {exc}")
             self._exited(WorkerExit(self.run.run_id, self.run.attempt, EXIT_REPORT_FAILED, message=str(exc)))
             return

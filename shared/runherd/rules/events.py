@@ -20,6 +20,7 @@ class Action(enum.StrEnum):
     FAIL = "FAIL"
     CANCELED = "CANCELED"
     CRASHED = "CRASHED"  # resume or fail, by the resume budget
+    MAX_RUNTIME = "MAX_RUNTIME"  # the launcher stopped it at the run's max runtime: fail, never resume
     FAIL_BEFORE_START = "FAIL_BEFORE_START"
 
 
@@ -68,11 +69,21 @@ def on_worker_event(status: RunStatus, current_attempt: int, event: Event) -> De
     return Decision(actions=tuple(actions))
 
 
-def on_worker_exit(status: RunStatus, current_attempt: int, exited_attempt: int) -> Decision:
+# The exit reason of a worker its launcher stopped at the run's max runtime (the Kubernetes Job's
+# activeDeadlineSeconds, which the launcher sets from it).
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+
+
+def on_worker_exit(status: RunStatus, current_attempt: int, exited_attempt: int, reason: str | None = None) -> Decision:
     """A worker process/container/Job has exited (reported by the launcher's watch)."""
     if exited_attempt != current_attempt or status.terminal:
         return Decision()
     if status is RunStatus.STARTED:
+        # Not a crash: the backend enforced the run's max runtime, counted from before the worker
+        # started, so a hair before the monitor's own check would have. A resumed attempt would
+        # have no runtime left (and would cost a resume, or, with none left, the wrong reason).
+        if reason == DEADLINE_EXCEEDED:
+            return Decision(actions=(Action.MAX_RUNTIME,))
         return Decision(actions=(Action.CRASHED,))
     if status is RunStatus.STARTING:
         return Decision(actions=(Action.FAIL_BEFORE_START,))

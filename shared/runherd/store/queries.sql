@@ -304,7 +304,7 @@ SELECT run_id, job, status, attempt, resumes, tags FROM runs WHERE run_id = $1 F
 -- name: runs_for_update
 -- Lock order, everywhere: runs before attempts, each by (run_id, attempt). The heartbeat batch
 -- locks only attempts, in the same order, so the two never deadlock.
-SELECT run_id, job, status, attempt, resumes, tags FROM runs
+SELECT run_id, job, status, attempt, resumes, tags, max_runtime_seconds FROM runs
 WHERE run_id = ANY($1::uuid[]) ORDER BY run_id FOR UPDATE;
 
 -- name: current_attempts_for_update
