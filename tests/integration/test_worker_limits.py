@@ -27,7 +27,7 @@ from runherd.launchers.base import Handle, WorkerRun
 from runherd.launchers.process import ProcessLauncher
 from runherd.plan import MAX_OUTPUT_BYTES
 from tests.harness import Env, eventually
-from tests.launchers.test_process_one_worker import MARK, workers_of
+from tests.launchers.test_process_one_worker import MARK, workers_of, workers_settled
 
 CRASH_ON_FIRST = ["sh", "-c", 'if [ "$RUNHERD_ATTEMPT" = 1 ]; then kill -9 $PPID; sleep 30; fi']
 
@@ -186,8 +186,8 @@ async def test_a_failed_handle_record_never_makes_a_second_worker(env: Env, monk
     try:
         assert await launching.tick() == 1
         await launching.drain()
-        assert blips and len(workers_of(run_id)) == 1
-        first_pid = workers_of(run_id)[0]
+        assert blips
+        [first_pid] = await workers_settled(run_id, 1)
 
         async def relaunched() -> bool:
             await launching.tick()

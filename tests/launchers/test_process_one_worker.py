@@ -56,6 +56,17 @@ def workers_of(mark: str) -> list[int]:
     return found
 
 
+async def workers_settled(mark: str, count: int) -> list[int]:
+    """``workers_of`` once it finds ``count`` workers: a worker whose launch has just returned may
+    still be inside execve, its environment unreadable for a moment on a busy machine."""
+
+    def found() -> list[int] | None:
+        workers = workers_of(mark)
+        return workers if len(workers) == count else None
+
+    return await eventually(found, timeout=10, what=f"{count} worker(s) of {mark}")
+
+
 def run_of(run_id: str, command: list[str], attempt: int = 1) -> WorkerRun:
     return WorkerRun(run_id=run_id, attempt=attempt, job="j", env={MARK: run_id}, command=command)
 
@@ -98,10 +109,11 @@ async def test_concurrent_launches_of_one_attempt_start_one_worker(tmp_path: Pat
             first.launch(run_of(run_id, ["sleep", "60"])),
         )
         assert len({h["pid"] for h in handles}) == 1
-        assert len(workers_of(run_id)) == 1
+        assert await workers_settled(run_id, 1) == [handles[0]["pid"]]
         # Another attempt of the run is another worker.
         other = await first.launch(run_of(run_id, ["sleep", "60"], attempt=2))
-        assert other["pid"] != handles[0]["pid"] and len(workers_of(run_id)) == 2
+        assert other["pid"] != handles[0]["pid"]
+        assert sorted(await workers_settled(run_id, 2)) == sorted([handles[0]["pid"], other["pid"]])
         for handle in (handles[0], other):
             await first.terminate(handle, grace_seconds=0)
     finally:
