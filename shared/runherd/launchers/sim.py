@@ -252,6 +252,11 @@ class Connections:
         entry = next((c for c in pool if c.live < self.per_connection), None)
         if entry is None:  # chosen without awaiting: concurrent launches fill one connection
             entry = _Connection(asyncio.ensure_future(Broker.connect(url, declare=False)))
+            # The heartbeat channel first: channels of a connection open one after the other, and
+            # opened lazily it would wait behind the channels of every worker launched with this
+            # one (50 opens, two round trips each), while the first of them already reports
+            # RUN_START and is taken for hung when no heartbeat follows within the timeout.
+            entry.beats = asyncio.ensure_future(_beats_channel(entry.ready))
             pool.append(entry)
         entry.live += 1
         try:
