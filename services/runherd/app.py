@@ -115,8 +115,9 @@ async def start(
             service: LauncherService | HeartbeatService | MonitorService
             if name == "launcher":
                 service = LauncherService(config, store, broker, launcher)
-                await service.run(running.supervisor, relay=not relay_started)
-                relay_started = True
+                relay = not relay_started and not launcher.hosts_workers_in_process
+                await service.run(running.supervisor, relay=relay)
+                relay_started = relay_started or relay
             elif name == "heartbeat":
                 service = HeartbeatService(store, broker)
                 await service.run(running.supervisor)

@@ -87,6 +87,9 @@ class RunLauncher(ABC):
     # Launch calls in flight at once in the launcher service (each a backend call: an HTTP request
     # to Docker or Kubernetes); a launcher whose launch is a local fork can take more.
     launch_concurrency: int = 16
+    # Its workers live in this very process (the sim fleet): the process is a load generator, so
+    # it leaves the status relay, which the monitors also run, to them.
+    hosts_workers_in_process: bool = False
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         self.config: Mapping[str, Any] = dict(config or {})

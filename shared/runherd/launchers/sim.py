@@ -584,6 +584,7 @@ def _fleet_alive(handle: Handle) -> bool:
 
 class SimLauncher(RunLauncher):
     name = "sim"
+    hosts_workers_in_process = True
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         super().__init__(config)
