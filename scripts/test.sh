@@ -11,4 +11,4 @@ bash scripts/ci/dockerd.sh || echo "test.sh: no Docker engine; the Docker tests 
 .venv/bin/mypy
 # Two workers: the machine has 2 cores, and much of the suite waits on real processes and timeouts.
 # Files stay whole on one worker (a fault scenario and its fixtures together).
-exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=25 "$@"
