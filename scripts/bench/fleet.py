@@ -448,14 +448,19 @@ async def probe_heartbeats(fleet: Fleet, stop: asyncio.Event, lags: list[float])
     """Heartbeat lag as a worker sees it: a heartbeat published (for a live run, as its worker's
     would be) until its attempt's last_heartbeat_at (the database's clock at the write) passes the
     send time; one probe every 0.25 s, each on another run."""
+    from runherd import auth
     from runherd.contract import heartbeat_body
 
+    # Signed as the attempt's worker signs it: an unsigned heartbeat is dropped as forged, and the
+    # probe would measure the wait for the worker's own next heartbeat instead (half the interval).
+    key = bytes(await fleet.pool.fetchval("SELECT key FROM runherd_keys WHERE name = 'events'"))
     rng = random.Random(7)
     while not stop.is_set():
         run_id = rng.choice(fleet.run_ids)
         attempt = fleet.attempt_of.get(run_id, 1)
         sent = time.time()
-        await fleet.broker.publish_heartbeat(heartbeat_body(run_id, attempt))
+        token = auth.token(key, auth.WORKER, run_id, attempt)
+        await fleet.broker.publish_heartbeat(heartbeat_body(run_id, attempt), token=token)
         deadline = sent + 10
         while time.time() < deadline:
             seen = await fleet.pool.fetchval(
