@@ -387,6 +387,13 @@ class VirtualWorker:
         try:
             self.check()
             code = await self._work(reporter)
+        except _Stop as stop:
+            silent.set()
+            if not stop.hang:
+                # A killed process's exit is seen at once (a pidfd): the exit is reported before
+                # the channel is closed, which under load takes round trips of a busy loop.
+                self._exited(killed_exit(self.run.run_id, self.run.attempt, stop.code))
+            raise
         finally:
             silent.set()
             with contextlib.suppress(BaseException):
