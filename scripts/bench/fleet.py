@@ -563,7 +563,7 @@ async def steady_window(fleet: Fleet, seconds: float, label: str) -> dict[str, A
     print(
         f"\nheartbeat lag (send -> written) p50 {ms(window['lag_p50'])}, p99 {ms(window['lag_p99'])} "
         f"({len(probes)} probes); heard-through watermark behind by p50 {ms(window['watermark_p50'])}, "
-        f"p99 {ms(window['watermark_p99'])} (runherd_heartbeat_lag_seconds, canaries every ~1 s); "
+        f"p99 {ms(window['watermark_p99'])} (runherd_heartbeat_lag_seconds, canaries every ~0.5 s); "
         f"sweep p50 {ms(sweep50)}, p99 <= {ms(sweep99)} (sum of its rules' p99, {sweeps:.0f} sweeps)"
     )
     print(

@@ -1,6 +1,6 @@
 """Canaries: how the monitor tells "this worker is silent" from "I cannot hear anyone".
 
-Each heartbeat service replica publishes, about once a second, a canary through the real
+Each heartbeat service replica publishes, about twice a second, a canary through the real
 ``runherd.heartbeats`` exchange: a heartbeat body whose ``run_id`` is the nil UUID and whose
 ``attempt`` is a random nonce. Before publishing it asks PostgreSQL for a stamp (the database's time
 now, kept in ``heartbeat_canaries`` beside the nonce; the message carries no time of its own).
@@ -32,7 +32,7 @@ from runherd.store import Store
 log = logging.getLogger("runherd.heartbeat.watermark")
 
 CANARY_RUN_ID = "00000000-0000-0000-0000-000000000000"
-CANARY_SECONDS = 1.0  # the hang rule may fire up to about this much (plus a batch) after the deadline
+CANARY_SECONDS = 0.5  # the hang rule may fire up to about this much (plus a batch) after the deadline
 _NONCES = 2**31 - 1  # a heartbeat's attempt is a positive int32
 
 

@@ -1,6 +1,6 @@
 """Event canaries: the hang rule must not fire while a worker's RUN_SUCCESS is still queued.
 
-Each monitor publishes, about once a second, a canary on ``runherd.events`` with the routing key
+Each monitor publishes, about twice a second, a canary on ``runherd.events`` with the routing key
 ``run.<nil uuid>`` and a nonce in its body; the stamp (the database's time when it was issued) stays
 in ``event_canaries``. The events queue has a single active consumer that applies deliveries in
 order, so once the batch holding a canary is committed, every event published before its stamp is
@@ -28,7 +28,7 @@ log = logging.getLogger("runherd.monitor.watermark")
 
 CANARY_RUN_ID = "00000000-0000-0000-0000-000000000000"
 CANARY_KEY = f"run.{CANARY_RUN_ID}"
-CANARY_SECONDS = 1.0
+CANARY_SECONDS = 0.5
 _NONCES = 2**31 - 1
 
 
