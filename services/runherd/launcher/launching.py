@@ -149,7 +149,7 @@ class LaunchRecorder:
         self._flusher: asyncio.Task[None] | None = None
 
     async def record(self, run_id: str, attempt: int, handle: Handle, launcher: str) -> tuple[RunStatus, int] | None:
-        """The run's status and current attempt once the handle is stored (as record_launch)."""
+        """The run's status and current attempt once the handle is stored ."""
         future: asyncio.Future[tuple[RunStatus, int] | None] = asyncio.get_running_loop().create_future()
         self._pending.append(((run_id, attempt, handle, launcher), future))
         if self._flusher is None or self._flusher.done():

@@ -171,18 +171,11 @@ FROM events
 WHERE run_id = ANY($1::uuid[]) AND type = 'STEP_UP_FOR_RETRY' AND refused IS NULL AND seq IS NOT NULL
 ORDER BY run_id, step_key, (data->>'try')::integer DESC;
 
--- name: record_launch
--- Records the worker's handle and says what became of the run meanwhile (a cancel that arrived
--- while the worker was starting found no handle to stop).
-UPDATE attempts a SET handle = $3, launcher = $4, launched_at = clock_timestamp()
-FROM runs r
-WHERE a.run_id = $1 AND a.attempt = $2 AND r.run_id = a.run_id
-RETURNING r.status, r.attempt AS current_attempt;
-
 -- name: record_launches
--- record_launch for a batch of launches in one statement: $1 run ids, $2 attempts, $3 handles, $4
--- launcher names. Attempts are locked in (run_id, attempt) order, the order every statement locks
--- them in. Returns each recorded attempt with its run's status and current attempt as they are now.
+-- Records the workers' handles of a batch of launches in one statement ($1 run ids, $2 attempts, $3
+-- handles, $4 launcher names) and says what became of each run meanwhile (a cancel that arrived
+-- while the worker was starting found no handle to stop). Attempts are locked in (run_id, attempt)
+-- order, the order every statement locks them in.
 WITH launched AS (
     SELECT DISTINCT ON (run_id, attempt) run_id, attempt, handle, launcher
     FROM unnest($1::uuid[], $2::integer[], $3::jsonb[], $4::text[]) AS x(run_id, attempt, handle, launcher)

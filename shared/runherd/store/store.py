@@ -396,18 +396,11 @@ class Store:
             for r in rows
         ]
 
-    async def record_launch(
-        self, run_id: str, attempt: int, handle: dict[str, Any], launcher: str
-    ) -> tuple[RunStatus, int] | None:
-        """Store the handle; returns the run's status and current attempt as they are now."""
-        row = await self.pool.fetchrow(q("record_launch"), UUID(run_id), attempt, handle, launcher)
-        return None if row is None else (RunStatus(row["status"]), row["current_attempt"])
-
     async def record_launches(
         self, launched: Sequence[tuple[str, int, dict[str, Any], str]]
     ) -> list[tuple[RunStatus, int] | None]:
-        """``record_launch`` for many (run_id, attempt, handle, launcher) in one statement; the
-        results in the same order (None: no such attempt)."""
+        """Store the handles of (run_id, attempt, handle, launcher) in one statement; returns each
+        run's status and current attempt as they are now, in the same order (None: no such attempt)."""
         if not launched:
             return []
         rows = await self.pool.fetch(
