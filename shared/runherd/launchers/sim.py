@@ -48,7 +48,7 @@ import socket
 import threading
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -516,9 +516,9 @@ class Fleet:
         """Run ``fn(*args)`` on the fleet's loop, from any thread."""
         self.loop.call_soon_threadsafe(fn, *args)
 
-    async def run(self, coro: Awaitable[T]) -> T:
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Await ``coro`` on the fleet's loop, from another loop."""
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_awaited(coro), self.loop))
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
     def exited(self, worker: VirtualWorker) -> None:
         wid = worker.plan.worker_id
@@ -544,10 +544,6 @@ class Fleet:
 def _command_all(workers: list[VirtualWorker], action: str) -> None:
     for worker in workers:
         worker.command(action)
-
-
-async def _awaited(coro: Awaitable[T]) -> T:
-    return await coro
 
 
 def _start_loop_thread() -> asyncio.AbstractEventLoop:
