@@ -372,12 +372,20 @@ def _spurious_resumes(report: Report, recorder: Recorder, events: list[dict[str,
                 f"{e['run_id']} attempt {e['attempt']}: {e['message']!r}, yet its worker had reported "
                 f"{reported_end[key]}" + (f" ({decided - spoke:.1f} s before)" if spoke and spoke < decided else ""),
             )
-        elif spoke is not None and spoke > decided + 0.2:
+        elif spoke is not None and spoke > decided + 0.2 and not _on_reported_death(e["message"]):
             report.note(
                 "spurious_resumes",
                 f"{e['run_id']} attempt {e['attempt']}: {e['message']!r}, yet its worker spoke "
                 f"{spoke - decided:.1f} s after the decision",
             )
+
+
+def _on_reported_death(reason: str) -> bool:
+    """Resumed on the launcher's report that the process died (a signal, an exit code): the worker
+    is gone for certain, so words of it that reach the recorder after the decision were sent before
+    it died and were still in flight (a 1 MB event takes seconds to record under load; the decision
+    now comes within ~0.1 s of the kill). Only a resume on silence can take a live worker for dead."""
+    return reason.startswith(("worker crashed: killed by signal", "worker crashed: exit code"))
 
 
 def _by_worker(body: dict[str, Any]) -> bool:
