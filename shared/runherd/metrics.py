@@ -31,7 +31,14 @@ LOOP_LAG = Histogram(
     ["loop"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
 )
-SWEEP_DURATION = Histogram("runherd_sweep_duration_seconds", "One monitor sweep, all rules", ["rule"])
+SWEEP_DURATION = Histogram(
+    "runherd_sweep_duration_seconds", "One rule of a monitor sweep (deadlines: the probe that picks them)", ["rule"]
+)
+SWEEP_SECONDS = Histogram(
+    "runherd_sweep_seconds",
+    "One whole monitor sweep: its deadline probe and every rule it ran",
+    buckets=(0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 DETECTION_LATENCY = Histogram(
     "runherd_detection_latency_seconds",
     "From a worker's exit (or heartbeat deadline) to the monitor's decision",

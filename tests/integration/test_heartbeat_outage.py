@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from runherd.heartbeat.watermark import CANARY_RUN_ID
+from runherd.rules.sweeps import SHORTEST_SLEEP, due_rules, is_deaf, sleep_seconds
 from tests.harness import Env, eventually
 
 TIMEOUT = 4.0  # heartbeat_timeout_seconds of the fast config
@@ -99,15 +100,19 @@ async def test_silent_workers_measures_silence_up_to_where_the_workers_are_heard
     assert (run_id in await _silent(env)) is flagged
 
 
-async def test_next_deadline_sets_no_heartbeat_deadline_while_the_pipeline_is_stale(env: Env) -> None:
+async def test_rule_deadlines_set_no_heartbeat_wakeup_while_the_pipeline_is_stale(env: Env) -> None:
     """Else the sweep loop would wake every 50 ms for a rule that is held."""
     await _run(env, last_seen=10)
     await _replica(env, heard_ago=9, seen_ago=9)
     await _events(env, 0.5)
-    assert await env.store.next_deadline(TIMEOUT, GRACE, 600, 600, 0) is None
+    stale = await env.store.rule_deadlines(TIMEOUT, GRACE, 600, 600, 0)
+    assert is_deaf(stale, TIMEOUT) and due_rules(stale) == []
+    assert sleep_seconds(stale, 0.0, TIMEOUT, 99.0) == 99.0
     await env.store.pool.execute("UPDATE heartbeat_replicas SET heard_through = now() - interval '1 second'")
-    overdue = await env.store.next_deadline(TIMEOUT, GRACE, 600, 600, 0)
-    assert overdue is not None and overdue < 0
+    heard = await env.store.rule_deadlines(TIMEOUT, GRACE, 600, 600, 0)
+    assert heard.heartbeat_timeout is not None and heard.heartbeat_timeout < 0
+    assert due_rules(heard) == ["heartbeat_timeout"]
+    assert sleep_seconds(heard, 0.0, TIMEOUT, 99.0) == SHORTEST_SLEEP
 
 
 async def _event_canary(env: Env) -> int:

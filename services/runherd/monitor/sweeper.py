@@ -3,6 +3,10 @@ SKIP LOCKED, so replicas share the work) and acts on them as a compare-and-set. 
 decided in seconds in the SQL of shared/store/queries.sql: stuck_starting, stuck_canceling,
 over_max_runtime, silent_workers, claim_reaps.
 
+A sweep first reads every rule's deadline in one statement (rule_deadlines) and runs only the rules
+that are due (shared/rules/sweeps.py); the same deadlines tell the loop how long to sleep. In the
+steady state of a large fleet a sweep is that statement and the reap claim.
+
 Decide, commit, then act: a rule's transaction makes its transitions and marks the workers to stop
 (shared/store/kills.py: ``claim``) and commits; only then are workers terminated (by Actions, in
 the background), and each outcome is recorded in its own short transaction. No launcher call (a
@@ -26,6 +30,7 @@ from runherd.launchers import RunLauncher
 from runherd.monitor.actions import Actions
 from runherd.monitor.ingest import crash
 from runherd.monitor.retries import retry_failed_runs
+from runherd.rules.sweeps import Deadlines, due_rules, is_deaf, sleep_seconds
 from runherd.store import Store
 from runherd.store import kills as kill_store
 
@@ -47,24 +52,54 @@ class Sweeper:
         self.launcher = launcher
         self.actions = actions
         self._deaf = False  # the heartbeat pipeline is not heard: the hang rule holds
+        self._deadlines: Deadlines | None = None  # the last sweep's, if it acted on nothing
+        self._read_at = 0.0  # when they were read (monotonic)
 
     async def sweep(self) -> dict[str, int]:
-        """Every rule once; returns how many runs each acted on."""
+        """The rules that are due, once each; returns how many runs each acted on.
+
+        One statement reads every rule's deadline first (shared/rules/sweeps.py); only the rules
+        with a violator then take their locking transaction. The reap claim (one indexed statement)
+        always runs; retries run when a failed run awaits its decision."""
+        began = time.perf_counter()
         rules: dict[str, Callable[[], Awaitable[int]]] = {}
+        deadlines = None
         if self.mon.enabled:
-            rules |= {
+            deadlines = await self._read_deadlines()
+            self._say_if_deaf(deadlines)
+            monitoring = {
                 "start_timeout": self.start_timeout,
                 "cancel_timeout": self.cancel_timeout,
                 "max_runtime": self.max_runtime,
                 "heartbeat_timeout": self.heartbeat_timeout,
             }
-        rules |= {"reap": self.reap, "retries": self.retries}
+            rules |= {name: monitoring[name] for name in due_rules(deadlines)}
+        rules["reap"] = self.reap
+        if deadlines is None or deadlines.retries_pending:
+            rules["retries"] = self.retries
         counts = {}
         for name, rule in rules.items():
-            began = time.perf_counter()
+            started = time.perf_counter()
             counts[name] = await rule()
-            metrics.SWEEP_DURATION.labels(name).observe(time.perf_counter() - began)
+            metrics.SWEEP_DURATION.labels(name).observe(time.perf_counter() - started)
+        # Anything acted on moves the deadlines: the sleep is read afresh, not from this probe.
+        self._deadlines = None if any(counts.values()) else deadlines
+        metrics.SWEEP_SECONDS.observe(time.perf_counter() - began)
         return counts
+
+    async def _read_deadlines(self) -> Deadlines:
+        mon = self.mon
+        began = time.perf_counter()
+        deadlines = await self.store.rule_deadlines(
+            mon.heartbeat_timeout_seconds,
+            self.start_grace,
+            mon.start_timeout_seconds,
+            mon.cancel_timeout_seconds,
+            mon.max_runtime_seconds,
+        )
+        self._read_at = time.monotonic()
+        metrics.SWEEP_DURATION.labels("deadlines").observe(time.perf_counter() - began)
+        return deadlines
 
     async def start_timeout(self) -> int:
         limit = self.mon.start_timeout_seconds
@@ -178,7 +213,6 @@ class Sweeper:
         The deadline alone makes it a crash; the backend is not asked (that would be a remote call
         under the row locks): the termination's outcome says whether the worker was hung or gone."""
         limit = self.mon.heartbeat_timeout_seconds
-        await self._say_if_deaf(limit)
         async with self.store.tx() as tx:
             rows = await tx.violators("silent_workers", float(limit), BATCH, self.start_grace)
             if not rows:
@@ -201,12 +235,12 @@ class Sweeper:
         self.actions.terminate_soon(refs, "no heartbeat (hung or dead)")
         return len(crashed)
 
-    async def _say_if_deaf(self, limit: float) -> None:
+    def _say_if_deaf(self, deadlines: Deadlines) -> None:
         """silent_workers measures silence only up to where the workers are heard (heartbeats written,
         events applied); say when that holds the rule (a stalled heartbeat service, broker or event
         consumer), and when it lets go."""
-        lag = await self.store.heard_lag()
-        deaf = lag is None or lag > limit
+        lag = deadlines.heard_lag
+        deaf = is_deaf(deadlines, self.mon.heartbeat_timeout_seconds)
         if deaf != self._deaf:
             self._deaf = deaf
             if deaf:
@@ -229,27 +263,22 @@ class Sweeper:
         """How long the sweep loop may sleep: until the earliest timeout of any run (plus a little,
         so the row is past it). Timeouts fire on time, not a poll late. A run that appears while we
         sleep cannot fall due sooner than the shortest timeout, so that caps the sleep too (a
-        `runherd/max_runtime` tag shorter than it may fire up to that much late)."""
+        `runherd/max_runtime` tag shorter than it may fire up to that much late). The last sweep's
+        deadlines serve when it acted on nothing; otherwise they are read again."""
         mon = self.mon
         if not mon.enabled:
             return float(mon.poll_interval_seconds)  # only the reap rule and retries run
-        seconds = await self.store.next_deadline(
-            mon.heartbeat_timeout_seconds,
-            self.start_grace,
-            mon.start_timeout_seconds,
-            mon.cancel_timeout_seconds,
-            mon.max_runtime_seconds,
-        )
+        deadlines = self._deadlines
+        if deadlines is None:
+            deadlines = await self._read_deadlines()
         timeouts = [
             mon.poll_interval_seconds,
             mon.heartbeat_timeout_seconds,
             mon.start_timeout_seconds,
             mon.cancel_timeout_seconds,
         ] + ([mon.max_runtime_seconds] if mon.max_runtime_seconds > 0 else [])
-        ceiling = float(min(timeouts))
-        if seconds is None:
-            return ceiling
-        return min(ceiling, max(0.05, seconds + 0.02))
+        elapsed = time.monotonic() - self._read_at
+        return sleep_seconds(deadlines, elapsed, mon.heartbeat_timeout_seconds, float(min(timeouts)))
 
     async def retries(self) -> int:
         """Failed runs with retries left become new runs (services/monitor/retries.py)."""

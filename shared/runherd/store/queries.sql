@@ -495,33 +495,36 @@ SELECT status, count(*) AS n FROM runs
 WHERE status IN ('QUEUED', 'STARTING', 'STARTED', 'CANCELING')
 GROUP BY status;
 
--- name: next_deadline
--- Seconds until the earliest moment any monitor rule could fire, so a sweep can wake right then
--- instead of up to a poll interval late. $1 heartbeat timeout, $2 start grace of a silent attempt,
--- $3 start timeout, $4 cancel timeout, $5 the config's max runtime (0: none).
--- The heartbeat rule measures silence up to the heard-through watermark, so its deadline moves by the
--- watermark's lag; while the pipeline is stale (lag over $1) it cannot fire and sets no deadline.
+-- name: rule_deadlines
+-- Seconds until each monitor rule has a violator (negative: it has one now; NULL: none can), in one
+-- statement (shared/rules/sweeps.py): a sweep runs only the rules that are due and sleeps until the
+-- earliest deadline. Each column is its rule's predicate solved for the time, so it is due exactly
+-- when the rule's query finds a row: silent_workers (silence measured up to the heard-through
+-- watermark, so its deadline moves by the watermark's lag), over_max_runtime (both read in one pass
+-- over the STARTED runs), stuck_starting (up to the event watermark), stuck_canceling.
+-- $1 heartbeat timeout, $2 start grace of a silent attempt, $3 start timeout, $4 cancel timeout,
+-- $5 the config's max runtime (0: none).
 WITH heard AS (
-    SELECT clock_timestamp() - runherd_heard_through() AS lag
-)
-SELECT extract(epoch FROM min(due) - clock_timestamp())::float8 AS seconds
-FROM (
+    SELECT clock_timestamp() AS now, clock_timestamp() - runherd_heard_through() AS lag
+), started AS (
     SELECT min(CASE WHEN a.last_heartbeat_at IS NOT NULL
                     THEN a.last_heartbeat_at + make_interval(secs => $1)
-                    ELSE coalesce(a.launched_at, a.created_at) + make_interval(secs => $2) END) + h.lag AS due
-    FROM heard h, runs r JOIN attempts a ON a.run_id = r.run_id AND a.attempt = r.attempt
-    WHERE r.status = 'STARTED' AND h.lag <= make_interval(secs => $1)
-    GROUP BY h.lag
-    UNION ALL
-    SELECT min(status_changed_at) + make_interval(secs => $3)
-           + (clock_timestamp() - (SELECT applied_through FROM event_watermark))
-    FROM runs WHERE status = 'STARTING'
-    UNION ALL
-    SELECT min(status_changed_at) + make_interval(secs => $4) FROM runs WHERE status = 'CANCELING'
-    UNION ALL
-    SELECT min(started_at + make_interval(secs => coalesce(max_runtime_seconds, $5))) FROM runs
-    WHERE status = 'STARTED' AND coalesce(max_runtime_seconds, $5) > 0
-) deadlines;
+                    ELSE coalesce(a.launched_at, a.created_at) + make_interval(secs => $2) END) AS silent_due,
+           min(r.started_at + make_interval(secs => coalesce(r.max_runtime_seconds, $5)))
+               FILTER (WHERE coalesce(r.max_runtime_seconds, $5) > 0) AS runtime_due
+    FROM runs r JOIN attempts a ON a.run_id = r.run_id AND a.attempt = r.attempt
+    WHERE r.status = 'STARTED'
+)
+SELECT extract(epoch FROM s.silent_due + h.lag - h.now)::float8 AS heartbeat_timeout,
+       extract(epoch FROM s.runtime_due - h.now)::float8 AS max_runtime,
+       extract(epoch FROM (SELECT min(status_changed_at) FROM runs WHERE status = 'STARTING')
+                          + make_interval(secs => $3) - (SELECT applied_through FROM event_watermark))::float8
+           AS start_timeout,
+       extract(epoch FROM (SELECT min(status_changed_at) FROM runs WHERE status = 'CANCELING')
+                          + make_interval(secs => $4) - h.now)::float8 AS cancel_timeout,
+       extract(epoch FROM h.lag)::float8 AS heard_lag,
+       EXISTS (SELECT 1 FROM runs WHERE status = 'FAILURE' AND NOT retried) AS retries_pending
+FROM heard h, started s;
 
 -- name: event_keys
 -- The key that signs worker and launcher tokens, and the one before it (runherd.auth).

@@ -21,6 +21,7 @@ from runherd.auth import Keys
 from runherd.config import redact
 from runherd.contract import ALLOWED_FROM, Launch, RunStatus
 from runherd.errors import NotMigrated, RunherdError
+from runherd.rules.sweeps import Deadlines
 from runherd.store.migrate import SCHEMA_VERSION, current_version
 from runherd.store.queries import dequeue_query, q
 
@@ -552,23 +553,25 @@ class Store:
         rows = await self.pool.fetch(q("count_attempts"), _ids(run_ids))
         return {str(r["run_id"]): r["n"] for r in rows}
 
-    async def next_deadline(
+    async def rule_deadlines(
         self,
         heartbeat_timeout: float,
         start_grace: float,
         start_timeout: float,
         cancel_timeout: float,
         max_runtime: float,
-    ) -> float | None:
-        """Seconds until the earliest rule deadline (negative: overdue); None when nothing is due."""
-        return await self.pool.fetchval(
-            q("next_deadline"),
+    ) -> Deadlines:
+        """Seconds until each monitor rule falls due, and whether retries wait (one statement)."""
+        row = await self.pool.fetchrow(
+            q("rule_deadlines"),
             float(heartbeat_timeout),
             float(start_grace),
             float(start_timeout),
             float(cancel_timeout),
             float(max_runtime),
         )
+        assert row is not None
+        return Deadlines(**dict(row))
 
     async def starting_due(self, start_timeout: float) -> float | None:
         """Seconds until the earliest STARTING run's start deadline (before the watermark's lag)."""
