@@ -100,6 +100,27 @@ async def test_silent_workers_measures_silence_up_to_where_the_workers_are_heard
     assert (run_id in await _silent(env)) is flagged
 
 
+@pytest.mark.parametrize("exited", [False, True], ids=["worker live", "worker exited, run not moved on"])
+@pytest.mark.parametrize(
+    ("replicas", "events", "last_seen", "flagged"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+async def test_the_heartbeat_deadline_is_due_exactly_when_silent_workers_finds_the_run(
+    env: Env, replicas: Replicas, events: float | None, last_seen: float | None, flagged: bool, exited: bool
+) -> None:
+    """A sweep runs the heartbeat rule only when rule_deadlines says it is due, so the two must agree,
+    also for a STARTED run whose current attempt has exited (read by the statement's other path)."""
+    for heard_ago, seen_ago in replicas:
+        await _replica(env, heard_ago, seen_ago)
+    await _events(env, events)
+    await _run(env, last_seen=1)  # a live, healthy neighbour
+    run_id = await _run(env, last_seen=last_seen)
+    if exited:
+        await env.store.pool.execute("UPDATE attempts SET exited_at = now() WHERE run_id = $1", run_id)
+    deadlines = await env.store.rule_deadlines(TIMEOUT, GRACE, 600, 600, 0)
+    assert ("heartbeat_timeout" in due_rules(deadlines)) is flagged, deadlines
+    assert (run_id in await _silent(env)) is flagged
+
+
 async def test_rule_deadlines_set_no_heartbeat_wakeup_while_the_pipeline_is_stale(env: Env) -> None:
     """Else the sweep loop would wake every 50 ms for a rule that is held."""
     await _run(env, last_seen=10)

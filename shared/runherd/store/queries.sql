@@ -502,21 +502,42 @@ GROUP BY status;
 -- when the rule's query finds a row: silent_workers (silence measured up to the heard-through
 -- watermark, so its deadline moves by the watermark's lag), over_max_runtime (both read in one pass
 -- over the STARTED runs), stuck_starting (up to the event watermark), stuck_canceling.
+-- The pass reaches the STARTED runs' attempts through attempts_live (not through every attempt ever
+-- made, which a hash join would read whole); only when some STARTED run's current attempt has
+-- already exited (a worker killed, its run not yet moved on) do all of them take the join that
+-- silent_workers makes (the one-time filter: otherwise that part is not executed at all).
 -- $1 heartbeat timeout, $2 start grace of a silent attempt, $3 start timeout, $4 cancel timeout,
 -- $5 the config's max runtime (0: none).
 WITH heard AS (
     SELECT clock_timestamp() AS now, clock_timestamp() - runherd_heard_through() AS lag
-), started AS (
-    SELECT min(CASE WHEN a.last_heartbeat_at IS NOT NULL
-                    THEN a.last_heartbeat_at + make_interval(secs => $1)
-                    ELSE coalesce(a.launched_at, a.created_at) + make_interval(secs => $2) END) AS silent_due,
-           min(r.started_at + make_interval(secs => coalesce(r.max_runtime_seconds, $5)))
-               FILTER (WHERE coalesce(r.max_runtime_seconds, $5) > 0) AS runtime_due
+), live AS (
+    -- Bare minima per row (this pass is most of a sweep); the intervals are added once, below.
+    SELECT count(*) AS n,
+           min(a.last_heartbeat_at) AS beat,
+           min(coalesce(a.launched_at, a.created_at)) FILTER (WHERE a.last_heartbeat_at IS NULL) AS unheard,
+           min(r.started_at) FILTER (WHERE r.max_runtime_seconds IS NULL) AS untagged,
+           min(r.started_at + r.max_runtime_seconds * interval '1 second')
+               FILTER (WHERE r.max_runtime_seconds > 0) AS tagged
+    FROM runs r JOIN attempts a ON a.run_id = r.run_id AND a.attempt = r.attempt AND a.exited_at IS NULL
+    WHERE r.status = 'STARTED'
+), every AS (
+    SELECT min(a.last_heartbeat_at) AS beat,
+           min(coalesce(a.launched_at, a.created_at)) FILTER (WHERE a.last_heartbeat_at IS NULL) AS unheard,
+           min(r.started_at) FILTER (WHERE r.max_runtime_seconds IS NULL) AS untagged,
+           min(r.started_at + r.max_runtime_seconds * interval '1 second')
+               FILTER (WHERE r.max_runtime_seconds > 0) AS tagged
     FROM runs r JOIN attempts a ON a.run_id = r.run_id AND a.attempt = r.attempt
     WHERE r.status = 'STARTED'
+      AND (SELECT count(*) FROM runs WHERE status = 'STARTED') > (SELECT n FROM live)
+), s AS (
+    SELECT least(l.beat, e.beat) AS beat, least(l.unheard, e.unheard) AS unheard,
+           least(l.untagged, e.untagged) AS untagged, least(l.tagged, e.tagged) AS tagged
+    FROM live l, every e
 )
-SELECT extract(epoch FROM s.silent_due + h.lag - h.now)::float8 AS heartbeat_timeout,
-       extract(epoch FROM s.runtime_due - h.now)::float8 AS max_runtime,
+SELECT extract(epoch FROM least(s.beat + make_interval(secs => $1), s.unheard + make_interval(secs => $2))
+                          + h.lag - h.now)::float8 AS heartbeat_timeout,
+       extract(epoch FROM least(CASE WHEN $5 > 0 THEN s.untagged + make_interval(secs => $5) END, s.tagged)
+                          - h.now)::float8 AS max_runtime,
        extract(epoch FROM (SELECT min(status_changed_at) FROM runs WHERE status = 'STARTING')
                           + make_interval(secs => $3) - (SELECT applied_through FROM event_watermark))::float8
            AS start_timeout,
@@ -524,7 +545,7 @@ SELECT extract(epoch FROM s.silent_due + h.lag - h.now)::float8 AS heartbeat_tim
                           + make_interval(secs => $4) - h.now)::float8 AS cancel_timeout,
        extract(epoch FROM h.lag)::float8 AS heard_lag,
        EXISTS (SELECT 1 FROM runs WHERE status = 'FAILURE' AND NOT retried) AS retries_pending
-FROM heard h, started s;
+FROM heard h, s;
 
 -- name: event_keys
 -- The key that signs worker and launcher tokens, and the one before it (runherd.auth).
