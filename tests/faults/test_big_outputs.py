@@ -32,8 +32,9 @@ def _big(marker: str, size: int, kind: str, expected: str) -> RunSpec:
     run_id = str(uuid.uuid4())
     steps = [
         {"key": "big", "call": "tests.faults.steps:big", "timeout_seconds": 60},
-        # Long enough for the scenario to see `big` completed and kill the worker during this step.
-        {"key": "after", "command": ["sh", "-c", "sleep 4"], "deps": ["big"]},
+        # Long enough for the scenario to see `big` completed and kill the worker during this step,
+        # also when the events are applied seconds late on a loaded machine (4 s was not, at load 20).
+        {"key": "after", "command": ["sh", "-c", "sleep 8"], "deps": ["big"]},
     ]
     env = {"RUNHERD_FAULTS": marker, "FAULT_BIG_BYTES": str(size)}
     tags = {"runherd/max_retries": 0}
