@@ -1,6 +1,7 @@
 """The sim launcher with its fleet in a process of its own (``fleet_process: true``), beyond the
 contract (tests/launchers/test_contract.py runs it as ``sim_process``): when that process dies every
-worker it hosted is reported exited, and closing the launcher stops it."""
+worker it hosted is reported exited, closing the launcher stops it, and it ends with the launcher's
+process."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+
+import orjson
 
 from runherd.launchers.base import Handle, HealthStatus, WorkerExit, WorkerRun
 from runherd.launchers.process import start_time
@@ -79,3 +83,33 @@ async def test_a_killed_fleet_process_reports_every_live_worker_exited(env: harn
 
 async def _async(value: bool) -> bool:
     return value
+
+
+LAUNCHER = """
+import asyncio, sys, orjson
+from runherd.launchers.base import WorkerRun
+from runherd.launchers.sim import SimLauncher
+
+async def main():
+    launcher = SimLauncher({"amqp_url": sys.argv[1], "fleet_process": True})
+    run = WorkerRun(run_id="r-1", attempt=1, job="orphan", env={"RUNHERD_SIM_OUTCOME": "wait"})
+    print(orjson.dumps(await launcher.launch(run)).decode(), flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_the_fleet_process_ends_with_the_launchers_process(env: harness.Env) -> None:
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LAUNCHER, env.amqp_url, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert parent.stdout is not None
+        handle = orjson.loads(await asyncio.wait_for(parent.stdout.readline(), 30))
+        child = handle["fleet_pid"]
+        assert child != parent.pid and start_time(child) == handle["fleet_started"]
+    finally:
+        parent.kill()
+        await parent.wait()
+    await _until(lambda: _async(start_time(child) is None), 10, "the orphaned fleet process to exit")

@@ -361,13 +361,14 @@ _STARTING: asyncio.Task[FleetProcess] | None = None
 
 
 def current() -> FleetProcess | None:
-    """The live fleet process of this loop, if one was started."""
+    """The live fleet process of this loop, if one was started (and is not being stopped: a launch
+    then starts another)."""
     found = _CURRENT
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return None
-    return found if found is not None and found.alive and found.loop is loop else None
+    return found if found is not None and found.alive and not found.closing and found.loop is loop else None
 
 
 async def shared() -> FleetProcess:
@@ -397,8 +398,10 @@ async def _start() -> FleetProcess:
 
 
 def _abandon(old: FleetProcess | None) -> None:
-    """A fleet process left by a loop that is gone (its launchers never closed): killed."""
-    if old is not None and old.alive and start_time(old.pid) == old.started:
+    """A fleet process left by another loop (its launchers never closed): killed."""
+    if old is None or old.loop is asyncio.get_running_loop():
+        return  # gone, or being closed by this loop's launchers
+    if old.alive and start_time(old.pid) == old.started:
         log.warning("sim: fleet process %d was left by another event loop; killed", old.pid)
         with contextlib.suppress(ProcessLookupError):
             os.kill(old.pid, signal.SIGKILL)
