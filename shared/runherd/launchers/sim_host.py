@@ -287,6 +287,7 @@ class FleetProcess:
                     self._dispatch(message)
         except Exception:
             log.exception("sim: fleet %s (process %d): unreadable message; the fleet is given up", self.id, self.pid)
+            self.writer.close()  # the fleet process sees its socket close and exits
         await self._lost()
 
     def _dispatch(self, message: dict[str, Any]) -> None:
