@@ -121,17 +121,18 @@ class Service:
     proc: subprocess.Popen[bytes]
     port: int
     loop: str
+    pid: int = 0  # another process than ``proc`` (the launcher's sim fleet process), with no port
 
     def cpu_seconds(self) -> float:
         try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
+            with open(f"/proc/{self.pid or self.proc.pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             return math.nan
         return (int(fields[11]) + int(fields[12])) / TICKS
 
     def rss_mb(self) -> float:
-        with contextlib.suppress(OSError), open(f"/proc/{self.proc.pid}/status") as f:
+        with contextlib.suppress(OSError), open(f"/proc/{self.pid or self.proc.pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) / 1024
@@ -139,6 +140,8 @@ class Service:
 
     def scrape(self) -> dict[str, float]:
         """The process's Prometheus samples, ``name{labels}`` -> value."""
+        if not self.port:
+            return {}
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
                 text = response.read().decode()
@@ -184,6 +187,7 @@ class Fleet:
                     "step_seconds": self.s.step_seconds,
                     "workers_per_connection": self.s.workers_per_connection,
                     "terminate_grace_seconds": 2,
+                    "fleet_process": True,
                 },
             },
         }
@@ -223,6 +227,11 @@ class Fleet:
             service.proc.wait(timeout=10)
         self.services.remove(service)
 
+    def fleet_processes(self) -> list[Service]:
+        """The launcher's sim fleet process (``fleet_process: true``), a row of its own."""
+        launchers = self.live("launcher")
+        return [Service("sim fleet", "fleet", s.proc, 0, s.loop, pid=pid) for s in launchers for pid in children(s)]
+
     def live(self, verb: str) -> list[Service]:
         return [s for s in self.services if s.verb == verb and s.proc.poll() is None]
 
@@ -251,6 +260,15 @@ class Fleet:
     async def command(self, action: str, run_ids: list[str] | None) -> float:
         await self.broker.publish(sim.CONTROL_EXCHANGE, "", sim.command_body(action, run_ids), persistent=False)
         return time.time()
+
+
+def children(service: Service) -> list[int]:
+    pids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{service.proc.pid}/task"):
+            with open(f"/proc/{service.proc.pid}/task/{task}/children") as f:
+                pids += [int(pid) for pid in f.read().split()]
+    return pids
 
 
 async def wait_until(what: str, check: Any, timeout: float, fleet: Fleet, interval: float = 0.2) -> Any:
@@ -489,7 +507,7 @@ def loop_lags(
 
 
 async def steady_window(fleet: Fleet, seconds: float, label: str) -> dict[str, Any]:
-    services = list(fleet.services)
+    services = [*fleet.services, *fleet.fleet_processes()]
     probes: list[float] = []
     stop_probe = asyncio.Event()
     prober = asyncio.ensure_future(probe_heartbeats(fleet, stop_probe, probes))

@@ -104,16 +104,19 @@ async def _handle(readiness: Readiness, reader: asyncio.StreamReader, writer: as
 LOOP_PROBE_SECONDS = 0.25
 
 
-async def watch_loop_lag(name: str = "main", interval: float = LOOP_PROBE_SECONDS) -> None:
+async def watch_loop_lag(
+    name: str = "main", interval: float = LOOP_PROBE_SECONDS, observe: Callable[[float], None] | None = None
+) -> None:
     """Observe how late a timer fires (``runherd_event_loop_lag_seconds``): every await of the
     process waits that long behind other callbacks, so a loop saturated by its own work shows here
-    before it shows as slow database or broker calls."""
+    before it shows as slow database or broker calls. ``observe``: where each sample goes instead
+    (a sim fleet process sends them to the launcher, whose /metrics shows them)."""
     loop = asyncio.get_running_loop()
-    histogram = metrics.LOOP_LAG.labels(name)
+    record = observe or metrics.LOOP_LAG.labels(name).observe
     while True:
         due = loop.time() + interval
         await asyncio.sleep(interval)
-        histogram.observe(max(0.0, loop.time() - due))
+        record(max(0.0, loop.time() - due))
 
 
 async def serve(port: int, readiness: Readiness, host: str = "0.0.0.0") -> asyncio.Server:

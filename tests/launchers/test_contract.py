@@ -7,7 +7,8 @@ launcher of one's own is checked by adding a backend to ``BACKENDS``, as the REA
 
 Workers here are tiny Python commands (``WorkerRun.command``), not ``runherd worker``: the contract
 is about starting, stopping and watching a process, not about what it does. The sim launcher's
-virtual workers (no process) get the same script through their ``RUNHERD_SIM_*`` env instead.
+virtual workers (no process) get the same script through their ``RUNHERD_SIM_*`` env instead, with
+the fleet in a thread of the test's process (``sim``) and in a process of its own (``sim_process``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiodocker
 import orjson
@@ -43,7 +45,8 @@ k8s_launcher_factory = k8s_fixtures.k8s_launcher_factory
 
 PY = sys.executable
 # "custom" is examples/custom_launcher.py, the README's launcher of one's own: it holds the contract too.
-BACKENDS = ["process", "docker", "kubernetes", "custom", "sim"]
+# "sim_process" is the sim launcher with its fleet in a child process (``fleet_process: true``).
+BACKENDS = ["process", "docker", "kubernetes", "custom", "sim", "sim_process"]
 # A worker that says it is up, exits 143 on SIGTERM (Python as a container's PID 1 would otherwise
 # ignore it) and otherwise sleeps until the file argv[1] exists, then exits with argv[2].
 WORKER = """
@@ -90,6 +93,7 @@ class Backend:
     build: Callable[[], Awaitable[RunLauncher]]
     vanish: Callable[[RunLauncher, Handle], Awaitable[None]]  # the backend forgets an exited worker
     forge: Callable[[Handle], Handle]  # a handle naming a worker that does not exist
+    sim_config: dict[str, Any] = field(default_factory=dict)  # the sim launcher's config
     launchers: list[RunLauncher] = field(default_factory=list)
     watchers: list[Exits] = field(default_factory=list)
 
@@ -106,7 +110,7 @@ class Backend:
 
     def printing(self, text: str, code: int) -> WorkerRun:
         """A worker that prints ``text`` and the env's CONTRACT ("<text> yes"), then exits with ``code``."""
-        if self.name == "sim":
+        if self.name.startswith("sim"):
             outcome = {"RUNHERD_SIM_OUTCOME": "succeed" if code == 0 else "crash", "RUNHERD_SIM_EXIT_CODE": str(code)}
             return self._sim_run({"RUNHERD_SIM_SAY": f"{text} yes", **outcome})
         script = f"import os, sys; print({text!r}, os.environ['CONTRACT'], flush=True); sys.exit({code})"
@@ -114,11 +118,11 @@ class Backend:
 
     def waiting_worker(self) -> tuple[WorkerRun, Callable[[], Awaitable[None]]]:
         """A worker that prints "worker up" and runs until the returned release is awaited, then exits 0."""
-        if self.name == "sim":
+        if self.name.startswith("sim"):
             run = self._sim_run({"RUNHERD_SIM_SAY": "worker up", "RUNHERD_SIM_OUTCOME": "wait"})
 
             async def command() -> None:
-                assert SimLauncher({}).command("succeed", [run.run_id]) == 1
+                assert SimLauncher(self.sim_config).command("succeed", [run.run_id]) == 1
 
             return run, command
         flag = self.tmp / f"exit-{uuid.uuid4().hex[:8]}"
@@ -191,8 +195,8 @@ def _kubernetes(tmp: Path, factory: LauncherFactory, emulator: K8sEmulator) -> B
     return Backend("kubernetes", tmp, build, vanish, forge)
 
 
-def _sim(tmp: Path, amqp_url: str) -> Backend:
-    config = {"amqp_url": amqp_url, "step_seconds": 0.05, "terminate_grace_seconds": 2}
+def _sim(tmp: Path, amqp_url: str, *, fleet_process: bool = False) -> Backend:
+    config = {"amqp_url": amqp_url, "step_seconds": 0.05, "terminate_grace_seconds": 2, "fleet_process": fleet_process}
 
     async def build() -> RunLauncher:
         return SimLauncher(config)
@@ -203,12 +207,19 @@ def _sim(tmp: Path, amqp_url: str) -> Backend:
     def forge(handle: Handle) -> Handle:
         return {**handle, "worker_id": "no-such-worker"}
 
-    return Backend("sim", tmp, build, vanish, forge)
+    return Backend("sim_process" if fleet_process else "sim", tmp, build, vanish, forge, sim_config=config)
 
 
 @pytest.fixture
 async def sim_backend(tmp_path: Path, env: harness.Env) -> AsyncIterator[Backend]:
     made = _sim(tmp_path, env.amqp_url)
+    yield made
+    await made.close()
+
+
+@pytest.fixture
+async def sim_process_backend(tmp_path: Path, env: harness.Env) -> AsyncIterator[Backend]:
+    made = _sim(tmp_path, env.amqp_url, fleet_process=True)
     yield made
     await made.close()
 

@@ -22,18 +22,23 @@ Connections: by default each virtual worker opens its own RabbitMQ connection, a
 does, so a load test pays the broker's real cost. ``workers_per_connection: N`` makes up to N
 workers share one connection, each on a channel of its own (what workers on one host could do).
 
-The workers live in the launcher service's process: a handle names that process (``fleet``), only
-it can reach them (a monitor elsewhere sends the ``kill`` request, as for another host's workers),
-and when the process is gone so are they (``check_health`` says NOT_FOUND, ``adopt`` reports them
-exited).
+The workers live in the launcher service's process, or in a child process of it with
+``fleet_process: true``: a handle names that process (``fleet``, its pid and start time), only the
+launcher service can reach them (a monitor elsewhere sends the ``kill`` request, as for another
+host's workers), and when the process is gone so are they (``check_health`` says NOT_FOUND, ``adopt``
+reports them exited; a fleet process that dies has its live workers reported exited through
+``watch()`` at once).
 
-The fleet runs on an event loop of its own, in a thread of that process (``runherd-sim-fleet``).
-Thousands of workers make thousands of callbacks per loop iteration (10,000 workers publish 2,000
-heartbeats a second); on the launcher's loop every await of the launch path would wait behind them
-(the timer lag measured 0.25 s to 2 s at 5,000 workers), and the launch rate would fall as the fleet
-grew. On its own loop the fleet only shares the interpreter (the GIL switches every 5 ms), so the
-launcher it tests is measured, not the loop it shares. Everything that touches a worker's asyncio
-state runs on the fleet's loop; the launcher's loop hears exits through its own queue.
+By default the fleet runs on an event loop of its own, in a thread of that process
+(``runherd-sim-fleet``). Thousands of workers make thousands of callbacks per loop iteration (10,000
+workers publish 2,000 heartbeats a second); on the launcher's loop every await of the launch path
+would wait behind them (the timer lag measured 0.25 s to 2 s at 5,000 workers), and the launch rate
+would fall as the fleet grew. Everything that touches a worker's asyncio state runs on the fleet's
+loop; the launcher's loop hears exits through its own queue. On its own loop the fleet still shares
+the interpreter (the GIL): at 10,000 workers the launcher's intake of a launch storm took 18.7 s
+instead of 0.08 s. ``fleet_process: true`` moves the fleet (the same ``Fleet``, ``VirtualWorker`` and
+``Connections``) to a child process, ``runherd.launchers.sim_host``, which the first launch starts and
+``close`` stops; the launcher talks to it over a socketpair (see that module).
 """
 
 from __future__ import annotations
@@ -56,8 +61,10 @@ import orjson
 
 from runherd.broker import Broker
 from runherd.errors import ConfigError, InvalidMessage, LaunchError
+from runherd.launchers import sim_host
 from runherd.launchers.base import Handle, Health, HealthStatus, RunLauncher, WorkerExit, WorkerRun
 from runherd.launchers.process import start_time
+from runherd.launchers.sim_host import FleetGone, FleetProcess
 from runherd.plan import Plan, from_json, ready
 from runherd.probes import watch_loop_lag
 from runherd.reporting import HeartbeatSink, Reporter
@@ -77,6 +84,7 @@ _KEYS = {
     "seed",
     "terminate_grace_seconds",
     "amqp_url",
+    "fleet_process",
 }
 EXIT_FAILURE = 1  # the real worker's codes
 EXIT_REPORT_FAILED = 3
@@ -119,6 +127,7 @@ class SimConfig:
     seed: int | None = None
     terminate_grace_seconds: float = 10.0
     amqp_url: str | None = None  # default: the worker's broker URL, from its plan
+    fleet_process: bool = False  # the fleet in a child process (runherd.launchers.sim_host)
 
 
 def parse_config(raw: Mapping[str, Any]) -> SimConfig:
@@ -145,6 +154,9 @@ def parse_config(raw: Mapping[str, Any]) -> SimConfig:
     url = raw.get("amqp_url")
     if url is not None and not isinstance(url, str):
         raise ConfigError("run_launcher.config.amqp_url: expected a string")
+    in_process = raw.get("fleet_process", False)
+    if not isinstance(in_process, bool):
+        raise ConfigError("run_launcher.config.fleet_process: expected true or false")
     return SimConfig(
         step_seconds=number("step_seconds", 1.0),
         workers_per_connection=per_connection,
@@ -154,6 +166,7 @@ def parse_config(raw: Mapping[str, Any]) -> SimConfig:
         seed=seed,
         terminate_grace_seconds=number("terminate_grace_seconds", 10.0),
         amqp_url=url,
+        fleet_process=in_process,
     )
 
 
@@ -489,10 +502,20 @@ class VirtualWorker:
 
 
 class Fleet:
-    """Every virtual worker of this process, whichever launcher instance started it."""
+    """Every virtual worker of this process, whichever launcher instance started it.
 
-    def __init__(self) -> None:
-        self.id = uuid.uuid4().hex[:12]
+    In the launcher's process its loop is a thread's (``loop``) and an exit goes to the launchers
+    that own the worker; in a fleet process (``sim_host``) it is that process's running loop and an
+    exit goes to ``on_exit``, which sends it to the launcher."""
+
+    def __init__(
+        self,
+        fleet_id: str | None = None,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        on_exit: Callable[[VirtualWorker], None] | None = None,
+    ) -> None:
+        self.id = fleet_id or uuid.uuid4().hex[:12]
         self.pid = os.getpid()
         self.started = start_time(self.pid)
         self.host = socket.gethostname()
@@ -501,8 +524,9 @@ class Fleet:
         self.done: OrderedDict[str, VirtualWorker] = OrderedDict()
         self.rng = random.Random()
         self.connections = Connections(1)
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop = loop
         self._lock = threading.Lock()
+        self.on_exit = on_exit
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -530,10 +554,27 @@ class Fleet:
         assert worker.exit is not None
         for owner in list(worker.owners):  # a copy: launchers on another thread add themselves
             owner.deliver(worker.exit)
+        if self.on_exit is not None:
+            self.on_exit(worker)
 
     def find(self, handle: Handle) -> VirtualWorker | None:
         wid = str(handle.get("worker_id"))
         return self.live.get(wid) or self.done.get(wid)
+
+    def add(
+        self,
+        run: WorkerRun,
+        plan: Plan,
+        handle: Handle,
+        script: Directives,
+        cfg: SimConfig,
+        owners: Iterable[SimLauncher] = (),
+    ) -> VirtualWorker:
+        """A new worker, live from now on; ``start`` begins its life (on the fleet's loop)."""
+        worker = VirtualWorker(self, run, plan, handle, script, cfg, owners=set(owners))
+        self.live[plan.worker_id] = worker
+        self.by_attempt[(run.run_id, run.attempt)] = worker
+        return worker
 
     def command(self, action: str, run_ids: set[str] | None) -> int:
         targets = [w for w in list(self.live.values()) if run_ids is None or w.run.run_id in run_ids]
@@ -580,9 +621,78 @@ def fleet() -> Fleet:
     return _FLEET
 
 
+def configure_fleet(where: Fleet, cfg: SimConfig) -> None:
+    """A launcher's fleet-wide settings: the rates' seed, and how workers share connections (which
+    changes only while no worker lives)."""
+    if cfg.seed is not None:
+        where.rng.seed(cfg.seed)
+    if cfg.workers_per_connection != where.connections.per_connection and not where.live:
+        where.connections = Connections(cfg.workers_per_connection)
+
+
+def prepare(run: WorkerRun, worker_id: str | None = None) -> tuple[Plan, Directives, str]:
+    """A launch's plan (with its worker id), its script and its worker id; LaunchError if bad."""
+    try:
+        script = directives(run.env)
+        plan = (
+            from_json(run.plan)
+            if run.plan
+            else Plan(run_id=run.run_id, attempt=run.attempt, job=run.job, steps=(), worker_id=run.worker_id)
+        )
+    except (InvalidMessage, KeyError, TypeError, ValueError) as exc:
+        raise LaunchError(f"sim: {exc}") from exc
+    worker_id = worker_id or plan.worker_id or run.worker_id or uuid.uuid4().hex[:12]
+    if plan.worker_id != worker_id:
+        plan = dataclasses.replace(plan, worker_id=worker_id)
+    return plan, script, worker_id
+
+
+async def stop_workers(where: Fleet, workers: list[VirtualWorker]) -> None:
+    """On the fleet's loop: the workers of a launcher that closes end with it (its process would),
+    and are forgotten (no exit is reported: nobody is left to hear it)."""
+    tasks = [w.task for w in workers if w.task is not None]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for worker in workers:
+        where.live.pop(worker.plan.worker_id, None)
+        where.by_attempt.pop((worker.run.run_id, worker.run.attempt), None)
+
+
 def _fleet_alive(handle: Handle) -> bool:
     pid = handle.get("fleet_pid")
     return isinstance(pid, int) and start_time(pid) is not None and start_time(pid) == handle.get("fleet_started")
+
+
+def _handle(where: Fleet | FleetProcess, worker_id: str, run: WorkerRun) -> Handle:
+    """It names the process that hosts the worker: only that process can reach it."""
+    return {
+        "launcher": SimLauncher.name,
+        "host": where.host,
+        "fleet": where.id,
+        "fleet_pid": where.pid,
+        "fleet_started": where.started,
+        "worker_id": worker_id,
+        "run_id": run.run_id,
+        "attempt": run.attempt,
+    }
+
+
+def _gone_exit(handle: Handle) -> WorkerExit:
+    return WorkerExit(
+        str(handle.get("run_id")),
+        int(handle.get("attempt") or 0),
+        None,
+        reason="exited",
+        message="its sim fleet (the process that hosted it) is gone",
+    )
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class SimLauncher(RunLauncher):
@@ -592,68 +702,78 @@ class SimLauncher(RunLauncher):
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         super().__init__(config)
         self.cfg = parse_config(self.config)
+        self.hostname = socket.gethostname()
+        # The thread fleet is this process's; a fleet process is started by the first launch.
         self.fleet = fleet()
-        if self.cfg.seed is not None:
-            self.fleet.rng.seed(self.cfg.seed)
-        if self.cfg.workers_per_connection != self.fleet.connections.per_connection and not self.fleet.live:
-            self.fleet.connections = Connections(self.cfg.workers_per_connection)
+        if not self.cfg.fleet_process:
+            configure_fleet(self.fleet, self.cfg)
         self.exits: asyncio.Queue[WorkerExit] = asyncio.Queue()
         self._home: asyncio.AbstractEventLoop | None = None  # the loop that reads ``exits``
         self._control: asyncio.Task[None] | None = None
+        self._process: FleetProcess | None = None  # the fleet process it launched into or adopted from
 
     def deliver(self, exit_: WorkerExit) -> None:
-        """From the fleet's thread: an exit for ``watch()``, on this launcher's own loop."""
-        if self._home is None or self._home.is_closed():
+        """An exit for ``watch()``, on this launcher's own loop: from the fleet's thread, or from
+        the reader of the fleet process (on this loop)."""
+        home = self._home
+        if home is None or home.is_closed():
+            return
+        if _running_loop() is home:
+            self.exits.put_nowait(exit_)
             return
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is watching
-            self._home.call_soon_threadsafe(self.exits.put_nowait, exit_)
+            home.call_soon_threadsafe(self.exits.put_nowait, exit_)
+
+    def _where(self, handle: Handle) -> Fleet | FleetProcess | None:
+        """The fleet of this process that hosts the handle's worker, if any."""
+        if not self.cfg.fleet_process:
+            return self.fleet if handle.get("fleet") == self.fleet.id else None
+        process = sim_host.current()
+        return process if process is not None and handle.get("fleet") == process.id else None
 
     # --- the interface ---------------------------------------------------------------------
 
     async def launch(self, run: WorkerRun) -> Handle:
         self._home = asyncio.get_running_loop()
+        if self.cfg.fleet_process:
+            return await self._launch_into_process(run)
         existing = self.fleet.by_attempt.get((run.run_id, run.attempt))
         if existing is not None:  # a second claim of one attempt adopts its worker
             existing.owners.add(self)
             return existing.handle
-        try:
-            script = directives(run.env)
-            plan = (
-                from_json(run.plan)
-                if run.plan
-                else Plan(run_id=run.run_id, attempt=run.attempt, job=run.job, steps=(), worker_id=run.worker_id)
-            )
-        except (InvalidMessage, KeyError, TypeError, ValueError) as exc:
-            raise LaunchError(f"sim: {exc}") from exc
+        plan, script, worker_id = prepare(run)
         self._follow_commands(self.cfg.amqp_url or plan.amqp_url or run.env.get("RUNHERD_AMQP_URL"))
-        worker_id = plan.worker_id or run.worker_id or uuid.uuid4().hex[:12]
-        if not plan.worker_id:
-            plan = dataclasses.replace(plan, worker_id=worker_id)
-        handle: Handle = {
-            "launcher": self.name,
-            "host": self.fleet.host,
-            "fleet": self.fleet.id,
-            "fleet_pid": self.fleet.pid,
-            "fleet_started": self.fleet.started,
-            "worker_id": worker_id,
-            "run_id": run.run_id,
-            "attempt": run.attempt,
-        }
-        worker = VirtualWorker(self.fleet, run, plan, handle, script, self.cfg, owners={self})
-        self.fleet.live[worker_id] = worker
-        self.fleet.by_attempt[(run.run_id, run.attempt)] = worker
+        handle = _handle(self.fleet, worker_id, run)
+        worker = self.fleet.add(run, plan, handle, script, self.cfg, owners={self})
         self.fleet.soon(worker.start)
         return handle
 
+    async def _launch_into_process(self, run: WorkerRun) -> Handle:
+        """No round trip: the handle is made here and the launch sent with this loop iteration's."""
+        process = self._process = await sim_host.shared()
+        existing = process.by_attempt.get((run.run_id, run.attempt))
+        if existing is not None:  # a second claim of one attempt adopts its worker
+            process.attach(self)
+            existing.owners.add(self)
+            return existing.handle
+        plan, _, worker_id = prepare(run)
+        self._follow_commands(self.cfg.amqp_url or plan.amqp_url or run.env.get("RUNHERD_AMQP_URL"))
+        handle = _handle(process, worker_id, run)
+        process.launch(self, run, worker_id, handle)
+        return handle
+
     def can_reach(self, handle: Handle) -> bool:
-        return handle.get("fleet") == self.fleet.id
+        return self._where(handle) is not None
 
     async def check_health(self, handle: Handle) -> Health:
-        if handle.get("fleet") != self.fleet.id:
-            if handle.get("host") == self.fleet.host and not _fleet_alive(handle):
+        where = self._where(handle)
+        if where is None:
+            if handle.get("host") == self.hostname and not _fleet_alive(handle):
                 return Health(HealthStatus.NOT_FOUND, message="its sim fleet (process) is gone")
             return Health(HealthStatus.UNKNOWN, message=f"the worker lives in sim fleet {handle.get('fleet')}")
-        worker = self.fleet.find(handle)
+        if isinstance(where, FleetProcess):
+            return where.health(str(handle.get("worker_id")))
+        worker = where.find(handle)
         if worker is None:
             return Health(HealthStatus.NOT_FOUND, message=f"no virtual worker {handle.get('worker_id')}")
         if worker.exit is None:
@@ -663,18 +783,33 @@ class SimLauncher(RunLauncher):
         return Health(status, exit_code=code, reason=worker.exit.reason, message=worker.exit.message)
 
     async def terminate(self, handle: Handle, *, grace_seconds: float | None = None) -> bool:
-        worker = self.fleet.find(handle) if handle.get("fleet") == self.fleet.id else None
+        where = self._where(handle)
+        grace = self.cfg.terminate_grace_seconds if grace_seconds is None else grace_seconds
+        if isinstance(where, FleetProcess):
+            if str(handle.get("worker_id")) not in where.live:
+                return False
+            try:
+                return bool(await where.request("terminate", worker_id=handle.get("worker_id"), grace=grace))
+            except FleetGone:  # it went with its process (and was reported exited)
+                return True
+        worker = where.find(handle) if where is not None else None
         if worker is None or worker.exit is not None:
             return False
-        grace = self.cfg.terminate_grace_seconds if grace_seconds is None else grace_seconds
         await self.fleet.run(worker.terminate(grace))
         return True
 
     async def debug_info(self, handle: Handle) -> str:
-        worker = self.fleet.find(handle) if handle.get("fleet") == self.fleet.id else None
-        if worker is None:
+        where = self._where(handle)
+        text: str | None = None
+        if isinstance(where, FleetProcess):
+            with contextlib.suppress(FleetGone):
+                text = await where.request("debug", worker_id=handle.get("worker_id"))
+        elif where is not None:
+            worker = where.find(handle)
+            text = None if worker is None else "\n".join(list(worker.lines))
+        if text is None:
             return f"(virtual worker {handle.get('worker_id')} of sim fleet {handle.get('fleet')}: not in this process)"
-        return "\n".join(list(worker.lines))
+        return text
 
     def watch(self) -> AsyncIterator[WorkerExit]:
         return self._watch()
@@ -686,38 +821,37 @@ class SimLauncher(RunLauncher):
     async def adopt(self, handles: list[Handle]) -> None:
         self._home = asyncio.get_running_loop()
         for handle in handles:
-            if handle.get("fleet") == self.fleet.id:
-                worker = self.fleet.find(handle)
+            where = self._where(handle)
+            if isinstance(where, FleetProcess):
+                self._process = where
+                exit_ = where.adopt(self, str(handle.get("worker_id")))
+                if exit_ is not None:
+                    self.exits.put_nowait(exit_)
+            elif where is not None:
+                worker = where.find(handle)
                 if worker is not None and worker.exit is not None:
                     self.exits.put_nowait(worker.exit)
                 elif worker is not None:
                     worker.owners.add(self)
-            elif handle.get("host") == self.fleet.host and not _fleet_alive(handle):
-                self.exits.put_nowait(
-                    WorkerExit(
-                        str(handle.get("run_id")),
-                        int(handle.get("attempt") or 0),
-                        None,
-                        reason="exited",
-                        message="its sim fleet (the launcher process that hosted it) is gone",
-                    )
-                )
+            elif handle.get("host") == self.hostname and not _fleet_alive(handle):
+                self.exits.put_nowait(_gone_exit(handle))
 
     async def close(self) -> None:
         if self._control is not None:
             self._control.cancel()
             with contextlib.suppress(BaseException):
                 await self._control
+        if self._process is not None:
+            process, self._process = self._process, None
+            await process.release(self)
+            return
         orphans = []
         for worker in list(self.fleet.live.values()):
             worker.owners.discard(self)
             if not worker.owners:
                 orphans.append(worker)
         if orphans:
-            await self.fleet.run(_stop_all(orphans))
-        for worker in orphans:
-            self.fleet.live.pop(worker.plan.worker_id, None)
-            self.fleet.by_attempt.pop((worker.run.run_id, worker.run.attempt), None)
+            await self.fleet.run(stop_workers(self.fleet, orphans))
 
     # --- commands ---------------------------------------------------------------------------
 
@@ -725,7 +859,13 @@ class SimLauncher(RunLauncher):
         """Tell live workers of this process to succeed, fail, crash or hang; returns how many."""
         if action not in ACTIONS:
             raise InvalidMessage(f"sim: action: expected one of {', '.join(ACTIONS)}")
-        return self.fleet.command(action, None if run_ids is None else set(run_ids))
+        return self._command(action, None if run_ids is None else set(run_ids))
+
+    def _command(self, action: str, run_ids: set[str] | None) -> int:
+        if not self.cfg.fleet_process:
+            return self.fleet.command(action, run_ids)
+        process = sim_host.current()
+        return 0 if process is None else process.command(action, run_ids)
 
     def _follow_commands(self, url: str | None) -> None:
         if self._control is None and url:
@@ -744,7 +884,7 @@ class SimLauncher(RunLauncher):
                     except (InvalidMessage, orjson.JSONDecodeError) as exc:
                         log.warning("sim: command ignored: %s", exc)
                         continue
-                    count = self.fleet.command(action, run_ids)
+                    count = self._command(action, run_ids)
                     log.info("sim: %s sent to %d virtual workers", action, count)
             except asyncio.CancelledError:
                 raise
@@ -754,11 +894,3 @@ class SimLauncher(RunLauncher):
             finally:
                 if broker is not None:
                     await broker.close()
-
-
-async def _stop_all(workers: list[VirtualWorker]) -> None:
-    """On the fleet's loop: the workers of a launcher that closes end with it (its process would)."""
-    tasks = [w.task for w in workers if w.task is not None]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
