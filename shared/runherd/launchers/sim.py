@@ -93,6 +93,11 @@ SIGKILL = 9
 MAX_EXITS_KEPT = 20_000
 LOG_LINES = 40
 CONNECT_TRIES = 4
+# Workers opening their connection or channel at once. A storm hands the fleet hundreds of launches
+# in one go (a fleet process gets them in batches); opened all at once, the handshakes and channel
+# opens queue behind each other past RabbitMQ's 10 s handshake timeout, connections are reset, and
+# every worker on them goes silent. Bounded, a storm's workers connect at the broker's pace.
+OPENING_AT_ONCE = 16
 CONNECT_BACKOFF_SECONDS = 2.0
 
 
@@ -242,6 +247,7 @@ class Connections:
     def __init__(self, per_connection: int) -> None:
         self.per_connection = per_connection
         self._open: dict[str, list[_Connection]] = {}
+        self._opening = asyncio.Semaphore(OPENING_AT_ONCE)
 
     async def channel(self, url: str) -> tuple[Broker, HeartbeatSink, Callable[[], Awaitable[None]]]:
         """(the worker's events channel, its heartbeats channel, what releases both). A connection
@@ -250,7 +256,8 @@ class Connections:
         every worker that was to share it."""
         for try_ in range(1, CONNECT_TRIES + 1):
             try:
-                return await self._channel(url)
+                async with self._opening:
+                    return await self._channel(url)
             except Exception:  # BrokerError, or a channel that could not be opened
                 if try_ == CONNECT_TRIES:
                     raise
