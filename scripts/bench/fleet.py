@@ -80,10 +80,12 @@ class Settings:
     fault_count: int
     compare_loops: bool
     ci: bool
+    fleet_process: bool = True
 
 
 def settings(args: argparse.Namespace) -> Settings:
     made = _settings(args)
+    made.fleet_process = not args.fleet_in_thread
     if args.heartbeat_interval:
         made.heartbeat_interval = args.heartbeat_interval
     if args.heartbeat_timeout:
@@ -187,7 +189,7 @@ class Fleet:
                     "step_seconds": self.s.step_seconds,
                     "workers_per_connection": self.s.workers_per_connection,
                     "terminate_grace_seconds": 2,
-                    "fleet_process": True,
+                    "fleet_process": self.s.fleet_process,
                 },
             },
         }
@@ -755,7 +757,11 @@ def verdict(result: dict[str, Any]) -> list[str]:
 async def run(args: argparse.Namespace) -> int:
     s = settings(args)
     quiet_logs()
-    print(f"# fleet: {s.runs:,} runs, {s.workers_per_connection} virtual workers per connection\n\n{machine()}")
+    where = "in a process of its own" if s.fleet_process else "in a thread of the launcher"
+    print(
+        f"# fleet: {s.runs:,} runs, {s.workers_per_connection} virtual workers per connection, the fleet {where}"
+        f"\n\n{machine()}"
+    )
     async with bench_env("fleet") as env:
         pool = await asyncpg.create_pool(env.db_url, min_size=1, max_size=4)
         broker = await Broker.connect(env.amqp_url)
@@ -811,6 +817,9 @@ def main() -> int:
     parser.add_argument("--step-seconds", type=float, default=0.5)
     parser.add_argument("--heartbeat-interval", type=float, default=0, help="default: 5 s (--ci: 1 s)")
     parser.add_argument("--heartbeat-timeout", type=float, default=0, help="default: 30 s (--ci: 15 s)")
+    parser.add_argument(
+        "--fleet-in-thread", action="store_true", help="the fleet in a thread of the launcher (fleet_process: false)"
+    )
     parser.add_argument("--launcher-loop", default="uvloop", help="the loop of the process hosting the fleet")
     parser.add_argument("--workers-per-connection", type=int, default=0, help="default: 1 up to 400 runs, else 50")
     return asyncio.run(run(parser.parse_args()))
