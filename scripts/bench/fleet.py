@@ -584,7 +584,7 @@ async def steady_window(fleet: Fleet, seconds: float, label: str) -> dict[str, A
     print(
         f"\nheartbeat lag (send -> written) p50 {ms(window['lag_p50'])}, p99 {ms(window['lag_p99'])} "
         f"({len(probes)} probes); heard-through watermark behind by p50 {ms(window['watermark_p50'])}, "
-        f"p99 {ms(window['watermark_p99'])} (runherd_heartbeat_lag_seconds, canaries every ~0.5 s); "
+        f"p99 {ms(window['watermark_p99'])} (runherd_heartbeat_lag_seconds, heartbeat canaries every ~0.1 s); "
         f"sweep p50 {ms(sweep50)}, p99 {ms(sweep99)} (runherd_sweep_seconds, {sweeps:.0f} sweeps of 3 replicas)"
     )
     print(
@@ -674,11 +674,45 @@ async def resume_phase(fleet: Fleet, name: str, action: str, targets: list[str],
         figures["killed"] = victim.name
         headers.append("dead letters")
         row.append(figures["dead_letters"])
+    legs = await resume_legs(fleet, expected)
+    figures["legs"] = legs
     fleet.result[name] = figures
     title = {"crash": "Crash storm", "hang": "Hang storm", "replica_loss": "Replica loss"}[name]
     extra = f" ({victim.name} SIGKILLed at the same instant)" if victim is not None else ""
     print(f"\n## {title}: {len(targets)} runs {action} at once{extra}\n")
     print(table(headers, [row]))
+    print(
+        "\nleg by leg, p50 / p99 (runherd's: the exit's event to the decision, to the launcher's claim, to the "
+        "handle recorded; the fleet's: the handle to the new worker's RUN_START): "
+        + "; ".join(f"{leg} {ms(p50)} / {ms(p99)}" for leg, (p50, p99) in legs.items())
+    )
+
+
+LEGS_SQL = """
+SELECT extract(epoch FROM a.created_at - x.exited)::float8 AS exit_to_decided,
+       extract(epoch FROM a.launch_claimed_at - a.created_at)::float8 AS decided_to_claimed,
+       extract(epoch FROM a.launched_at - a.launch_claimed_at)::float8 AS claimed_to_launched,
+       extract(epoch FROM s.started - a.launched_at)::float8 AS launched_to_run_start
+FROM attempts a
+JOIN unnest($1::uuid[], $2::int[]) AS t(run_id, attempt) USING (run_id, attempt)
+LEFT JOIN LATERAL (SELECT min(ts) AS exited FROM events e WHERE e.run_id = a.run_id
+                   AND e.attempt = a.attempt - 1 AND e.type = 'WORKER_EXITED') x ON true
+LEFT JOIN LATERAL (SELECT min(ts) AS started FROM events e WHERE e.run_id = a.run_id
+                   AND e.attempt = a.attempt AND e.type = 'RUN_START') s ON true
+"""
+
+
+async def resume_legs(fleet: Fleet, expected: dict[str, int]) -> dict[str, tuple[float, float]]:
+    """Where a resume's time went: runherd's legs (from the old worker's reported exit; none for a
+    hang, which is decided by the deadline) and the fleet's (the new virtual worker connecting and
+    reporting)."""
+    rows = await fleet.pool.fetch(LEGS_SQL, list(expected), list(expected.values()))
+    legs: dict[str, tuple[float, float]] = {}
+    for leg in ("exit_to_decided", "decided_to_claimed", "claimed_to_launched", "launched_to_run_start"):
+        values = [r[leg] for r in rows if r[leg] is not None and r[leg] >= 0]
+        if values:
+            legs[leg.replace("_", " ")] = (pct(values, 50), pct(values, 99))
+    return legs
 
 
 async def drain(fleet: Fleet) -> None:

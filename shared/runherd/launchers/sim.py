@@ -97,7 +97,7 @@ CONNECT_TRIES = 4
 # in one go (a fleet process gets them in batches); opened all at once, the handshakes and channel
 # opens queue behind each other past RabbitMQ's 10 s handshake timeout, connections are reset, and
 # every worker on them goes silent. Bounded, a storm's workers connect at the broker's pace.
-OPENING_AT_ONCE = 16
+OPENING_AT_ONCE = 48
 CONNECT_BACKOFF_SECONDS = 2.0
 
 
