@@ -21,7 +21,7 @@ RULES = {
     "stuck_canceling": (10.0, 100),
     "over_max_runtime": (60.0, 100),
     "silent_workers": (30.0, 100, 180.0),
-    "rule_deadlines": (30.0, 180.0, 180.0, 180.0, 0.0),
+    "rule_deadlines": (30.0, 180.0, 180.0, 180.0, 0.0, None, None, None, None, None),
     "dequeue": (
         10,
         orjson.dumps([{"key": "team", "value": "a", "per_unique_value": False, "limit": 2}]).decode(),

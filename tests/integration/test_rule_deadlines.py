@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from runherd.rules.sweeps import due_rules
+from runherd.rules.sweeps import Deadlines, StartedPass, due_rules, keep_pass, reuse_pass
 from tests.harness import Env
 
 START, CANCEL = 10.0, 5.0
@@ -78,3 +78,58 @@ async def test_a_failed_run_awaiting_its_retry_decision_is_pending(env: Env) -> 
     assert (await env.store.rule_deadlines(30.0, 180.0, START, CANCEL, 0.0)).retries_pending is True
     await env.store.pool.execute("UPDATE runs SET retried = true WHERE run_id = $1", run_id)
     assert (await env.store.rule_deadlines(30.0, 180.0, START, CANCEL, 0.0)).retries_pending is False
+
+
+# --- the pass over the STARTED runs, reused while no run joins them -------------------------------
+
+
+async def _deadlines(env: Env, cached: StartedPass | None = None, config_max: float = 0.0) -> Deadlines:
+    return await env.store.rule_deadlines(30.0, 180.0, START, CANCEL, config_max, cached)
+
+
+async def test_a_settled_pass_is_kept_and_reused_until_a_run_becomes_started(env: Env) -> None:
+    await env.store.pool.execute("UPDATE event_watermark SET applied_through = now()")
+    await env.store.pool.execute(
+        "INSERT INTO heartbeat_replicas (replica, heard_through, seen_at) VALUES ('r', now(), now())"
+    )
+    await _run(env, "STARTED", ago=60.0, max_runtime=3600.0)
+    first = await _deadlines(env)
+    assert first.started is not None and first.started.read_afresh and keep_pass(first.started)
+    again = await _deadlines(env, first.started)
+    assert again.started is not None and not again.started.read_afresh  # the pass was skipped
+    assert again.max_runtime == pytest.approx(first.max_runtime, abs=1.0)
+    # A run that becomes STARTED moves the version: the same statement reads afresh and sees it.
+    await _run(env, "STARTED", ago=0.0, max_runtime=5.0)
+    joined = await _deadlines(env, first.started)
+    assert joined.started is not None and joined.started.read_afresh
+    assert joined.max_runtime is not None and joined.max_runtime < 6.0
+    assert not keep_pass(joined.started)  # the set has not settled: the next sweep reads again
+
+
+async def test_a_pass_read_while_runs_are_starting_is_not_kept(env: Env) -> None:
+    await _run(env, "STARTED", ago=2.0)
+    fresh = await _deadlines(env)
+    assert fresh.started is not None and fresh.started.read_afresh and not keep_pass(fresh.started)
+
+
+async def test_a_reused_pass_is_a_lower_bound_and_a_near_deadline_reads_afresh(env: Env) -> None:
+    await env.store.pool.execute("UPDATE event_watermark SET applied_through = now()")
+    await env.store.pool.execute(
+        "INSERT INTO heartbeat_replicas (replica, heard_through, seen_at) VALUES ('r', now(), now())"
+    )
+    run_id = await _run(env, "STARTED", ago=60.0)
+    await env.store.pool.execute(
+        "UPDATE attempts SET last_heartbeat_at = now() - interval '20 seconds' WHERE run_id = $1", run_id
+    )
+    first = await _deadlines(env)
+    assert first.heartbeat_timeout is not None and 8.0 < first.heartbeat_timeout < 10.5
+    # The worker heartbeats again: its deadline moves 20 s later, the reused pass still says the old one.
+    await env.store.pool.execute("UPDATE attempts SET last_heartbeat_at = now() WHERE run_id = $1", run_id)
+    assert first.started is not None
+    reused = await _deadlines(env, first.started)
+    assert reused.heartbeat_timeout is not None and reused.heartbeat_timeout < 10.5  # earlier, never later
+    assert reuse_pass(reused, 0.0, 1.0)
+    assert not reuse_pass(reused, reused.heartbeat_timeout - 1.0, 1.0)  # near it: read afresh
+    assert not reuse_pass(reused, 0.0, 1_000.0)  # too old
+    exact = await _deadlines(env)
+    assert exact.heartbeat_timeout is not None and exact.heartbeat_timeout > 25.0

@@ -3,9 +3,23 @@ rule deadlines alone."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
-from runherd.rules.sweeps import PAST_DEADLINE, SHORTEST_SLEEP, Deadlines, due_rules, is_deaf, sleep_seconds
+from runherd.rules.sweeps import (
+    PASS_MAX_AGE,
+    PAST_DEADLINE,
+    SETTLED_SECONDS,
+    SHORTEST_SLEEP,
+    Deadlines,
+    StartedPass,
+    due_rules,
+    is_deaf,
+    keep_pass,
+    reuse_pass,
+    sleep_seconds,
+)
 
 HEARD = 0.3  # the workers are heard 0.3 s behind
 TIMEOUT = 30.0
@@ -49,3 +63,31 @@ def test_a_deaf_pipeline_sets_no_heartbeat_wakeup_but_keeps_the_others(lag: floa
 
 def test_heard_within_the_timeout_is_not_deaf() -> None:
     assert not is_deaf(Deadlines(heard_lag=TIMEOUT), TIMEOUT)
+
+
+def _pass(*, fresh: bool = True, age: float | None = 30.0) -> StartedPass:
+    version = None if age is None else datetime(2026, 1, 1, tzinfo=UTC)
+    return StartedPass(fresh, version, age, None, None, None, None)
+
+
+def test_a_pass_is_kept_only_if_read_afresh_over_a_settled_set() -> None:
+    assert keep_pass(_pass())
+    assert not keep_pass(_pass(fresh=False))  # itself a reuse
+    assert not keep_pass(_pass(age=SETTLED_SECONDS - 0.1))  # a run became STARTED moments before
+    assert not keep_pass(_pass(age=None))  # no STARTED run: nothing worth keeping
+
+
+@pytest.mark.parametrize(
+    ("last", "since", "age", "reuse"),
+    [
+        (Deadlines(heartbeat_timeout=20.0, max_runtime=None), 1.0, 5.0, True),
+        (Deadlines(heartbeat_timeout=20.0, max_runtime=None), 18.5, 5.0, False),  # the deadline is near
+        (Deadlines(heartbeat_timeout=None, max_runtime=2.5), 1.0, 5.0, False),
+        (Deadlines(), 1.0, PASS_MAX_AGE, False),  # old: read afresh whatever happened
+        (Deadlines(), 1.0, 5.0, True),
+    ],
+)
+def test_a_kept_pass_is_reused_while_young_and_far_from_its_deadlines(
+    last: Deadlines, since: float, age: float, reuse: bool
+) -> None:
+    assert reuse_pass(last, since, age) is reuse

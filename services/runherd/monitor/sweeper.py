@@ -30,7 +30,15 @@ from runherd.launchers import RunLauncher
 from runherd.monitor.actions import Actions
 from runherd.monitor.ingest import crash
 from runherd.monitor.retries import retry_failed_runs
-from runherd.rules.sweeps import Deadlines, due_rules, is_deaf, sleep_seconds
+from runherd.rules.sweeps import (
+    Deadlines,
+    StartedPass,
+    due_rules,
+    is_deaf,
+    keep_pass,
+    reuse_pass,
+    sleep_seconds,
+)
 from runherd.store import Store
 from runherd.store import kills as kill_store
 
@@ -54,6 +62,9 @@ class Sweeper:
         self._deaf = False  # the heartbeat pipeline is not heard: the hang rule holds
         self._deadlines: Deadlines | None = None  # the last sweep's, if it acted on nothing
         self._read_at = 0.0  # when they were read (monotonic)
+        self._last: Deadlines | None = None  # the deadlines last read
+        self._pass: StartedPass | None = None  # the last pass over the STARTED runs, while reusable
+        self._pass_read_at = 0.0
 
     async def sweep(self) -> dict[str, int]:
         """The rules that are due, once each; returns how many runs each acted on.
@@ -90,14 +101,25 @@ class Sweeper:
     async def _read_deadlines(self) -> Deadlines:
         mon = self.mon
         began = time.perf_counter()
+        now = time.monotonic()
+        cached = None
+        last, kept = self._last, self._pass
+        if kept is not None and last is not None and reuse_pass(last, now - self._read_at, now - self._pass_read_at):
+            cached = kept
         deadlines = await self.store.rule_deadlines(
             mon.heartbeat_timeout_seconds,
             self.start_grace,
             mon.start_timeout_seconds,
             mon.cancel_timeout_seconds,
             mon.max_runtime_seconds,
+            cached,
         )
         self._read_at = time.monotonic()
+        self._last = deadlines
+        found = deadlines.started
+        if found is not None and found.read_afresh:
+            self._pass = found if keep_pass(found) else None
+            self._pass_read_at = self._read_at
         metrics.SWEEP_DURATION.labels("deadlines").observe(time.perf_counter() - began)
         return deadlines
 

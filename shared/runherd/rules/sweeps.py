@@ -12,12 +12,35 @@ updates); reading it once per sweep, for the decision and the sleep together, ha
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 # The monitoring rules, in the order a sweep runs them.
 MONITORING_RULES = ("start_timeout", "cancel_timeout", "max_runtime", "heartbeat_timeout")
 # Woken at a deadline, the sweep lands this much past it, so the row is past it too.
 PAST_DEADLINE = 0.02
 SHORTEST_SLEEP = 0.05
+# The pass over the STARTED runs (their last heartbeats and start times) is reused while no run has
+# become STARTED since, but only if none had for SETTLED_SECONDS when it was read: a transaction that
+# made a run STARTED a moment before another may commit after it, and would not move the version. A
+# pass is read afresh when a deadline it gave comes within REREAD_MARGIN, and at least every
+# PASS_MAX_AGE seconds whatever happens.
+SETTLED_SECONDS = 10.0
+REREAD_MARGIN = 2.0
+PASS_MAX_AGE = 120.0
+
+
+@dataclass(frozen=True)
+class StartedPass:
+    """What the pass over the STARTED runs found: the minima their deadlines are computed from, and
+    the version of the set (the latest status_changed_at among them) they were read at."""
+
+    read_afresh: bool
+    version: datetime | None
+    version_age: float | None  # seconds from the version to the read
+    beat: datetime | None
+    unheard: datetime | None
+    untagged: datetime | None
+    tagged: datetime | None
 
 
 @dataclass(frozen=True)
@@ -31,6 +54,7 @@ class Deadlines:
     heartbeat_timeout: float | None = None
     heard_lag: float | None = None  # how far behind the workers are heard; None: not heard yet
     retries_pending: bool = False  # a failed run awaits its retry decision
+    started: StartedPass | None = None
 
     def of(self, rule: str) -> float | None:
         return getattr(self, rule)
@@ -59,3 +83,22 @@ def sleep_seconds(deadlines: Deadlines, elapsed: float, heartbeat_timeout: float
     if not known:
         return ceiling
     return min(ceiling, max(SHORTEST_SLEEP, min(known) - elapsed + PAST_DEADLINE))
+
+
+def keep_pass(found: StartedPass) -> bool:
+    """Whether a fresh pass may be reused by later sweeps: the set had settled when it was read."""
+    return (
+        found.read_afresh
+        and found.version is not None
+        and found.version_age is not None
+        and found.version_age >= SETTLED_SECONDS
+    )
+
+
+def reuse_pass(last: Deadlines, since_last: float, pass_age: float) -> bool:
+    """Whether the next read may reuse the kept pass: it is young enough, and no deadline it gave
+    (the hang rule's, the max runtime's) is near; a due rule reads afresh, so it acts on exact
+    minima, never on a lower bound."""
+    if pass_age >= PASS_MAX_AGE:
+        return False
+    return all(s is None or s - since_last > REREAD_MARGIN for s in (last.heartbeat_timeout, last.max_runtime))

@@ -506,10 +506,18 @@ GROUP BY status;
 -- made, which a hash join would read whole); only when some STARTED run's current attempt has
 -- already exited (a worker killed, its run not yet moved on) do all of them take the join that
 -- silent_workers makes (the one-time filter: otherwise that part is not executed at all).
+-- The pass is skipped when the caller holds its minima from an earlier pass ($6, the STARTED runs'
+-- version then: their latest status_changed_at; $7-$10 the minima) and no run has become STARTED
+-- since (the version is unchanged): the minima only grow while no run joins (heartbeats move later,
+-- runs leave), so the cached ones are a lower bound, and the caller reads afresh once one falls due.
 -- $1 heartbeat timeout, $2 start grace of a silent attempt, $3 start timeout, $4 cancel timeout,
--- $5 the config's max runtime (0: none).
+-- $5 the config's max runtime (0: none); $6 cached version (NULL: read), $7 beat, $8 unheard,
+-- $9 untagged, $10 tagged.
 WITH heard AS (
-    SELECT clock_timestamp() AS now, clock_timestamp() - runherd_heard_through() AS lag
+    SELECT clock_timestamp() AS now, clock_timestamp() - runherd_heard_through() AS lag,
+           (SELECT max(status_changed_at) FROM runs WHERE status = 'STARTED') AS version
+), pass AS (
+    SELECT $6::timestamptz IS NULL OR h.version IS DISTINCT FROM $6::timestamptz AS needed FROM heard h
 ), live AS (
     -- Bare minima per row (this pass is most of a sweep); the intervals are added once, below.
     SELECT count(*) AS n,
@@ -519,7 +527,7 @@ WITH heard AS (
            min(r.started_at + r.max_runtime_seconds * interval '1 second')
                FILTER (WHERE r.max_runtime_seconds > 0) AS tagged
     FROM runs r JOIN attempts a ON a.run_id = r.run_id AND a.attempt = r.attempt AND a.exited_at IS NULL
-    WHERE r.status = 'STARTED'
+    WHERE r.status = 'STARTED' AND (SELECT needed FROM pass)
 ), every AS (
     SELECT min(a.last_heartbeat_at) AS beat,
            min(coalesce(a.launched_at, a.created_at)) FILTER (WHERE a.last_heartbeat_at IS NULL) AS unheard,
@@ -527,12 +535,15 @@ WITH heard AS (
            min(r.started_at + r.max_runtime_seconds * interval '1 second')
                FILTER (WHERE r.max_runtime_seconds > 0) AS tagged
     FROM runs r JOIN attempts a ON a.run_id = r.run_id AND a.attempt = r.attempt
-    WHERE r.status = 'STARTED'
+    WHERE r.status = 'STARTED' AND (SELECT needed FROM pass)
       AND (SELECT count(*) FROM runs WHERE status = 'STARTED') > (SELECT n FROM live)
 ), s AS (
-    SELECT least(l.beat, e.beat) AS beat, least(l.unheard, e.unheard) AS unheard,
-           least(l.untagged, e.untagged) AS untagged, least(l.tagged, e.tagged) AS tagged
-    FROM live l, every e
+    SELECT p.needed AS read_afresh,
+           CASE WHEN p.needed THEN least(l.beat, e.beat) ELSE $7::timestamptz END AS beat,
+           CASE WHEN p.needed THEN least(l.unheard, e.unheard) ELSE $8::timestamptz END AS unheard,
+           CASE WHEN p.needed THEN least(l.untagged, e.untagged) ELSE $9::timestamptz END AS untagged,
+           CASE WHEN p.needed THEN least(l.tagged, e.tagged) ELSE $10::timestamptz END AS tagged
+    FROM pass p, live l, every e
 )
 SELECT extract(epoch FROM least(s.beat + make_interval(secs => $1), s.unheard + make_interval(secs => $2))
                           + h.lag - h.now)::float8 AS heartbeat_timeout,
@@ -544,7 +555,9 @@ SELECT extract(epoch FROM least(s.beat + make_interval(secs => $1), s.unheard + 
        extract(epoch FROM (SELECT min(status_changed_at) FROM runs WHERE status = 'CANCELING')
                           + make_interval(secs => $4) - h.now)::float8 AS cancel_timeout,
        extract(epoch FROM h.lag)::float8 AS heard_lag,
-       EXISTS (SELECT 1 FROM runs WHERE status = 'FAILURE' AND NOT retried) AS retries_pending
+       EXISTS (SELECT 1 FROM runs WHERE status = 'FAILURE' AND NOT retried) AS retries_pending,
+       s.read_afresh, h.version, extract(epoch FROM h.now - h.version)::float8 AS version_age,
+       s.beat, s.unheard, s.untagged, s.tagged
 FROM heard h, s;
 
 -- name: event_keys

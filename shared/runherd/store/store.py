@@ -21,7 +21,7 @@ from runherd.auth import Keys
 from runherd.config import redact
 from runherd.contract import ALLOWED_FROM, Launch, RunStatus
 from runherd.errors import NotMigrated, RunherdError
-from runherd.rules.sweeps import Deadlines
+from runherd.rules.sweeps import Deadlines, StartedPass
 from runherd.store.migrate import SCHEMA_VERSION, current_version
 from runherd.store.queries import dequeue_query, q
 
@@ -560,18 +560,29 @@ class Store:
         start_timeout: float,
         cancel_timeout: float,
         max_runtime: float,
+        cached: StartedPass | None = None,
     ) -> Deadlines:
-        """Seconds until each monitor rule falls due, and whether retries wait (one statement)."""
-        row = await self.pool.fetchrow(
-            q("rule_deadlines"),
-            float(heartbeat_timeout),
-            float(start_grace),
-            float(start_timeout),
-            float(cancel_timeout),
-            float(max_runtime),
+        """Seconds until each monitor rule falls due, and whether retries wait (one statement).
+        With ``cached`` (an earlier pass over the STARTED runs) the pass is skipped unless a run
+        has become STARTED since."""
+        row = dict(
+            await self.pool.fetchrow(
+                q("rule_deadlines"),
+                float(heartbeat_timeout),
+                float(start_grace),
+                float(start_timeout),
+                float(cancel_timeout),
+                float(max_runtime),
+                cached.version if cached else None,
+                cached.beat if cached else None,
+                cached.unheard if cached else None,
+                cached.untagged if cached else None,
+                cached.tagged if cached else None,
+            )
+            or {}
         )
-        assert row is not None
-        return Deadlines(**dict(row))
+        started = StartedPass(**{k: row.pop(k) for k in StartedPass.__dataclass_fields__})
+        return Deadlines(**row, started=started)
 
     async def starting_due(self, start_timeout: float) -> float | None:
         """Seconds until the earliest STARTING run's start deadline (before the watermark's lag)."""
