@@ -97,9 +97,12 @@ async def test_skewed_workers_succeed_unresumed_and_a_skewed_hung_worker_is_foun
 
 @pytest.mark.parametrize(("how", "seconds"), SKEWS)
 async def test_a_silent_worker_with_a_skewed_clock_is_still_detected(env: Env, how: str, seconds: int) -> None:
-    """A worker that never heartbeats is measured from its launch, in the database's clock."""
+    """A worker that never heartbeats is measured from its launch, in the database's clock (the start
+    grace: the longer of the heartbeat and start timeouts). The start timeout is 8 s, not 3: a worker
+    booting on a loaded machine took longer than 3 s to report RUN_START, and its run failed as not
+    started instead of as silent."""
     env.configure(
-        run_monitoring={"max_resume_run_attempts": 0, "start_timeout_seconds": 3},
+        run_monitoring={"max_resume_run_attempts": 0, "start_timeout_seconds": 8},
         run_launcher=env.process_launcher(skewed(how, seconds, SILENT)),
     )
     await env.start()
