@@ -493,6 +493,24 @@ async def probe_heartbeats(fleet: Fleet, stop: asyncio.Event, lags: list[float])
             await asyncio.wait_for(stop.wait(), 0.25)
 
 
+Scrapes = dict[str, dict[str, float]]
+
+
+def merged_histogram(
+    services: list[Service], verb: str, before: Scrapes, after: Scrapes, name: str
+) -> tuple[dict[float, float], float]:
+    """One histogram's buckets and count over a window, summed over the replicas of ``verb``."""
+    buckets: dict[float, float] = {}
+    total = 0.0
+    for s in services:
+        if s.verb == verb:
+            b, t = histogram_quantiles(before[s.name], after[s.name], name)
+            for k, v in b.items():
+                buckets[k] = buckets.get(k, 0.0) + v
+            total += t
+    return buckets, total
+
+
 def loop_lags(
     services: list[Service], before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
 ) -> dict[str, float]:
@@ -539,22 +557,8 @@ async def steady_window(fleet: Fleet, seconds: float, label: str) -> dict[str, A
     stop_probe.set()
     await prober
     scrape1 = {s.name: await asyncio.to_thread(s.scrape) for s in services}
-    lag_buckets: dict[float, float] = {}
-    lag_total = 0.0
-    for s in services:
-        if s.verb == "heartbeat":
-            b, t = histogram_quantiles(scrape0[s.name], scrape1[s.name], "runherd_heartbeat_lag_seconds")
-            for k, v in b.items():
-                lag_buckets[k] = lag_buckets.get(k, 0.0) + v
-            lag_total += t
-    sb: dict[float, float] = {}
-    sweeps = 0.0
-    for s in services:
-        if s.verb == "monitor":
-            b, t = histogram_quantiles(scrape0[s.name], scrape1[s.name], "runherd_sweep_seconds")
-            for k, v in b.items():
-                sb[k] = sb.get(k, 0.0) + v
-            sweeps += t
+    lag_buckets, lag_total = merged_histogram(services, "heartbeat", scrape0, scrape1, "runherd_heartbeat_lag_seconds")
+    sb, sweeps = merged_histogram(services, "monitor", scrape0, scrape1, "runherd_sweep_seconds")
     sweep50, sweep99 = quantile(sb, sweeps, 0.5), quantile(sb, sweeps, 0.99)
     loop_lag = loop_lags(services, scrape0, scrape1)
     counts = await fleet.counts()
