@@ -526,6 +526,24 @@ def loop_lags(
     return lags
 
 
+def full_collections(services: list[Service], before: Scrapes, after: Scrapes) -> dict[str, tuple[float, float]]:
+    """Each process's full (generation 2) garbage collections in a window: how many, and how long
+    each took on average (runherd_gc_pause_seconds: the whole process stops for one)."""
+    out: dict[str, tuple[float, float]] = {}
+    for s in services:
+        for process in ("main", "sim-fleet"):
+            key = f'{{process="{process}",generation="2"}}'
+            n = after[s.name].get(f"runherd_gc_pause_seconds_count{key}", 0.0) - before[s.name].get(
+                f"runherd_gc_pause_seconds_count{key}", 0.0
+            )
+            total = after[s.name].get(f"runherd_gc_pause_seconds_sum{key}", 0.0) - before[s.name].get(
+                f"runherd_gc_pause_seconds_sum{key}", 0.0
+            )
+            if n:
+                out[s.name if process == "main" else "sim fleet"] = (n, total / n)
+    return out
+
+
 async def autovacuum_stand_in(pool: asyncpg.Pool) -> None:
     """What autovacuum would have done after a storm of 10,000 inserts and 30,000 status changes
     (its default trigger is 20 % of a table's rows dead): this machine's PostgreSQL runs with
@@ -561,10 +579,12 @@ async def steady_window(fleet: Fleet, seconds: float, label: str) -> dict[str, A
     sb, sweeps = merged_histogram(services, "monitor", scrape0, scrape1, "runherd_sweep_seconds")
     sweep50, sweep99 = quantile(sb, sweeps, 0.5), quantile(sb, sweeps, 0.99)
     loop_lag = loop_lags(services, scrape0, scrape1)
+    full_gc = full_collections(services, scrape0, scrape1)
     counts = await fleet.counts()
     window = {
         "label": label,
         "loop_lag_p99": loop_lag,
+        "full_gc": full_gc,
         "seconds": elapsed,
         "cpu": cpu,
         "rss": rss,
@@ -594,6 +614,10 @@ async def steady_window(fleet: Fleet, seconds: float, label: str) -> dict[str, A
     print(
         "event-loop timer lag p99 (runherd_event_loop_lag_seconds): "
         + ", ".join(f"{name} {ms(v)}" for name, v in loop_lag.items())
+    )
+    print(
+        "full garbage collections (runherd_gc_pause_seconds, generation 2): "
+        + (", ".join(f"{name} {n:.0f} x {ms(mean)}" for name, (n, mean) in full_gc.items()) or "none")
     )
     return window
 
@@ -815,6 +839,8 @@ async def run(args: argparse.Namespace) -> int:
             await autovacuum_stand_in(pool)
             await asyncio.sleep(s.heartbeat_interval)
             await steady(fleet)
+            if args.until == "steady":
+                return 0
             rng = random.Random(12)
             pool_ids = list(fleet.run_ids)
             rng.shuffle(pool_ids)
@@ -852,6 +878,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a 2-minute steady window per event loop")
     parser.add_argument("--steady", type=float, default=0, help="steady window, seconds (overrides --quick)")
     parser.add_argument("--ci", action="store_true", help="short phases, correctness only")
+    parser.add_argument(
+        "--until", choices=("drain", "steady"), default="drain", help="steady: stop after the steady windows"
+    )
     parser.add_argument("--step-seconds", type=float, default=0.5)
     parser.add_argument("--heartbeat-interval", type=float, default=0, help="default: 5 s (--ci: 1 s)")
     parser.add_argument("--heartbeat-timeout", type=float, default=0, help="default: 30 s (--ci: 15 s)")

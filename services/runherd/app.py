@@ -145,6 +145,7 @@ async def serve(config: Config, services: dict[str, int]) -> int:
 
     http = await probes.serve(config.metrics_port, not_ready) if config.metrics_port else None
     lag = asyncio.ensure_future(probes.watch_loop_lag()) if http is not None else None
+    unwatch_gc = probes.watch_gc_pauses() if http is not None else None
     running = await start(config, services, supervisor=supervisor)
     holder.append(running)
     log.info(
@@ -157,6 +158,8 @@ async def serve(config: Config, services: dict[str, int]) -> int:
     await running.close()
     if lag is not None:
         lag.cancel()
+    if unwatch_gc is not None:
+        unwatch_gc()
     if http is not None:
         http.close()
     return 1 if supervisor.failure else 0

@@ -22,7 +22,7 @@ HEARD_THROUGH_LAG = Gauge(
 SERVICE_REPLICAS = Gauge("runherd_service_replicas", "Service replicas running in this process", ["service"])
 HEARTBEAT_LAG = Histogram(
     "runherd_heartbeat_lag_seconds",
-    "From a heartbeat's send to its commit",
+    "How far the heard-through watermark (heartbeat canaries) trails the database's clock, sampled every 0.5 s",
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )
 LOOP_LAG = Histogram(
@@ -30,6 +30,12 @@ LOOP_LAG = Histogram(
     "How late a timer of an event loop fires: time the loop spends on other callbacks",
     ["loop"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+)
+GC_PAUSE = Histogram(
+    "runherd_gc_pause_seconds",
+    "One collection of Python's cyclic garbage collector, by generation: the whole process stops for it",
+    ["process", "generation"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2),
 )
 SWEEP_DURATION = Histogram(
     "runherd_sweep_duration_seconds", "One rule of a monitor sweep (deadlines: the probe that picks them)", ["rule"]

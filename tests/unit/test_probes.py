@@ -49,3 +49,23 @@ def test_queue_counts_add_unacked_to_ready() -> None:
     assert counts["runherd.dead-letters"].depth == 0
     assert "someone.else" not in counts
     assert rabbit_admin.parse_queues({"error": "x"}, {"a"}) == {}
+
+
+def test_each_collection_is_timed_by_generation_until_the_hook_is_removed() -> None:
+    import gc
+
+    from runherd.probes import watch_gc_pauses
+
+    seen: list[tuple[str, float]] = []
+    remove = watch_gc_pauses(observe=lambda generation, seconds: seen.append((generation, seconds)))
+    try:
+        gc.collect(2)
+        gc.collect(0)
+    finally:
+        remove()
+    assert [g for g, _ in seen][-2:] == ["2", "0"]
+    assert all(s >= 0 for _, s in seen)
+    before = len(seen)
+    gc.collect()
+    assert len(seen) == before, "the hook is gone once removed"
+    remove()  # twice is harmless

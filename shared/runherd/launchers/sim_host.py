@@ -56,7 +56,7 @@ from runherd import metrics
 from runherd.errors import InvalidMessage, LaunchError
 from runherd.launchers.base import Handle, Health, HealthStatus, WorkerExit, WorkerRun
 from runherd.launchers.process import start_time
-from runherd.probes import watch_loop_lag
+from runherd.probes import watch_gc_pauses, watch_loop_lag
 
 if TYPE_CHECKING:
     from runherd.launchers.sim import Fleet, SimConfig, SimLauncher, VirtualWorker
@@ -300,6 +300,9 @@ class FleetProcess:
                 reply.set_result(message.get("value"))
         elif op == "lag":
             self._lag.observe(message["seconds"])
+        elif op == "gc":
+            for generation, seconds in message["pauses"]:
+                metrics.GC_PAUSE.labels("sim-fleet", generation).observe(seconds)
 
     def _exited(self, worker_id: str, exit_: WorkerExit) -> None:
         remote = self._forget(worker_id)
@@ -431,9 +434,13 @@ class Host:
             "command": self._command,
             "stop": self._stop,
         }
+        # Kept by the collector's hook, sent with the next loop-lag sample: a frame sent from
+        # inside a collection could interrupt the outbox in the middle of its own writing.
+        self.gc_pauses: list[tuple[str, float]] = []
 
     async def serve(self, reader: asyncio.StreamReader) -> None:
         lag = asyncio.ensure_future(watch_loop_lag("sim-fleet", observe=self._lag))
+        watch_gc_pauses(observe=lambda generation, seconds: self.gc_pauses.append((generation, seconds)))
         try:
             while (frame := await read_frame(reader)) is not None:
                 for message in frame:
@@ -460,6 +467,9 @@ class Host:
 
     def _lag(self, seconds: float) -> None:
         self.out.send({"op": "lag", "seconds": seconds})
+        if self.gc_pauses:
+            pauses, self.gc_pauses = self.gc_pauses, []
+            self.out.send({"op": "gc", "pauses": pauses})
 
     def _exited(self, worker: VirtualWorker) -> None:
         assert worker.exit is not None
