@@ -702,7 +702,7 @@ async def resume_phase(fleet: Fleet, name: str, action: str, targets: list[str],
         figures["killed"] = victim.name
         headers.append("dead letters")
         row.append(figures["dead_letters"])
-    legs = await resume_legs(fleet, expected)
+    legs = await resume_legs(fleet, expected, t0)
     figures["legs"] = legs
     fleet.result[name] = figures
     title = {"crash": "Crash storm", "hang": "Hang storm", "replica_loss": "Replica loss"}[name]
@@ -710,14 +710,16 @@ async def resume_phase(fleet: Fleet, name: str, action: str, targets: list[str],
     print(f"\n## {title}: {len(targets)} runs {action} at once{extra}\n")
     print(table(headers, [row]))
     print(
-        "\nleg by leg, p50 / p99 (runherd's: the exit's event to the decision, to the launcher's claim, to the "
-        "handle recorded; the fleet's: the handle to the new worker's RUN_START): "
+        "\nleg by leg, p50 / p99 (the fleet's and the launcher's: the crash command to the WORKER_EXITED event; "
+        "runherd's: that event to the decision, to the launcher's claim, to the handle recorded; the fleet's: the "
+        "handle to the new worker's RUN_START): "
         + "; ".join(f"{leg} {ms(p50)} / {ms(p99)}" for leg, (p50, p99) in legs.items())
     )
 
 
 LEGS_SQL = """
-SELECT extract(epoch FROM a.created_at - x.exited)::float8 AS exit_to_decided,
+SELECT extract(epoch FROM x.exited)::float8 AS exited_at,
+       extract(epoch FROM a.created_at - x.exited)::float8 AS exit_to_decided,
        extract(epoch FROM a.launch_claimed_at - a.created_at)::float8 AS decided_to_claimed,
        extract(epoch FROM a.launched_at - a.launch_claimed_at)::float8 AS claimed_to_launched,
        extract(epoch FROM s.started - a.launched_at)::float8 AS launched_to_run_start
@@ -730,12 +732,16 @@ LEFT JOIN LATERAL (SELECT min(ts) AS started FROM events e WHERE e.run_id = a.ru
 """
 
 
-async def resume_legs(fleet: Fleet, expected: dict[str, int]) -> dict[str, tuple[float, float]]:
-    """Where a resume's time went: runherd's legs (from the old worker's reported exit; none for a
-    hang, which is decided by the deadline) and the fleet's (the new virtual worker connecting and
+async def resume_legs(fleet: Fleet, expected: dict[str, int], t0: float) -> dict[str, tuple[float, float]]:
+    """Where a resume's time went: the fleet's and the launcher's report of the crash (the command
+    at ``t0`` to the WORKER_EXITED event's time), runherd's legs (from that exit; none for a hang,
+    which is decided by the deadline) and the fleet's (the new virtual worker connecting and
     reporting)."""
     rows = await fleet.pool.fetch(LEGS_SQL, list(expected), list(expected.values()))
     legs: dict[str, tuple[float, float]] = {}
+    reported = [r["exited_at"] - t0 for r in rows if r["exited_at"] is not None]
+    if reported:
+        legs["command to exit reported"] = (pct(reported, 50), pct(reported, 99))
     for leg in ("exit_to_decided", "decided_to_claimed", "claimed_to_launched", "launched_to_run_start"):
         values = [r[leg] for r in rows if r[leg] is not None and r[leg] >= 0]
         if values:

@@ -163,15 +163,20 @@ async def test_a_heartbeat_is_stamped_with_the_database_clock_and_canaries_advan
     )
     assert 0 <= row["age"] < 5
     await env.store.record_event_canaries([await _event_canary(env)])
-    stamp = await env.store.issue_canary("r1", 42)
-    assert stamp is not None and await env.store.issue_canary("r1", 42) is None  # a nonce is issued once
+    issued, _ = await env.store.issue_canaries("r1", [42])
+    assert issued == [42]
+    issued, replicas = await env.store.issue_canaries("r1", [42, 44])
+    assert issued == [44], "a nonce is issued once"
+    assert replicas == 1, "r1, registered by its first canary, is the one live replica"
+    (row,) = await env.store.fetch("SELECT stamp FROM heartbeat_canaries WHERE nonce = 42")
+    stamp = row["stamp"]
     assert await env.store.heard_lag() is None  # registered, nothing heard yet
     await env.store.record_heartbeats([(CANARY_RUN_ID, 7)], replica="r1")  # a nonce never issued
     assert await env.store.heard_lag() is None
     await env.store.record_heartbeats([(CANARY_RUN_ID, 42)], replica="r1")
     heard = await env.store.fetch("SELECT heard_through FROM heartbeat_replicas WHERE replica = 'r1'")
     assert heard[0]["heard_through"] == stamp
-    assert await env.store.issue_canary("r1", 43) is not None
+    assert (await env.store.issue_canaries("r1", [43]))[0] == [43]
     await env.store.forget_replica("r1")  # a replica that stopped cleanly, writing its last batch
     await env.store.record_heartbeats([(CANARY_RUN_ID, 43)], replica="r1")
     assert await env.store.fetch("SELECT * FROM heartbeat_replicas") == []

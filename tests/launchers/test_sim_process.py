@@ -1,7 +1,7 @@
 """The sim launcher with its fleet in a process of its own (``fleet_process: true``), beyond the
 contract (tests/launchers/test_contract.py runs it as ``sim_process``): when that process dies every
-worker it hosted is reported exited, closing the launcher stops it, and it ends with the launcher's
-process."""
+worker it hosted is reported exited (and the log of one that exited before stays readable), closing
+the launcher stops it, and it ends with the launcher's process."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ async def test_a_killed_fleet_process_reports_every_live_worker_exited(env: harn
     watching = asyncio.create_task(consume())
     try:
         done = _run("succeed")
-        await launcher.launch(done)
+        done_handle = await launcher.launch(done)
         await _until(lambda: _async(any(e.run_id == done.run_id for e in seen)), 10, "the first worker's exit")
         runs = [_run("wait") for _ in range(6)]
         handles = [await launcher.launch(r) for r in runs]
@@ -65,6 +65,8 @@ async def test_a_killed_fleet_process_reports_every_live_worker_exited(env: harn
         assert len(gone) == len(runs), gone  # each once
         assert all(e.exit_code is None and e.reason == "exited" and "SIGKILL" in (e.message or "") for e in gone)
         assert [e.run_id for e in seen].count(done.run_id) == 1  # an exit already reported is not reported again
+        # An exited worker's log came with its exit: readable with its fleet process gone.
+        assert "started" in await launcher.debug_info(done_handle)
         for handle in handles:
             assert (await launcher.check_health(handle)).status is HealthStatus.NOT_FOUND
             assert await launcher.terminate(handle, grace_seconds=0) is False

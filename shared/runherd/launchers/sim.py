@@ -64,7 +64,7 @@ from runherd.errors import ConfigError, InvalidMessage, LaunchError
 from runherd.launchers import sim_host
 from runherd.launchers.base import Handle, Health, HealthStatus, RunLauncher, WorkerExit, WorkerRun
 from runherd.launchers.process import start_time
-from runherd.launchers.sim_host import FleetGone, FleetProcess
+from runherd.launchers.sim_host import FleetGone, FleetProcess, exited_log
 from runherd.plan import Plan, from_json, ready
 from runherd.probes import watch_loop_lag
 from runherd.reporting import HeartbeatSink, Reporter
@@ -808,7 +808,9 @@ class SimLauncher(RunLauncher):
 
     async def debug_info(self, handle: Handle) -> str:
         where = self._where(handle)
-        text: str | None = None
+        text = exited_log(str(handle.get("worker_id")))
+        if text is not None:
+            return text
         if isinstance(where, FleetProcess):
             with contextlib.suppress(FleetGone):
                 text = await where.request("debug", worker_id=handle.get("worker_id"))

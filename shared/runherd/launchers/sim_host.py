@@ -64,6 +64,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("runherd.launchers.sim")
 HEADER = struct.Struct(">I")
 MAX_EXITS_KEPT = 20_000
+# Exited workers' logs, by worker id, of every fleet process of this launcher process. A log comes
+# with its exit: debug_info of a crash storm's hundred exits does not wait on a fleet loop busy with
+# those same crashes (it once took seconds), and it outlives a fleet process that dies.
+_EXITED_LOGS: OrderedDict[str, str] = OrderedDict()
+
+
+def _keep_log(worker_id: str, log: str) -> None:
+    _EXITED_LOGS[worker_id] = log
+    while len(_EXITED_LOGS) > MAX_EXITS_KEPT:
+        _EXITED_LOGS.popitem(last=False)
+
+
+def exited_log(worker_id: str) -> str | None:
+    """The log of a worker that exited in a fleet process of this process, if it is still kept."""
+    return _EXITED_LOGS.get(worker_id)
+
+
 CLOSE_SECONDS = 60.0  # a closing launcher waits this long for the fleet to stop its workers
 EXIT_SECONDS = 10.0  # ... and then for the process to exit, before it kills it
 
@@ -293,7 +310,7 @@ class FleetProcess:
     def _dispatch(self, message: dict[str, Any]) -> None:
         op = message["op"]
         if op == "exit":
-            self._exited(message["worker_id"], exit_from_wire(message["exit"]))
+            self._exited(message["worker_id"], exit_from_wire(message["exit"]), message.get("log"))
         elif op == "reply":
             reply = self._replies.get(message["id"])
             if reply is not None and not reply.done():
@@ -304,9 +321,11 @@ class FleetProcess:
             for generation, seconds in message["pauses"]:
                 metrics.GC_PAUSE.labels("sim-fleet", generation).observe(seconds)
 
-    def _exited(self, worker_id: str, exit_: WorkerExit) -> None:
+    def _exited(self, worker_id: str, exit_: WorkerExit, log: str | None = None) -> None:
         remote = self._forget(worker_id)
         self.done[worker_id] = exit_
+        if log is not None:
+            _keep_log(worker_id, log)
         while len(self.done) > MAX_EXITS_KEPT:
             self.done.popitem(last=False)
         for owner in list(remote.owners if remote is not None else ()):
@@ -473,7 +492,14 @@ class Host:
 
     def _exited(self, worker: VirtualWorker) -> None:
         assert worker.exit is not None
-        self.out.send({"op": "exit", "worker_id": worker.plan.worker_id, "exit": to_wire(worker.exit)})
+        self.out.send(
+            {
+                "op": "exit",
+                "worker_id": worker.plan.worker_id,
+                "exit": to_wire(worker.exit),
+                "log": "\n".join(worker.lines),
+            }
+        )
 
     def _configure(self, message: dict[str, Any]) -> None:
         cfg = self.configs[message["cfg"]] = self.sim.SimConfig(**message["config"])

@@ -230,18 +230,21 @@ WITH beats AS (
     WHERE $3::text IS NOT NULL AND b.run_id = '00000000-0000-0000-0000-000000000000' AND c.nonce = b.attempt
     RETURNING c.stamp
 ), heard AS (
-    -- Only a registered replica (issue_canary) is credited: one that left cleanly stays gone.
+    -- Only a registered replica (issue_canaries) is credited: one that left cleanly stays gone.
     UPDATE heartbeat_replicas h
     SET heard_through = greatest(h.heard_through, (SELECT max(stamp) FROM canaries)), seen_at = clock_timestamp()
     WHERE h.replica = $3::text AND EXISTS (SELECT 1 FROM canaries)
 )
 SELECT count(*) AS touched FROM touched;
 
--- name: issue_canary
--- A canary for replica $1 to publish: its nonce $2 and the database's time now, which it will
--- carry through the queue (the stamp stays here). Also marks the replica alive (a new one starts
--- at -infinity: it may already hold heartbeats it has not written) and forgets canaries lost on
--- the way (the queue drops its oldest messages when full) and replicas long gone.
+-- name: issue_canaries
+-- Canaries for replica $1 to publish: nonces $2, each stamped with the database's time now, which
+-- they will carry through the queue (the stamp stays here). Returns the nonces issued (a taken one is
+-- not) and how many replicas are alive, which is how many canaries the replica sends next time (one
+-- for each, back to back: RabbitMQ deals adjacent messages to different consumers). Also marks the
+-- replica alive (a new one starts at -infinity: it may already hold heartbeats it has not written)
+-- and forgets canaries lost on the way (the queue drops its oldest messages when full) and replicas
+-- long gone.
 WITH alive AS (
     INSERT INTO heartbeat_replicas AS h (replica) VALUES ($1::text)
     ON CONFLICT (replica) DO UPDATE SET seen_at = clock_timestamp()
@@ -249,10 +252,14 @@ WITH alive AS (
     DELETE FROM heartbeat_canaries WHERE stamp < clock_timestamp() - interval '1 hour'
 ), gone AS (
     DELETE FROM heartbeat_replicas WHERE seen_at < clock_timestamp() - interval '1 day'
+), issued AS (
+    INSERT INTO heartbeat_canaries (nonce) SELECT DISTINCT unnest($2::integer[])
+    ON CONFLICT (nonce) DO NOTHING
+    RETURNING nonce
 )
-INSERT INTO heartbeat_canaries (nonce) VALUES ($2::integer)
-ON CONFLICT (nonce) DO NOTHING
-RETURNING stamp;
+SELECT coalesce((SELECT array_agg(nonce) FROM issued), '{}') AS nonces,
+       (SELECT count(*) FROM heartbeat_replicas
+        WHERE seen_at > clock_timestamp() - interval '2 seconds')::integer AS replicas;
 
 -- name: forget_replica
 -- A replica that stops cleanly holds nothing any more: it no longer holds the watermark back.

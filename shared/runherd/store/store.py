@@ -432,10 +432,13 @@ class Store:
             q("record_heartbeats"), _ids([b[0] for b in beats]), [b[1] for b in beats], replica
         )
 
-    async def issue_canary(self, replica: str, nonce: int) -> datetime | None:
-        """Register a canary for ``replica`` to publish (and mark the replica alive); returns its
-        stamp, the database's time now, or None if the nonce is taken."""
-        return await self.pool.fetchval(q("issue_canary"), replica, nonce)
+    async def issue_canaries(self, replica: str, nonces: Sequence[int]) -> tuple[list[int], int]:
+        """Register canaries for ``replica`` to publish (and mark the replica alive), stamped with
+        the database's time now; returns the nonces issued (a taken one is not) and how many
+        heartbeat replicas were seen in the last 2 s."""
+        row = await self.pool.fetchrow(q("issue_canaries"), replica, list(nonces))
+        assert row is not None
+        return list(row["nonces"]), row["replicas"]
 
     async def forget_replica(self, replica: str) -> None:
         await self.pool.execute(q("forget_replica"), replica)
