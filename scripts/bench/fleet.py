@@ -702,7 +702,7 @@ async def resume_phase(fleet: Fleet, name: str, action: str, targets: list[str],
         figures["killed"] = victim.name
         headers.append("dead letters")
         row.append(figures["dead_letters"])
-    legs = await resume_legs(fleet, expected, t0)
+    legs = await resume_legs(fleet, expected, t0, crashed=action == "crash")
     figures["legs"] = legs
     fleet.result[name] = figures
     title = {"crash": "Crash storm", "hang": "Hang storm", "replica_loss": "Replica loss"}[name]
@@ -732,15 +732,17 @@ LEFT JOIN LATERAL (SELECT min(ts) AS started FROM events e WHERE e.run_id = a.ru
 """
 
 
-async def resume_legs(fleet: Fleet, expected: dict[str, int], t0: float) -> dict[str, tuple[float, float]]:
-    """Where a resume's time went: the fleet's and the launcher's report of the crash (the command
-    at ``t0`` to the WORKER_EXITED event's time), runherd's legs (from that exit; none for a hang,
-    which is decided by the deadline) and the fleet's (the new virtual worker connecting and
-    reporting)."""
+async def resume_legs(
+    fleet: Fleet, expected: dict[str, int], t0: float, crashed: bool
+) -> dict[str, tuple[float, float]]:
+    """Where a resume's time went: the fleet's and the launcher's report of a crash (the command at
+    ``t0`` to the WORKER_EXITED event's time), runherd's legs (from that exit; none for a hang, which
+    is decided by the deadline, its worker killed after) and the fleet's (the new virtual worker
+    connecting and reporting)."""
     rows = await fleet.pool.fetch(LEGS_SQL, list(expected), list(expected.values()))
     legs: dict[str, tuple[float, float]] = {}
     reported = [r["exited_at"] - t0 for r in rows if r["exited_at"] is not None]
-    if reported:
+    if reported and crashed:
         legs["command to exit reported"] = (pct(reported, 50), pct(reported, 99))
     for leg in ("exit_to_decided", "decided_to_claimed", "claimed_to_launched", "launched_to_run_start"):
         values = [r[leg] for r in rows if r[leg] is not None and r[leg] >= 0]
