@@ -13,7 +13,6 @@ the decisions (adopt, take, start anew) are in ``found``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -25,6 +24,7 @@ from typing import Any
 import orjson
 
 from runherd.launchers.process import RECORD_ENV, start_time
+from runherd.signalling import signal_group
 
 STEP_DIR_ENV = "RUNHERD_STEP_DIR"
 ORPHAN_GRACE_ENV = "RUNHERD_STEP_ORPHAN_GRACE_SECONDS"
@@ -122,8 +122,7 @@ def reap(folder: Path, up_to_attempt: int | None) -> list[int]:
         owner = record.get("owner_attempt")
         if up_to_attempt is not None and isinstance(owner, int) and owner > up_to_attempt:
             continue  # adopted by a newer attempt: not this one's to stop
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(record["pid"], signal.SIGKILL)
+        if signal_group(record["pid"], signal.SIGKILL):
             killed.append(record["pid"])
     return killed
 

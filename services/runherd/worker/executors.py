@@ -39,6 +39,7 @@ from runherd.contract import EventType, Step, iso
 from runherd.execution import ExecutorName
 from runherd.launchers.process import DETACHED_STEP_ENV, start_time
 from runherd.plan import MAX_OUTPUT_BYTES, Plan, ready, upstream_outputs
+from runherd.signalling import signal_group
 from runherd.worker.steps import StepProcess, StepResult, output_too_large
 
 
@@ -198,13 +199,11 @@ class DetachedStep:
         record = self.record
         if record is None or not step_groups.alive(record):
             return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(record["pid"], signal.SIGTERM)
+        signal_group(record["pid"], signal.SIGTERM)
         deadline = time.monotonic() + grace
         while step_groups.alive(record) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(record["pid"], signal.SIGKILL)
+        signal_group(record["pid"], signal.SIGKILL)
 
 
 class LaunchedStep(StepRunner, Protocol):

@@ -23,6 +23,7 @@ from runherd.contract import Step
 from runherd.launchers import groups
 from runherd.launchers.process import DETACHED_STEP_ENV, RECORD_ENV, start_time
 from runherd.plan import MAX_OUTPUT_BYTES
+from runherd.signalling import signal_group
 from runherd.worker import logcap
 
 _PR_SET_PDEATHSIG = 1
@@ -97,11 +98,11 @@ class StepProcess:
         if proc is None or proc.returncode is not None:
             return
         if grace > 0:
-            _killpg(proc.pid, signal.SIGTERM)
+            signal_group(proc.pid, signal.SIGTERM)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), grace)
                 return
-        _killpg(proc.pid, signal.SIGKILL)
+        signal_group(proc.pid, signal.SIGKILL)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proc.wait(), 5)
 
@@ -117,11 +118,6 @@ async def _forward(stream: asyncio.StreamReader, keep: int = 5) -> list[str]:
         if line:
             last = [*last[-(keep - 1) :], line]
     return last
-
-
-def _killpg(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
 
 
 def output_too_large(size: int) -> str:

@@ -22,6 +22,8 @@ import os
 import signal
 from pathlib import Path
 
+from runherd.signalling import signal_group
+
 log = logging.getLogger("runherd.launchers.groups")
 
 SUFFIX = ".groups"
@@ -74,8 +76,7 @@ def kill_recorded(record_path: str | os.PathLike[str], run_id: str, attempt: int
     for pgid, started in parse(text):
         if not may_signal(started, start_time(pgid)):
             continue
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
+        if signal_group(pgid, signal.SIGKILL):
             killed.append(pgid)
     with contextlib.suppress(OSError):
         path.unlink()

@@ -35,6 +35,7 @@ from runherd.errors import ConfigError, LaunchError
 from runherd.launchers import exits, groups
 from runherd.launchers.base import Handle, Health, HealthStatus, RunLauncher, WorkerExit, WorkerRun
 from runherd.launchers.forkserver import ForkServer
+from runherd.signalling import signal_group
 
 log = logging.getLogger("runherd.launchers.process")
 
@@ -405,7 +406,7 @@ class ProcessLauncher(RunLauncher):
             results.append(exited is not None)
             if exited is not None:
                 watched.append((handle, exited))
-                _killpg(handle["pid"], first)
+                signal_group(handle["pid"], first)
         try:
             stubborn = watched
             if watched and grace > 0:
@@ -414,7 +415,7 @@ class ProcessLauncher(RunLauncher):
                 for handle, _ in stubborn:
                     pid, run_id, attempt = handle["pid"], handle.get("run_id"), handle.get("attempt")
                     log.info("killing worker pid %s run_id=%s attempt=%s", pid, run_id, attempt)
-                    _killpg(handle["pid"], signal.SIGKILL)
+                    signal_group(handle["pid"], signal.SIGKILL)
             if stubborn:
                 await asyncio.wait([f for _, f in stubborn], timeout=5)
         finally:
@@ -592,11 +593,6 @@ def _remove_plan(handle: Handle) -> None:
     if path:
         with contextlib.suppress(OSError):
             Path(path).with_name(f"attempt-{handle['attempt']}.plan.json").unlink()
-
-
-def _killpg(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
 
 
 def _exit_of(handle: Handle, returncode: int) -> WorkerExit:
