@@ -3,16 +3,19 @@ database's; every deadline is computed with the database's clock, so the skew ch
 false hang, and hang detection is not switched off by a future time.
 
 The skew is made by tests/fixtures/skewed_worker.py (the real worker with runherd's clock shifted,
-which is every timestamp a worker sends). The same tests under libfaketime (the whole process's
-clock) run with RUNHERD_TEST_FAKETIME=1: they are opt-in because on the shared 2-core test machine
-each libfaketime run coincided with every process on the machine being SIGKILLed (PostgreSQL,
-RabbitMQ, all shells), cause not found."""
+which is every timestamp a worker sends), and again by libfaketime preloaded into the worker (the
+whole process's clock, and its steps'), as tests/faults/test_clock_skew.py does. The library is
+preloaded through ``env``, which execs: the ``faketime`` command would run the worker as its child.
+(With that command, these tests were once opt-in: on the shared test machine each such run coincided
+with every process on the machine being SIGKILLed, cause not found. Every process-group signal of
+runherd now goes through ``runherd.signalling.signal_group``, which refuses group 1, whose
+``killpg`` is ``kill(-1)``.)"""
 
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
-import shutil
 import signal
 import uuid
 
@@ -22,15 +25,15 @@ from tests.harness import PYTHON, ROOT, SILENT, Env, eventually
 
 TIMEOUT = 4.0  # heartbeat_timeout_seconds of the fast config
 SHIFT = [PYTHON, str(ROOT / "tests" / "fixtures" / "skewed_worker.py")]
-FAKETIME = os.environ.get("RUNHERD_TEST_FAKETIME") == "1"
+LIBFAKETIME = sorted(
+    glob.glob("/usr/lib/*/faketime/libfaketime.so.1") + glob.glob("/usr/lib/faketime/libfaketime.so.1")
+)
 SKEWS = [pytest.param("shift", -60, id="-60s"), pytest.param("shift", 60, id="+60s")] + [
     pytest.param(
         "faketime",
         seconds,
         id=f"faketime{seconds:+d}s",
-        marks=pytest.mark.skipif(
-            not FAKETIME or shutil.which("faketime") is None, reason="set RUNHERD_TEST_FAKETIME=1, needs faketime"
-        ),
+        marks=pytest.mark.skipif(not LIBFAKETIME, reason="needs libfaketime (apt-get install -y faketime)"),
     )
     for seconds in (-60, 60)
 ]
@@ -39,7 +42,8 @@ SKEWS = [pytest.param("shift", -60, id="-60s"), pytest.param("shift", 60, id="+6
 def skewed(how: str, seconds: int, script: list[str] | None = None) -> list[str]:
     """The worker command with its clock ``seconds`` off; ``script``: a fixture worker instead."""
     if how == "faketime":
-        return ["faketime", "-f", f"{seconds:+d}s", *(script or [PYTHON, "-m", "runherd.cli", "worker"])]
+        worker = script or [PYTHON, "-m", "runherd.cli", "worker"]
+        return ["env", f"LD_PRELOAD={LIBFAKETIME[0]}", f"FAKETIME={seconds:+d}s", *worker]
     return [*SHIFT, str(seconds), *(script[1:] if script else [])]
 
 
@@ -59,6 +63,18 @@ async def _running_for(env: Env, seconds: float) -> bool:
     return bool(rows[0]["ok"])
 
 
+async def _worker_clock_offsets(env: Env, run_ids: list[str]) -> list[float]:
+    """Each run's first RUN_START as its worker stamped it, less its launch as the database did: the
+    skew really reached the worker's clock (a preload that silently failed would prove nothing)."""
+    rows = await env.store.fetch(
+        "SELECT extract(epoch FROM e.ts - a.launched_at)::float8 AS offset FROM events e "
+        "JOIN attempts a ON a.run_id = e.run_id AND a.attempt = e.attempt "
+        "WHERE e.type = 'RUN_START' AND e.attempt = 1 AND e.run_id = ANY($1::uuid[])",
+        [uuid.UUID(r) for r in run_ids],
+    )
+    return [r["offset"] for r in rows]
+
+
 async def _resumed(env: Env) -> list[str]:
     rows = await env.store.fetch("SELECT run_id FROM events WHERE type = 'RUN_RESUMED' ORDER BY id")
     return [str(r["run_id"]) for r in rows]
@@ -74,6 +90,8 @@ async def test_skewed_workers_succeed_unresumed_and_a_skewed_hung_worker_is_foun
     step = ["sh", "-c", f'while [ ! -e "{done}" ]; do sleep 0.2; done']
     runs = [await env.submit([{"key": "wait", "command": step}]) for _ in range(5)]
     await eventually(lambda: _heard(env, runs), timeout=60, what="5 skewed workers heard")
+    offsets = await _worker_clock_offsets(env, runs)
+    assert len(offsets) == len(runs) and all(abs(o - seconds) < 20 for o in offsets), offsets
 
     hung = runs[0]
     handle = await env.handle(hung, attempt=1)
