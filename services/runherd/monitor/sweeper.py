@@ -60,9 +60,9 @@ class Sweeper:
         self.launcher = launcher
         self.actions = actions
         self._deaf = False  # the heartbeat pipeline is not heard: the hang rule holds
-        self._deadlines: Deadlines | None = None  # the last sweep's, if it acted on nothing
-        self._read_at = 0.0  # when they were read (monotonic)
         self._last: Deadlines | None = None  # the deadlines last read
+        self._read_at = 0.0  # when they were read (monotonic)
+        self._acted = True  # the last sweep acted on a run: its deadlines have moved
         self._pass: StartedPass | None = None  # the last pass over the STARTED runs, while reusable
         self._pass_read_at = 0.0
 
@@ -94,7 +94,7 @@ class Sweeper:
             counts[name] = await rule()
             metrics.SWEEP_DURATION.labels(name).observe(time.perf_counter() - started)
         # Anything acted on moves the deadlines: the sleep is read afresh, not from this probe.
-        self._deadlines = None if any(counts.values()) else deadlines
+        self._acted = deadlines is None or any(counts.values())
         metrics.SWEEP_SECONDS.observe(time.perf_counter() - began)
         return counts
 
@@ -290,7 +290,7 @@ class Sweeper:
         mon = self.mon
         if not mon.enabled:
             return float(mon.poll_interval_seconds)  # only the reap rule and retries run
-        deadlines = self._deadlines
+        deadlines = None if self._acted else self._last
         if deadlines is None:
             deadlines = await self._read_deadlines()
         timeouts = [

@@ -340,6 +340,10 @@ class VirtualWorker:
     def note(self, line: str) -> None:
         self.lines.append(line)
 
+    def log(self) -> str:
+        """What the worker noted, oldest first: its debug info."""
+        return "\n".join(self.lines)
+
     def start(self) -> None:
         """On the fleet's loop: the worker's life begins."""
         if self.exit is None and self.task is None:
@@ -816,7 +820,7 @@ class SimLauncher(RunLauncher):
                 text = await where.request("debug", worker_id=handle.get("worker_id"))
         elif where is not None:
             worker = where.find(handle)
-            text = None if worker is None else "\n".join(list(worker.lines))
+            text = None if worker is None else worker.log()
         if text is None:
             return f"(virtual worker {handle.get('worker_id')} of sim fleet {handle.get('fleet')}: not in this process)"
         return text

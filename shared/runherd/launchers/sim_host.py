@@ -497,7 +497,7 @@ class Host:
                 "op": "exit",
                 "worker_id": worker.plan.worker_id,
                 "exit": to_wire(worker.exit),
-                "log": "\n".join(worker.lines),
+                "log": worker.log(),
             }
         )
 
@@ -529,7 +529,7 @@ class Host:
 
     def _debug(self, message: dict[str, Any]) -> None:
         worker = self.fleet.find({"worker_id": message["worker_id"]})
-        self._reply(message, None if worker is None else "\n".join(worker.lines))
+        self._reply(message, None if worker is None else worker.log())
 
     def _command(self, message: dict[str, Any]) -> None:
         run_ids = message.get("run_ids")
