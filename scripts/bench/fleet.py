@@ -532,13 +532,13 @@ def full_collections(services: list[Service], before: Scrapes, after: Scrapes) -
     out: dict[str, tuple[float, float]] = {}
     for s in services:
         for process in ("main", "sim-fleet"):
-            key = f'{{process="{process}",generation="2"}}'
-            n = after[s.name].get(f"runherd_gc_pause_seconds_count{key}", 0.0) - before[s.name].get(
-                f"runherd_gc_pause_seconds_count{key}", 0.0
-            )
-            total = after[s.name].get(f"runherd_gc_pause_seconds_sum{key}", 0.0) - before[s.name].get(
-                f"runherd_gc_pause_seconds_sum{key}", 0.0
-            )
+
+            def grown(series: str, name: str = s.name, process: str = process) -> float:
+                # prometheus_client writes labels sorted by name
+                sample = f'runherd_gc_pause_seconds_{series}{{generation="2",process="{process}"}}'
+                return after[name].get(sample, 0.0) - before[name].get(sample, 0.0)
+
+            n, total = grown("count"), grown("sum")
             if n:
                 out[s.name if process == "main" else "sim fleet"] = (n, total / n)
     return out
